@@ -1,0 +1,248 @@
+"""config.toml, decoded into frozen msgspec Structs, one per section.
+
+Every section is optional and has defaults; a file with one `[[hosts]]` entry is valid. Unknown keys
+and wrong types fail at start with one line naming the file, the key and the problem (`ConfigError`).
+Relative paths resolve against the folder of the config file. Durations are floats in seconds (or
+minutes, where the key says so), so tests can use milliseconds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+
+from gpumanager.errors import ConfigError
+
+DEFAULT_CONFIG = "config.toml"
+CONFIG_ENV = "GPUMANAGER_CONFIG"
+
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Slots = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Section):
+    host: str = "0.0.0.0"
+    port: Port = 8000
+    max_body_mb: Positive = 32
+
+
+class CloudApiConfig(_Section):
+    """The seed's SURF section: shorthand for one `type = "surf"` provider named "surf"."""
+
+    base_url: str = "https://gw.live.surfresearchcloud.nl/v1"
+    machine_name_filter: str = "GroulsR"
+    ollama_port: Port = 11434
+
+
+class TimingConfig(_Section):
+    reservation_minutes: NonNegative = 10
+    fallback_reservation_minutes: NonNegative = 3
+    startup_timeout_seconds: Positive = 600
+    ollama_readiness_wait_seconds: Positive = 0.5
+    probe_timeout_seconds: Positive = 2
+    queue_timeout_seconds: Positive = 300
+    reconcile_interval_seconds: Positive = 30
+    inventory_refresh_seconds: Positive = 60
+    wake_keepalive_seconds: Positive = 10
+    failed_cooldown_seconds: NonNegative = 300
+    upstream_read_timeout_seconds: Positive = 600
+    shutdown_grace_seconds: NonNegative = 10
+    pause_retry_seconds: Positive = 5
+
+
+class PathsConfig(_Section):
+    api_keys_file: str = "api_keys.json"
+    state_dir: str = "state"
+    log_file: str = "logs/app.log"
+
+
+class SchedulerConfig(_Section):
+    default_slots: Slots = 4
+    max_queue: Count = 256
+    max_per_key: Count = 0
+    scale_up_queue_depth: Count = 8
+    max_awake_hosts: Count = 0
+
+
+class HostConfig(_Section):
+    """A `[[hosts]]` entry: a static host when it has a `url`, else overrides for a discovered host."""
+
+    name: str
+    url: str | None = None
+    provider: str | None = None
+    slots: Slots | None = None
+    models: list[str] = []
+    cost_per_hour: NonNegative | None = None
+    protected: bool = False
+
+
+class _ProviderBase(_Section, tag_field="type"):
+    name: str
+    ollama_port: Port = 11434
+    startup_timeout_seconds: Positive | None = None
+    ollama_readiness_wait_seconds: Positive | None = None
+    cost_per_hour: NonNegative = 0.0
+
+
+class SurfProviderConfig(_ProviderBase, tag="surf"):
+    base_url: str = "https://gw.live.surfresearchcloud.nl/v1"
+    machine_name_filter: str = ""
+    api_timeout_seconds: Positive = 30
+    poll_seconds: Positive = 5
+    retries: Count = 3
+
+
+class SimulatedHostConfig(_Section):
+    name: str
+    models: list[str] = msgspec.field(default_factory=lambda: ["llama3.2:latest"])
+    slots: Slots = 4
+    cost_per_hour: NonNegative = 1.0
+    boot_seconds: NonNegative = 2.0
+    pause_seconds: NonNegative = 0.5
+    token_delay_seconds: NonNegative = 0.02
+    running: bool = False
+    fail_resume: bool = False
+
+
+class SimulatedProviderConfig(_ProviderBase, tag="simulated"):
+    hosts: list[SimulatedHostConfig] = []
+
+
+ProviderConfig = SurfProviderConfig | SimulatedProviderConfig
+
+
+class Config(_Section):
+    server: ServerConfig = ServerConfig()
+    cloud_api: CloudApiConfig | None = None
+    timing: TimingConfig = TimingConfig()
+    paths: PathsConfig = PathsConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    hosts: list[HostConfig] = []
+    providers: list[ProviderConfig] = []
+
+    def all_providers(self) -> list[ProviderConfig]:
+        """`[[providers]]` plus the provider the seed's `[cloud_api]` section stands for."""
+        providers = list(self.providers)
+        if self.cloud_api is not None:
+            api = self.cloud_api
+            providers.insert(0, SurfProviderConfig(
+                name="surf", base_url=api.base_url, machine_name_filter=api.machine_name_filter,
+                ollama_port=api.ollama_port))
+        return providers
+
+
+def config_path(cli_value: str | None, environ: dict[str, str] | os._Environ[str]) -> Path:
+    """`--config` wins, then `GPUMANAGER_CONFIG`, then `./config.toml`."""
+    return Path(cli_value or environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read, decode and check a config file. Raises `ConfigError` with one clear line."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(str(path), "", "file not found (start from config.toml.example)") from None
+    except OSError as exc:
+        raise ConfigError(str(path), "", f"cannot read: {exc.strerror}") from None
+    return loads(data, path)
+
+
+def loads(data: bytes | str, path: str | os.PathLike[str] = DEFAULT_CONFIG) -> Config:
+    path = Path(path)
+    try:
+        config = msgspec.toml.decode(data, type=Config)
+    except msgspec.ValidationError as exc:
+        key, problem = _explain(str(exc))
+        raise ConfigError(str(path), key, problem) from None
+    except msgspec.DecodeError as exc:
+        raise ConfigError(str(path), "", f"not valid TOML: {exc}") from None
+    _check(config, str(path))
+    return _resolve_paths(config, path.resolve().parent)
+
+
+_MSGSPEC_ERROR = re.compile(r"^(?P<problem>.*?)(?: - at `\$(?P<where>[^`]*)`)?$")
+
+
+def _explain(message: str) -> tuple[str, str]:
+    """Turn msgspec's "Expected `int`, got `str` - at `$.server.port`" into ("server.port", problem)."""
+    match = _MSGSPEC_ERROR.match(message)
+    assert match is not None
+    problem, where = match["problem"], (match["where"] or "").lstrip(".")
+    if found := re.match(r"Object contains unknown field `(.+)`", problem):
+        return _join(where, found[1]), "unknown key"
+    if found := re.match(r"Object missing required field `(.+)`", problem):
+        return _join(where, found[1]), "missing value"
+    if found := re.match(r"Expected `(.+)`, got `(.+)`", problem):
+        return where, f"wrong type: expected {found[1]}, got {found[2]}"
+    if where.endswith(".type") or where == "type":
+        return where, f"{problem[0].lower()}{problem[1:]} (known types: {_provider_types()})"
+    return where, problem[0].lower() + problem[1:]
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _provider_types() -> str:
+    return ", ".join(t.__struct_config__.tag for t in ProviderConfig.__args__)  # type: ignore[attr-defined]
+
+
+def _check(config: Config, path: str) -> None:
+    """Checks that the types alone cannot express."""
+    seen: set[str] = set()
+    for i, host in enumerate(config.hosts):
+        if host.name in seen:
+            raise ConfigError(path, f"hosts[{i}].name", f"duplicate host name {host.name!r}")
+        seen.add(host.name)
+        if host.url is not None and not re.match(r"^https?://[^/]+", host.url):
+            raise ConfigError(path, f"hosts[{i}].url", f"must start with http:// or https://, got {host.url!r}")
+    names = {"static"}
+    labelled = [(f"providers[{i}]", p) for i, p in enumerate(config.providers)]
+    if config.cloud_api is not None:
+        labelled.insert(0, ("cloud_api", config.all_providers()[0]))
+    for where, provider in labelled:
+        if provider.name in names:
+            raise ConfigError(path, f"{where}.name", f"duplicate provider name {provider.name!r}")
+        names.add(provider.name)
+    for i, host in enumerate(config.hosts):
+        if host.provider is not None and host.provider not in names:
+            raise ConfigError(path, f"hosts[{i}].provider",
+                              f"no provider named {host.provider!r} (known: {', '.join(sorted(names))})")
+        if host.url is not None and host.provider not in (None, "static"):
+            raise ConfigError(path, f"hosts[{i}].url", "a host with a url is static; drop `provider` or `url`")
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    def resolve(value: str) -> str:
+        return str(base / Path(value).expanduser())
+
+    paths = config.paths
+    resolved = msgspec.structs.replace(
+        paths, api_keys_file=resolve(paths.api_keys_file), state_dir=resolve(paths.state_dir),
+        log_file=resolve(paths.log_file) if paths.log_file else "")
+    return msgspec.structs.replace(config, paths=resolved)
+
+
+def describe(config: Config) -> list[dict[str, Any]]:
+    """What `check-config` prints: the hosts gpumanager would manage, known before any discovery."""
+    rows: list[dict[str, Any]] = []
+    for host in config.hosts:
+        rows.append({"name": host.name, "provider": host.provider or ("static" if host.url else "(discovered)"),
+                     "url": host.url or "", "slots": host.slots or config.scheduler.default_slots,
+                     "models": host.models, "protected": host.protected})
+    for provider in config.all_providers():
+        rows.append({"name": f"(hosts found by {provider.name})", "provider": provider.name, "url": "",
+                     "slots": config.scheduler.default_slots, "models": [], "protected": False})
+    return rows

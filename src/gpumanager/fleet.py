@@ -1,0 +1,305 @@
+"""The hosts at run time: which host serves a request, slots and leases, the wait queue.
+
+A request is admitted with `admit()`: it gets a `Lease` at once (the fast path, no await), or a
+`Waiter` in the fair queue (after any wake the policy asked for was started), or a `ClientError`.
+`wait()` then waits for the waiter's lease. A lease is released whatever happens (response end,
+client gone, upstream failure); each release hands free slots to waiters in fair order.
+Waking, pausing and the background loops live in `lifecycle.py`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from gpumanager.config import Config, HostConfig
+from gpumanager.errors import ClientError, ModelNotFound, NoCapacity, TooManyRequests, WakeTimeout
+from gpumanager.hosts import AWAKE, WAKING, Host, HostState
+from gpumanager.proxy.dialects import model_names
+from gpumanager.scheduler import Ask, FairQueue, HostView, Reject, Snapshot, Use, Wait, Wake, Waiter, choose
+
+if TYPE_CHECKING:
+    from gpumanager.lifecycle import Lifecycle
+
+
+class Lease:
+    """One slot of one host, held by one request until `release()` (idempotent)."""
+
+    __slots__ = ("fleet", "host", "key", "released", "scope", "aborted", "counted")
+
+    def __init__(self, fleet: Fleet, host: Host, key: str, *, counted: bool = True) -> None:
+        self.fleet, self.host, self.key, self.counted = fleet, host, key, counted
+        self.released = False
+        self.scope: anyio.CancelScope | None = None  # set by the proxy while it streams
+        self.aborted = ""
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.fleet._release(self)
+
+    def abort(self, reason: str) -> None:
+        """End the request holding this lease (emergency-off): the proxy reports `reason` in-band."""
+        self.aborted = reason
+        if self.scope is not None:
+            self.scope.cancel()
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Fleet:
+    def __init__(self, config: Config, *, clock: Callable[[], float] = anyio.current_time) -> None:
+        self.config = config
+        self.clock = clock
+        self.hosts: dict[str, Host] = {}
+        self.overrides: dict[str, HostConfig] = {h.name: h for h in config.hosts if h.url is None}
+        self._by_model: dict[str, list[Host]] = {}
+        self.queue = FairQueue()
+        self._held: Counter[str] = Counter()
+        self._leases: dict[Host, set[Lease]] = {}
+        self.emergency = False
+        self.lifecycle: Lifecycle | None = None  # wakes hosts; None only in unit tests of admission
+        self._changed: anyio.Event | None = None
+
+    @property
+    def changed(self) -> anyio.Event:
+        """Set when leases or deadlines change (the idle loop and draining pauses wait on it)."""
+        if self._changed is None:
+            self._changed = anyio.Event()
+        return self._changed
+
+    # -- hosts -------------------------------------------------------------------------------------
+
+    def add(self, host: Host) -> None:
+        self.hosts[host.name] = host
+        self._leases.setdefault(host, set())
+        self.reindex()
+
+    def remove(self, host: Host) -> None:
+        self.hosts.pop(host.name, None)
+        self._leases.pop(host, None)
+        self.reindex()
+
+    def reindex(self) -> None:
+        """Rebuild model -> hosts after any change of a host's models (rare: not on the request path)."""
+        index: dict[str, list[Host]] = {}
+        for host in self.hosts.values():
+            for model in host.models:
+                index.setdefault(model, []).append(host)
+        self._by_model = index
+        self.dispatch()
+
+    def find(self, ident: str) -> Host | None:
+        """A host by name or by its provider's id."""
+        return self.hosts.get(ident) or next((h for h in self.hosts.values() if h.id == ident), None)
+
+    def candidates(self, model: str) -> list[Host]:
+        for name in model_names(model):
+            hosts = self._by_model.get(name)
+            if hosts:
+                return hosts
+        return []
+
+    def models(self) -> list[str]:
+        return sorted(self._by_model)
+
+    def leases_of(self, host: Host) -> set[Lease]:
+        return self._leases.get(host, set())
+
+    # -- admission ---------------------------------------------------------------------------------
+
+    def admit(self, ask: Ask) -> Lease | Waiter:
+        limit = self.config.scheduler.max_per_key
+        if limit and self._held[ask.key] + self.queue.count_key(ask.key) >= limit:
+            raise TooManyRequests(f"this key already has {limit} requests running or waiting (max_per_key)",
+                                  retry_after=5)
+        decision = choose(self._snapshot(ask, queued=self.queue.count_model(ask.model) if self.queue else 0), ask)
+        if type(decision) is Use:
+            return self._grant(self.hosts[decision.host], ask.key)
+        if type(decision) is Reject:
+            raise _rejection(decision, ask)
+        max_queue = self.config.scheduler.max_queue
+        if max_queue and len(self.queue) >= max_queue:
+            raise TooManyRequests(f"the wait queue is full ({max_queue} requests waiting)", retry_after=10)
+        waiter = Waiter(ask, self.clock(), anyio.Event())
+        waiter.waking = {h.name for h in self.candidates(ask.model) if h.state in WAKING}
+        if type(decision) is Wake:
+            self._start_wake(decision.host, waiter)
+        self.queue.push(waiter)
+        return waiter
+
+    async def wait(self, waiter: Waiter, patience: float | None = None) -> Lease | None:
+        """The waiter's lease, or None if `patience` ran out first (it stays queued), or the error
+        that ended its wait. A cancelled wait leaves the queue at once (or frees a lease just granted)."""
+        try:
+            started = self.clock()
+            while not waiter.ready.is_set():  # type: ignore[attr-defined]
+                limit = self._deadline(waiter) - self.clock()
+                if limit <= 0:
+                    self.queue.remove(waiter)
+                    raise self._timeout_error(waiter)
+                if patience is not None:
+                    limit = min(limit, started + patience - self.clock())
+                    if limit <= 0:
+                        return None
+                with anyio.move_on_after(limit):
+                    await waiter.ready.wait()  # type: ignore[attr-defined]
+        except BaseException:
+            self._abandon(waiter)
+            raise
+        if waiter.error is not None:
+            raise waiter.error
+        assert isinstance(waiter.lease, Lease)
+        return waiter.lease
+
+    def _abandon(self, waiter: Waiter) -> None:
+        if not self.queue.remove(waiter) and isinstance(waiter.lease, Lease):
+            waiter.lease.release()
+
+    def _deadline(self, waiter: Waiter) -> float:
+        """A waiter waits `queue_timeout_seconds` for a slot, and for as long as a wake it waits on runs."""
+        deadline = waiter.enqueued + self.config.timing.queue_timeout_seconds
+        for name in waiter.waking:
+            host = self.hosts.get(name)
+            if host is not None and host.wake is not None:
+                deadline = max(deadline, host.wake.deadline)
+        return deadline
+
+    def _timeout_error(self, waiter: Waiter) -> ClientError:
+        seconds = self.clock() - waiter.enqueued
+        return NoCapacity(f"no free slot for model '{waiter.ask.model}' within {seconds:.0f}s; try again later",
+                          retry_after=30)
+
+    def hold(self, host: Host, key: str) -> Lease:
+        """A lease outside the slot count, for admin operations on one host (pull, delete...)."""
+        lease = Lease(self, host, key, counted=False)
+        self._leases.setdefault(host, set()).add(lease)
+        return lease
+
+    def _grant(self, host: Host, key: str) -> Lease:
+        lease = Lease(self, host, key)
+        host.leases += 1
+        self._held[key] += 1
+        self._leases.setdefault(host, set()).add(lease)
+        return lease
+
+    def _release(self, lease: Lease) -> None:
+        host = lease.host
+        self._leases.get(host, set()).discard(lease)
+        if lease.counted:
+            host.leases -= 1
+            self._held[lease.key] -= 1
+            if not self._held[lease.key]:
+                del self._held[lease.key]
+            self.touch(host, lease.key)
+        self.dispatch()
+        if not self._leases.get(host):
+            self.notify()
+
+    def touch(self, host: Host, key: str | None) -> None:
+        """A request ended on `host`: its idle deadline moves to now + reservation, reserved for `key`."""
+        until = self.clock() + self.config.timing.reservation_minutes * 60
+        host.idle_deadline = max(host.idle_deadline, until)
+        if key is not None:
+            host.reserved_key = key
+
+    def notify(self) -> None:
+        """Wake whoever waits on `changed` (the idle loop, draining pauses); later waits use a fresh event."""
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()
+
+    # -- the queue ---------------------------------------------------------------------------------
+
+    def dispatch(self) -> None:
+        """Hand free slots to waiters in fair order; start wakes the policy asks for on the way."""
+        progress = True
+        while progress and self.queue:
+            progress = False
+            blocked: set[str] = set()
+            for waiter in self.queue:
+                ask = waiter.ask
+                if ask.model in blocked:
+                    continue
+                decision = choose(self._snapshot(ask, queued=self.queue.count_model(ask.model) - 1), ask)
+                if type(decision) is Use:
+                    self.queue.remove(waiter)
+                    self.queue.served(ask.key)
+                    waiter.lease = self._grant(self.hosts[decision.host], ask.key)
+                elif type(decision) is Reject:
+                    self.queue.remove(waiter)
+                    waiter.error = self._wake_error(waiter) or _rejection(decision, ask)
+                else:
+                    if type(decision) is Wake:
+                        self._start_wake(decision.host, waiter)
+                    blocked.add(ask.model)
+                    continue
+                waiter.ready.set()  # type: ignore[attr-defined]
+                progress = True
+                break  # the queue changed: iterate afresh
+
+    def _wake_error(self, waiter: Waiter) -> ClientError | None:
+        failed = [self.hosts[n] for n in waiter.waking if n in self.hosts and self.hosts[n].state is HostState.FAILED]
+        if not failed:
+            return None
+        host = failed[0]
+        return WakeTimeout(f"host {host.name} did not become ready: {host.last_error or 'wake failed'}")
+
+    def _start_wake(self, name: str, waiter: Waiter) -> None:
+        waiter.waking.add(name)
+        if self.lifecycle is not None:
+            self.lifecycle.start_wake(self.hosts[name], model=waiter.ask.model)
+
+    def _snapshot(self, ask: Ask, *, queued: int) -> Snapshot:
+        now = self.clock()
+        names = model_names(ask.model)
+        views = tuple(_view(h, names, ask.num_ctx) for h in self.candidates(ask.model))
+        sched = self.config.scheduler
+        awake = sum(1 for h in self.hosts.values() if h.state in AWAKE and not h.always_on) if sched.max_awake_hosts else 0
+        return Snapshot(views, now, queued=queued, awake=awake, max_awake=sched.max_awake_hosts,
+                        scale_up_depth=sched.scale_up_queue_depth, emergency=self.emergency)
+
+    # -- for the admin API and the CLI --------------------------------------------------------------
+
+    def describe(self, host: Host) -> dict[str, Any]:
+        now = self.clock()
+        return {"id": host.id, "name": host.name, "provider": host.provider, "status": str(host.state),
+                "cloud_status": host.cloud_status, "healthy": host.healthy, "url": host.url,
+                "models": sorted(host.models), "loaded": sorted(host.loaded), "leases": host.leases,
+                "slots": host.slots, "draining": host.draining, "protected": host.protected,
+                "cost_per_hour": host.cost_per_hour, "version": host.version,
+                "idle_seconds_left": None if host.always_on or host.state is not HostState.READY
+                else round(max(0.0, host.idle_deadline - now), 1),
+                "last_error": host.last_error, **host.details}
+
+    def statistics(self) -> dict[str, Any]:
+        return {"hosts": [self.describe(h) for h in self.hosts.values()], "queued": len(self.queue),
+                "emergency": self.emergency}
+
+
+def _view(host: Host, names: Iterable[str], num_ctx: int | None) -> HostView:
+    ctx: Any = None
+    loaded = False
+    for name in names:
+        if name in host.loaded:
+            loaded, ctx = True, host.loaded[name]
+            break
+    return HostView(host.name, host.state, host.healthy, host.draining, host.leases, host.slots,
+                    host.cost_per_hour, loaded, num_ctx is None or ctx is None or ctx == num_ctx,
+                    host.reserved_key, host.idle_deadline, host.always_on)
+
+
+def _rejection(decision: Reject, ask: Ask) -> ClientError:
+    if decision.status == 404:
+        return ModelNotFound(f"model '{ask.model}' not found on any host")
+    return NoCapacity(decision.reason, retry_after=30)
+
+
+__all__ = ["Fleet", "Lease", "Wait"]

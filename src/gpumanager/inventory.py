@@ -1,0 +1,169 @@
+"""What each host serves: models on disk (`/api/tags`), in VRAM (`/api/ps`), `/api/show` answers.
+
+Read from the hosts' Ollama, kept in memory, and cached on disk in `state_dir` so that the models of
+paused hosts are listed and routable after a restart. Also the readiness probe of a waking host.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import msgspec
+from loguru import logger
+
+from gpumanager.hosts import Host
+
+DEFAULT_VERSION = "0.32.0"  # answered by /api/version before any host was seen
+
+
+class TagsAnswer(msgspec.Struct):
+    models: list[dict[str, Any]] = []
+
+
+class VersionAnswer(msgspec.Struct):
+    version: str = ""
+
+
+class HostRecord(msgspec.Struct, omit_defaults=True):
+    """One host's inventory, as cached on disk."""
+
+    tags: list[dict[str, Any]] = []
+    ps: list[dict[str, Any]] = []
+    show: dict[str, Any] = {}  # model -> raw /api/show answer (non-verbose)
+    version: str = ""
+
+
+_tags = msgspec.json.Decoder(TagsAnswer)
+_version = msgspec.json.Decoder(VersionAnswer)
+_cache_decoder = msgspec.json.Decoder(dict[str, HostRecord])
+_encoder = msgspec.json.Encoder()
+
+
+class ProbeFailed(Exception):
+    pass
+
+
+class Inventory:
+    def __init__(self, state_dir: str, http: httpx.AsyncClient, *, probe_timeout: float,
+                 upstream_headers: dict[str, str] | None = None) -> None:
+        self.path = Path(state_dir) / "inventory.json"
+        self.http = http
+        self.probe_timeout = probe_timeout
+        self.headers = upstream_headers or {}
+        self.records: dict[str, HostRecord] = self._load()
+
+    # -- reading hosts -----------------------------------------------------------------------------
+
+    async def _get(self, host: Host, path: str) -> bytes:
+        try:
+            with anyio.fail_after(self.probe_timeout):
+                response = await self.http.get(host.url + path, headers=self.headers)
+        except (httpx.HTTPError, TimeoutError) as exc:
+            raise ProbeFailed(f"{path}: {type(exc).__name__} {exc}".strip()) from None
+        if response.status_code != 200:
+            raise ProbeFailed(f"{path}: HTTP {response.status_code}")
+        return response.content
+
+    async def refresh(self, host: Host) -> None:
+        """Read tags, loaded models and version of an awake host into `host` and the cache."""
+        version = _decode(_version, await self._get(host, "/api/version"), "/api/version").version
+        tags = _decode(_tags, await self._get(host, "/api/tags"), "/api/tags").models
+        ps = _decode(_tags, await self._get(host, "/api/ps"), "/api/ps").models
+        self.apply(host, tags, ps, version)
+
+    def apply(self, host: Host, tags: list[dict[str, Any]], ps: list[dict[str, Any]], version: str) -> None:
+        record = self.records.setdefault(host.name, HostRecord())
+        old_models = host.models
+        record.tags, record.ps, record.version = tags, ps, version
+        host.models = frozenset(str(m.get("name") or m.get("model")) for m in tags)
+        host.loaded = {str(m.get("name") or m.get("model")): m.get("context_length") for m in ps}
+        host.version = version
+        for gone in set(record.show) - host.models:
+            del record.show[gone]
+        if host.models != old_models:
+            logger.bind(host=host.name).info("host {} serves {}", host.name, ", ".join(sorted(host.models)) or "no models")
+        self.save()
+
+    async def probe(self, host: Host, model: str | None) -> bool:
+        """One readiness probe: Ollama answers, and lists `model` (when one is wanted)."""
+        try:
+            await self._get(host, "/api/version")
+            tags = _decode(_tags, await self._get(host, "/api/tags"), "/api/tags").models
+        except ProbeFailed:
+            return False
+        names = {str(m.get("name") or m.get("model")) for m in tags}
+        return model is None or bool(names & {model, model + ":latest"})
+
+    # -- answers gpumanager gives itself -----------------------------------------------------------
+
+    def restore(self, host: Host) -> None:
+        """Give a host that is not awake the models it had when last seen."""
+        record = self.records.get(host.name)
+        if record is not None and record.tags:
+            host.models = frozenset(str(m.get("name") or m.get("model")) for m in record.tags)
+            host.loaded = {str(m.get("name") or m.get("model")): m.get("context_length") for m in record.ps}
+            host.version = record.version
+
+    def tag_entries(self, hosts: list[Host]) -> list[dict[str, Any]]:
+        """Every model of the fleet once, with the details the host that has it reported."""
+        entries: dict[str, dict[str, Any]] = {}
+        for host in hosts:
+            record = self.records.get(host.name)
+            for tag in record.tags if record else ():
+                entries.setdefault(str(tag.get("name") or tag.get("model")), tag)
+            for model in host.models:
+                entries.setdefault(model, {"name": model, "model": model, "modified_at": "1970-01-01T00:00:00Z",
+                                           "size": 0, "digest": "", "details": {}})
+        return [entries[name] for name in sorted(entries)]
+
+    def ps_entries(self, hosts: list[Host]) -> list[dict[str, Any]]:
+        entries: list[dict[str, Any]] = []
+        for host in hosts:
+            record = self.records.get(host.name)
+            if record is not None and host.awake:
+                entries.extend(record.ps)
+        return entries
+
+    def show(self, host_names: list[str], model: str) -> Any | None:
+        for name in host_names:
+            record = self.records.get(name)
+            if record is not None and model in record.show:
+                return record.show[model]
+        return None
+
+    def remember_show(self, host: Host, model: str, answer: Any) -> None:
+        self.records.setdefault(host.name, HostRecord()).show[model] = answer
+        self.save()
+
+    # -- disk --------------------------------------------------------------------------------------
+
+    def _load(self) -> dict[str, HostRecord]:
+        try:
+            return _cache_decoder.decode(self.path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            logger.warning("ignoring the inventory cache {}: {}", self.path, exc)
+            return {}
+
+    def save(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".inventory.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(_encoder.encode(self.records))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            logger.error("cannot write the inventory cache {}: {}", self.path, exc)
+
+
+def _decode(decoder: msgspec.json.Decoder[Any], data: bytes, path: str) -> Any:
+    try:
+        return decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProbeFailed(f"{path}: unexpected answer: {exc}") from None

@@ -1,0 +1,182 @@
+"""API keys: hashed at rest, generated once, listed without secrets, revoked, reloaded when the file changes.
+
+`api_keys.json` holds `{"keys": [{"id", "name", "email", "key_hash": "sha256:<hex>", "prefix", "created",
+"admin", "revoked"}]}`, written atomically with mode 0600. A hand-written entry may carry a plaintext
+`"key"` instead of `key_hash`; it is accepted (hashed in memory) with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import msgspec
+from loguru import logger
+
+from gpumanager.errors import KeyStoreError
+
+KEY_PREFIX = "gm_"
+RECHECK_SECONDS = 0.5
+
+
+class KeyRecord(msgspec.Struct, omit_defaults=True, kw_only=True):
+    id: str
+    name: str
+    email: str = ""
+    key_hash: str = ""
+    prefix: str = ""
+    created: str = ""
+    admin: bool = False
+    revoked: bool = False
+    key: str | None = None  # plaintext, only in hand-written entries
+
+
+class KeyFile(msgspec.Struct):
+    keys: list[KeyRecord] = []
+
+
+class Identity(msgspec.Struct, frozen=True):
+    """Who a request is from, as the rest of gpumanager sees it: never the key itself."""
+
+    id: str
+    name: str
+    admin: bool
+
+
+_decoder = msgspec.json.Decoder(KeyFile)
+_encoder = msgspec.json.Encoder()
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyStore:
+    """The keys of one file. `authenticate()` is on the hot path: a dict lookup and one compare."""
+
+    def __init__(self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = Path(path)
+        self._clock = clock
+        self._by_hash: dict[str, tuple[str, Identity]] = {}
+        self._records: list[KeyRecord] = []
+        self._stamp: tuple[int, int, int] | None = None
+        self._next_check = 0.0
+        self.reload()
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Read the file if it changed. A broken file keeps the keys already loaded (and says why)."""
+        stamp = self._file_stamp()
+        if stamp == self._stamp:
+            return
+        records = self._read() if stamp is not None else []
+        self._records = records
+        self._by_hash = {}
+        for record in records:
+            if record.revoked:
+                continue
+            if record.key:
+                logger.warning("api key {} is stored in plaintext in {}; prefer `gpumanager generate-key`",
+                               record.id, self.path)
+                digest = hash_key(record.key)
+            else:
+                digest = record.key_hash.removeprefix("sha256:")
+            self._by_hash[digest] = (digest, Identity(record.id, record.name, record.admin))
+        self._stamp = stamp
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _read(self) -> list[KeyRecord]:
+        try:
+            return _decoder.decode(self.path.read_bytes()).keys
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise KeyStoreError(f"{self.path}: not a valid key file: {exc}") from None
+        except OSError as exc:
+            raise KeyStoreError(f"{self.path}: cannot read: {exc.strerror}") from None
+
+    def authenticate(self, key: str) -> Identity | None:
+        """The identity of `key`, or None. Picks up changes to the file within half a second."""
+        now = self._clock()
+        if now >= self._next_check:
+            self._reload_quietly(now)
+        digest = hash_key(key)
+        found = self._by_hash.get(digest)
+        if found is None:
+            # A key made a moment ago must work at once: look at the file again on a miss.
+            self._reload_quietly(now)
+            found = self._by_hash.get(digest)
+        if found is None or not hmac.compare_digest(found[0], digest):
+            return None
+        return found[1]
+
+    def _reload_quietly(self, now: float) -> None:
+        self._next_check = now + RECHECK_SECONDS
+        try:
+            self.reload()
+        except KeyStoreError as exc:
+            logger.error("{}; keeping the keys loaded before", exc)
+
+    def records(self) -> list[KeyRecord]:
+        self.reload()
+        return list(self._records)
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    def generate(self, name: str, email: str, *, admin: bool = False) -> tuple[KeyRecord, str]:
+        """Make a key, store its hash and return (record, key). The key is never stored."""
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        existing = {r.id for r in self.records()}
+        key_id = secrets.token_hex(4)
+        while key_id in existing:
+            key_id = secrets.token_hex(4)
+        record = KeyRecord(id=key_id, name=name, email=email, key_hash="sha256:" + hash_key(key),
+                           prefix=key[:10], created=datetime.now(UTC).isoformat(timespec="seconds"),
+                           admin=admin)
+        self._write([*self._records, record])
+        return record, key
+
+    def revoke(self, id_or_prefix: str) -> KeyRecord:
+        """Revoke the key with this id, or the one key whose prefix starts with it."""
+        records = self.records()
+        matches = [r for r in records if r.id == id_or_prefix] or \
+                  [r for r in records if r.prefix and r.prefix.startswith(id_or_prefix)]
+        if not matches:
+            raise KeyStoreError(f"no key with id or prefix {id_or_prefix!r} in {self.path}")
+        if len(matches) > 1:
+            ids = ", ".join(r.id for r in matches)
+            raise KeyStoreError(f"{id_or_prefix!r} matches several keys ({ids}); give the id")
+        target = matches[0]
+        target.revoked = True
+        self._write(records)
+        return target
+
+    def _write(self, records: list[KeyRecord]) -> None:
+        """Atomic replace with mode 0600: a crash leaves the old file or the new one, never half."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = msgspec.json.format(_encoder.encode(KeyFile(records)), indent=2) + b"\n"
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".api_keys.", suffix=".tmp")
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self._stamp = None
+        self.reload()

@@ -1,0 +1,22 @@
+"""Clouds that hold GPU hosts, behind one Protocol (`base.Provider`), and the registry that builds them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import httpx
+
+from gpumanager.config import Config
+from gpumanager.providers.base import Provider
+from gpumanager.providers.static import StaticProvider
+
+
+def build_providers(config: Config, environ: Mapping[str, str], http: httpx.AsyncClient) -> dict[str, Provider]:
+    """One provider per `[[providers]]` entry (and `[cloud_api]`), plus `static` for hosts with a url.
+
+    A provider whose secret is missing fails here, at start, naming the variable.
+    """
+    providers: dict[str, Provider] = {"static": StaticProvider(config.hosts)}
+    for pconf in config.all_providers():
+        raise NotImplementedError(f"provider type {type(pconf).__name__}")
+    return providers

@@ -1,0 +1,99 @@
+"""The Provider protocol: how gpumanager lists, inspects, resumes and pauses the machines of one cloud.
+
+Contract for implementations:
+- `resume` and `pause` are idempotent. Resuming a host that is resuming or running is success;
+  resuming a host that is still pausing waits until it is paused, then resumes it. `resume` returns
+  once the cloud accepted the action; the fleet then polls `inspect` until the host runs.
+- Every call is bounded by a timeout. Timeouts and 5xx are retried with backoff, 4xx never.
+- Cloud errors are translated at the boundary into `ProviderError` subclasses naming the host.
+Optional capabilities are separate Protocols, so a provider that lacks them never fakes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from enum import StrEnum
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+import anyio
+import msgspec
+from anyio.abc import TaskStatus
+from loguru import logger
+
+from gpumanager.errors import ProviderError, ProviderTimeout, ProviderUnavailable
+
+
+class CloudState(StrEnum):
+    """A provider's state words, mapped onto the few the fleet acts on."""
+
+    RUNNING = "running"
+    PAUSED = "paused"  # also: stopped, exited, scaled to zero
+    RESUMING = "resuming"  # also: pending, starting
+    PAUSING = "pausing"  # also: stopping
+    FAILED = "failed"
+    UNKNOWN = "unknown"  # creating, updating, deleting, anything not understood
+
+
+class HostInfo(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    name: str
+    state: CloudState
+    cloud_status: str  # the provider's own word
+    address: str | None = None  # base URL of the host's Ollama (or OpenAI-compatible upstream)
+    details: dict[str, Any] = {}  # flavour, region, last action error... shown by the admin API
+    error: str = ""  # the newest failure the cloud reports for this host
+
+
+@runtime_checkable
+class Provider(Protocol):
+    name: str
+
+    async def list(self) -> list[HostInfo]: ...
+
+    async def inspect(self, host_id: str) -> HostInfo: ...
+
+    async def resume(self, host_id: str) -> None: ...
+
+    async def pause(self, host_id: str) -> None: ...
+
+
+@runtime_checkable
+class ReadinessProbe(Protocol):
+    """A provider whose hosts are not plain Ollama brings its own probe (RunPod endpoints)."""
+
+    async def ready(self, info: HostInfo, model: str | None) -> bool: ...
+
+
+@runtime_checkable
+class Service(Protocol):
+    """A provider with background work (simulated hosts' servers) runs it in the fleet's task group."""
+
+    async def run(self, *, task_status: TaskStatus[None]) -> None: ...
+
+
+T = TypeVar("T")
+
+RETRYABLE = (ProviderTimeout, ProviderUnavailable)
+
+
+async def with_retries(call: Callable[[], Awaitable[T]], *, what: str, attempts: int = 3,
+                       timeout: float = 30.0, backoff: float = 1.0) -> T:
+    """Run `call` with a timeout, retrying timeouts and 5xx (`ProviderUnavailable`) with backoff.
+
+    4xx (`ProviderRejected`) and every other error go straight to the caller.
+    """
+    delay = backoff
+    for attempt in range(1, attempts + 1):
+        try:
+            with anyio.fail_after(timeout):
+                return await call()
+        except TimeoutError:
+            error: ProviderError = ProviderTimeout(f"{what}: no answer within {timeout:g}s")
+        except RETRYABLE as exc:
+            error = exc
+        if attempt == attempts:
+            raise error
+        logger.warning("{} failed ({}), attempt {}/{}; retrying in {:g}s", what, error, attempt, attempts, delay)
+        await anyio.sleep(delay)
+        delay = min(delay * 2, 30.0)
+    raise AssertionError("unreachable")

@@ -1,0 +1,182 @@
+"""Streaming one request to its host and the answer back, chunk by chunk, never buffered.
+
+`Exchange` is what one client request has been told so far (headers sent? stream or not?), so that
+an error is answered as a status when it can be, and in-band at the end of a stream when the
+headers already went out. `forward()` sends the original bytes upstream and writes each upstream
+chunk to the client as it arrives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import anyio
+import httpx
+import msgspec
+
+from gpumanager.errors import ClientError, UpstreamFailed
+from gpumanager.fleet import Lease
+from gpumanager.hosts import Host
+from gpumanager.proxy.dialects import Dialect, error_body, error_headers, inband_error
+
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+
+# Never forwarded upstream: hop-by-hop headers, and the client's own credentials.
+REQUEST_DROP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+                          b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length",
+                          b"authorization", b"x-api-key", b"expect"})
+# Never passed back: hop-by-hop headers, and those uvicorn writes itself.
+RESPONSE_DROP = frozenset({"connection", "keep-alive", "transfer-encoding", "trailer", "upgrade",
+                           "proxy-authenticate", "date", "server"})
+STREAM_TYPES = (b"application/x-ndjson", b"text/event-stream")
+
+
+class ConnectFailed(Exception):
+    """The host could not be reached; nothing was sent to the client, so another host may be tried."""
+
+
+class Exchange:
+    """One client request on its way through."""
+
+    __slots__ = ("send", "dialect", "started", "streaming", "status", "completed", "host", "wait_ms")
+
+    def __init__(self, send: Send, dialect: Dialect) -> None:
+        self.send, self.dialect = send, dialect
+        self.started = self.streaming = self.completed = False
+        self.status = 0
+        self.host = ""
+        self.wait_ms = 0.0
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.started, self.status = True, status
+        for name, value in headers:
+            if name == b"content-type":
+                self.streaming = value.startswith(STREAM_TYPES)
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def write(self, chunk: bytes) -> None:
+        await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+    async def finish(self, chunk: bytes = b"") -> None:
+        self.completed = True
+        await self.send({"type": "http.response.body", "body": chunk, "more_body": False})
+
+    async def fail(self, exc: ClientError) -> None:
+        """Answer an error: as a status while nothing was sent, else in-band at the end of the stream."""
+        if not self.started:
+            await self.start(exc.status, error_headers(exc))
+            await self.finish(error_body(self.dialect, exc))
+        elif self.streaming:
+            await self.finish(inband_error(self.dialect, exc.message))
+        else:
+            raise exc  # a plain body cut short: dropping the connection is the only honest answer
+
+
+class Upstream:
+    """The one shared way to the hosts: httpx's API over aiohttp's transport.
+
+    Proxied requests go straight to the transport: a client's auth, redirect and cookie handling
+    have no place in a proxy and cost a sixth of its CPU per request. `client` (same transport)
+    serves the inventory's plain reads. The pool has no connection limit of its own: slots bound
+    the requests in flight, and a limit below the fleet's slots (aiohttp and httpx both default to
+    100) would queue requests invisibly. Keep-alive connections expire before Ollama or nginx
+    would drop them.
+    """
+
+    def __init__(self, *, read_timeout: float, connect_timeout: float = 10.0) -> None:
+        import aiohttp
+        from httpx_aiohttp import AiohttpTransport
+
+        def session() -> aiohttp.ClientSession:
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0, ttl_dns_cache=60)
+            return aiohttp.ClientSession(connector=connector)
+
+        timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout, pool=connect_timeout)
+        self.transport = AiohttpTransport(client=session)
+        self.timeouts = timeout.as_dict()
+        self.client = httpx.AsyncClient(transport=self.transport, timeout=timeout)
+
+    async def send(self, method: str, url: str, headers: list[tuple[bytes, bytes]], body: bytes) -> httpx.Response:
+        request = httpx.Request(method, url, headers=headers, content=body, extensions={"timeout": self.timeouts})
+        return await self.transport.handle_async_request(request)
+
+    async def __aenter__(self) -> Upstream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.aclose()
+
+
+def upstream_headers(scope: MutableMapping[str, Any], extra: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    headers = [(k, v) for k, v in scope["headers"] if k not in REQUEST_DROP]
+    headers.extend(extra)
+    return headers
+
+
+def response_headers(response: httpx.Response, ex: Exchange) -> list[tuple[bytes, bytes]]:
+    headers = [(k.lower(), v) for k, v in response.headers.raw if k.lower().decode("latin-1") not in RESPONSE_DROP]
+    headers.append((b"x-gpumanager-host", ex.host.encode()))
+    headers.append((b"x-gpumanager-wait-ms", str(round(ex.wait_ms)).encode()))
+    return headers
+
+
+async def forward(upstream: Upstream, ex: Exchange, lease: Lease, method: str, target: str,
+                  headers: list[tuple[bytes, bytes]], body: bytes,
+                  on_body: Callable[[Host, bytes], None] | None = None) -> None:
+    """Send one request to the lease's host and stream the answer to the client.
+
+    Raises `ConnectFailed` when the host cannot be reached (nothing was sent to the client yet).
+    `on_body`, when given, sees the whole body of a successful non-streamed answer (for caches).
+    """
+    ex.host = lease.host.name
+    try:
+        response = await upstream.send(method, lease.host.url + target, headers, body)
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise ConnectFailed(f"cannot connect to {lease.host.name}: {exc or type(exc).__name__}") from None
+    except httpx.HTTPError as exc:
+        raise UpstreamFailed(f"host {lease.host.name} failed: {exc or type(exc).__name__}") from None
+    try:
+        await _relay(response, ex, lease, on_body)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await response.aclose()
+
+
+async def _relay(response: httpx.Response, ex: Exchange, lease: Lease,
+                 on_body: Callable[[Host, bytes], None] | None) -> None:
+    if ex.started and response.status_code != 200:
+        # Heartbeats already sent a 200: the upstream's error can only be told in-band.
+        detail = _error_message(await response.aread())
+        raise UpstreamFailed(f"host {lease.host.name} answered {response.status_code}: {detail}")
+    if not ex.started:
+        await ex.start(response.status_code, response_headers(response, ex))
+    kept: list[bytes] | None = [] if on_body is not None and response.status_code == 200 else None
+    try:
+        async for chunk in response.aiter_raw():
+            await ex.write(chunk)
+            if kept is not None:
+                kept.append(chunk)
+    except httpx.HTTPError as exc:
+        raise UpstreamFailed(f"host {lease.host.name} failed mid-answer: {exc or type(exc).__name__}") from None
+    await ex.finish()
+    if kept is not None and on_body is not None:
+        on_body(lease.host, b"".join(kept))
+
+
+class _ErrorAnswer(msgspec.Struct):
+    error: Any = None
+
+
+_error_decoder = msgspec.json.Decoder(_ErrorAnswer)
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        error = _error_decoder.decode(body).error
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return body[:200].decode("utf-8", "replace")
+    if isinstance(error, dict):
+        return str(error.get("message", error))
+    return str(error) if error else body[:200].decode("utf-8", "replace")

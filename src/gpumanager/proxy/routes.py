@@ -1,0 +1,262 @@
+"""The proxy's routes: the Ollama API and the OpenAI API, and nothing else (not an open proxy).
+
+Generation, embeddings and `/api/show` are routed by model to a host with a free slot; model lists,
+loaded models and the version are answered by gpumanager itself from the inventory; model
+management (`/api/pull`, ...) is for admins only, aimed at one host with `?host=NAME`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
+
+import anyio
+import msgspec
+from loguru import logger
+from starlette.routing import BaseRoute, Route
+
+from gpumanager.auth import require_admin
+from gpumanager.errors import (BadRequest, ClientError, NotFound, PayloadTooLarge, ProviderError, UpstreamFailed,
+                               WakeTimeout)
+from gpumanager.fleet import Lease
+from gpumanager.hosts import Host
+from gpumanager.proxy.dialects import STREAM_CONTENT_TYPE, Dialect, heartbeat, parse_fields
+from gpumanager.proxy.forward import ConnectFailed, Exchange, Receive, forward, upstream_headers
+from gpumanager.proxy.local import local_routes
+from gpumanager.scheduler import Ask, Waiter
+
+if TYPE_CHECKING:
+    from gpumanager.app import Context
+
+Scope = MutableMapping[str, Any]
+
+
+class ClientGone(Exception):
+    pass
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The whole request body, refused with 413 past `limit` (before reading, when the length is known)."""
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise PayloadTooLarge(f"request body over {limit // 2**20} MB ([server] max_body_mb)")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        if not message.get("more_body", False) and not chunks:
+            if len(chunk) > limit:
+                raise PayloadTooLarge(f"request body over {limit // 2**20} MB ([server] max_body_mb)")
+            return chunk  # the usual case: one message
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body over {limit // 2**20} MB ([server] max_body_mb)")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _watch_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
+def _target(scope: Scope) -> str:
+    path = scope.get("raw_path") or scope["path"].encode()
+    query = scope.get("query_string", b"")
+    return (path + b"?" + query).decode("latin-1") if query else path.decode("latin-1")
+
+
+class _ShowFields(msgspec.Struct):
+    verbose: bool = False
+
+
+_show_decoder = msgspec.json.Decoder(_ShowFields)
+
+
+def _verbose(body: bytes) -> bool:
+    try:
+        return _show_decoder.decode(body).verbose
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        raise BadRequest("`verbose` must be a boolean") from None
+
+
+class ModelRoute:
+    """A route forwarded to a host chosen by the request's `model` (raw ASGI: this is the hot path)."""
+
+    def __init__(self, ctx: Context, route: str, dialect: Dialect, *, streams: bool, stream_default: bool) -> None:
+        self.ctx, self.route, self.dialect = ctx, route, dialect
+        self.streams, self.stream_default = streams, stream_default
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Any) -> None:
+        started = time.perf_counter()
+        ex = Exchange(send, self.dialect)
+        model = "-"
+        try:
+            body = await read_body(scope, receive, self.ctx.max_body)
+            fields = parse_fields(body)
+            model = fields.model
+            stream = self.streams and (fields.stream if fields.stream is not None else self.stream_default)
+            ask = Ask(model, scope["auth"].id, fields.options.num_ctx if fields.options else None)
+            on_body = None
+            if self.route == "show" and not _verbose(body):
+                if await self._cached_show(ex, ask):
+                    return
+                on_body = self._remember_show(ask.model)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_watch_disconnect, receive, tg.cancel_scope)
+                await self._serve(scope, ex, ask, body, stream, on_body)
+                tg.cancel_scope.cancel()
+        except ClientError as exc:
+            await ex.fail(exc)
+        except ClientGone:
+            pass
+        finally:
+            status = ex.status if ex.completed else 499
+            logger.info("{} {} key={} model={} host={} status={} wait_ms={:.0f} ms={:.0f}", scope["method"],
+                        scope["path"], scope["auth"].id, model, ex.host or "-", status, ex.wait_ms,
+                        (time.perf_counter() - started) * 1000)
+
+    async def _serve(self, scope: Scope, ex: Exchange, ask: Ask, body: bytes, stream: bool,
+                     on_body: Callable[[Host, bytes], None] | None) -> None:
+        ctx = self.ctx
+        arrived = time.perf_counter()
+        try:
+            lease = await self._lease(ex, ask, stream)
+        except ClientError as exc:
+            await ex.fail(exc)
+            return
+        ex.wait_ms = (time.perf_counter() - arrived) * 1000
+        headers = upstream_headers(scope, ctx.upstream_auth)
+        retried = False
+        while True:
+            try:
+                with lease, anyio.CancelScope() as lease.scope:
+                    await forward(ctx.upstream, ex, lease, scope["method"], _target(scope), headers, body, on_body)
+                if lease.aborted:
+                    raise UpstreamFailed(lease.aborted)
+                return
+            except ConnectFailed as exc:
+                ctx.lifecycle.unhealthy(lease.host, str(exc))
+                if retried:
+                    raise UpstreamFailed(str(exc)) from None
+                retried = True
+                try:  # once more, on another host: the unhealthy one is skipped now
+                    lease = await self._lease(ex, ask, stream)
+                except ClientError:
+                    raise UpstreamFailed(str(exc)) from None
+            except ClientError as exc:
+                await ex.fail(exc)
+                return
+
+    async def _lease(self, ex: Exchange, ask: Ask, stream: bool) -> Lease:
+        got = self.ctx.fleet.admit(ask)
+        if isinstance(got, Lease):
+            return got
+        return await self._wait(ex, got, ask, stream)
+
+    async def _wait(self, ex: Exchange, waiter: Waiter, ask: Ask, stream: bool) -> Lease:
+        """Wait for a slot; a streaming client gets its headers early and a heartbeat now and then."""
+        patience = self.ctx.config.timing.wake_keepalive_seconds if stream else None
+        while True:
+            lease = await self.ctx.fleet.wait(waiter, patience)
+            if lease is not None:
+                return lease
+            if not ex.started:
+                await ex.start(200, [(b"content-type", STREAM_CONTENT_TYPE[self.dialect]),
+                                     (b"cache-control", b"no-cache")])
+            waiting_for = next(iter(sorted(waiter.waking)), "a free slot")
+            await ex.write(heartbeat(self.dialect, self.route, ask.model, waiting_for))
+
+    async def _cached_show(self, ex: Exchange, ask: Ask) -> bool:
+        hosts = [h.name for h in self.ctx.fleet.candidates(ask.model)]
+        answer = self.ctx.inventory.show(hosts, ask.model)
+        if answer is None:
+            return False
+        ex.host = "cache"
+        await ex.start(200, [(b"content-type", b"application/json; charset=utf-8")])
+        await ex.finish(msgspec.json.encode(answer))
+        return True
+
+    def _remember_show(self, model: str) -> Callable[[Host, bytes], None]:
+        """Keep a host's non-verbose `/api/show` answer, so later ones need no host (nor a wake)."""
+        def remember(host: Host, body: bytes) -> None:
+            try:
+                self.ctx.inventory.remember_show(host, model, msgspec.json.decode(body))
+            except msgspec.DecodeError:
+                pass
+        return remember
+
+
+class HostRoute:
+    """Model management on one host, for admins: `/api/pull?host=NAME` and friends.
+
+    A paused host is woken first; the host is held (it is not paused meanwhile) without taking a
+    slot, and its inventory is read again afterwards.
+    """
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Any) -> None:
+        ctx, ex = self.ctx, Exchange(send, Dialect.OLLAMA)
+        started = time.perf_counter()
+        try:
+            identity = require_admin(scope)
+            name = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("host", [""])[0]
+            if not name:
+                raise BadRequest(f"{scope['path']} changes one host: add ?host=NAME "
+                                 f"(hosts: {', '.join(sorted(ctx.fleet.hosts))})")
+            host = ctx.fleet.find(name)
+            if host is None:
+                raise NotFound(f"no host named {name!r}")
+            body = await read_body(scope, receive, ctx.max_body)
+            await ctx.lifecycle.ensure_ready(host)
+            with ctx.fleet.hold(host, identity.id) as lease:
+                await forward(ctx.upstream, ex, lease, scope["method"], _target(scope),
+                              upstream_headers(scope, ctx.upstream_auth), body)
+            await ctx.lifecycle.refresh(host)
+        except ClientError as exc:
+            await ex.fail(exc)
+        except ConnectFailed as exc:
+            await ex.fail(UpstreamFailed(str(exc)))
+        except ProviderError as exc:
+            await ex.fail(WakeTimeout(str(exc)))
+        except ClientGone:
+            pass
+        finally:
+            logger.info("{} {} key={} host={} status={} ms={:.0f}", scope["method"], scope["path"],
+                        scope["auth"].id, ex.host or "-", ex.status if ex.completed else 499,
+                        (time.perf_counter() - started) * 1000)
+
+
+def proxy_routes(ctx: Context) -> list[BaseRoute]:
+    ollama, openai = Dialect.OLLAMA, Dialect.OPENAI
+
+    def model_route(path: str, route: str, dialect: Dialect, *, streams: bool, stream_default: bool) -> Route:
+        endpoint = ModelRoute(ctx, route, dialect, streams=streams, stream_default=stream_default)
+        return Route(path, endpoint, methods=["POST"])
+
+    host_route = HostRoute(ctx)
+    return [
+        model_route("/api/chat", "chat", ollama, streams=True, stream_default=True),
+        model_route("/api/generate", "generate", ollama, streams=True, stream_default=True),
+        model_route("/api/embed", "embed", ollama, streams=False, stream_default=False),
+        model_route("/api/embeddings", "embeddings", ollama, streams=False, stream_default=False),
+        model_route("/api/show", "show", ollama, streams=False, stream_default=False),
+        model_route("/v1/chat/completions", "chat", openai, streams=True, stream_default=False),
+        model_route("/v1/completions", "generate", openai, streams=True, stream_default=False),
+        model_route("/v1/embeddings", "embeddings", openai, streams=False, stream_default=False),
+        Route("/api/pull", host_route, methods=["POST"]),
+        Route("/api/push", host_route, methods=["POST"]),
+        Route("/api/create", host_route, methods=["POST"]),
+        Route("/api/copy", host_route, methods=["POST"]),
+        Route("/api/delete", host_route, methods=["DELETE"]),
+        *local_routes(ctx),
+    ]

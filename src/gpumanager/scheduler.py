@@ -1,0 +1,170 @@
+"""Choosing a host: the pure policy `choose()` and the fair wait queue.
+
+`choose(snapshot, ask)` decides from a snapshot of the candidate hosts, with no I/O and no logging:
+
+1. `ready` hosts with a free slot: the host this key is reserved on, then the model already loaded
+   (with the same `num_ctx` when the request names one), then the lowest `leases/slots`, then the
+   lowest `cost_per_hour`. A host reserved for another key is taken only when no other has a slot.
+2. A candidate is waking, or every awake candidate is full: `Wait` (and, when the model's queue is
+   deeper than `scale_up_queue_depth` and a paused candidate exists, `Wake` that one too).
+3. Otherwise wake the cheapest paused candidate, unless `max_awake_hosts` are awake (wait) or
+   emergency-off is on (503).
+4. No host has the model: 404.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import msgspec
+
+from gpumanager.hosts import ASLEEP, WAKING, HostState
+
+
+class HostView(msgspec.Struct, frozen=True):
+    """What the policy may know of one candidate host."""
+
+    name: str
+    state: HostState
+    healthy: bool
+    draining: bool
+    leases: int
+    slots: int
+    cost: float
+    loaded: bool  # the requested model is in VRAM
+    ctx_match: bool  # ... with the requested num_ctx (or none was asked)
+    reserved_key: str | None
+    reserved_until: float
+    always_on: bool = False
+
+
+class Snapshot(msgspec.Struct, frozen=True):
+    hosts: tuple[HostView, ...]  # the hosts that have the model
+    now: float
+    queued: int = 0  # requests already waiting for this model
+    awake: int = 0  # hosts awake in the whole fleet
+    max_awake: int = 0  # 0 = no limit
+    scale_up_depth: int = 8
+    emergency: bool = False
+
+
+class Ask(msgspec.Struct, frozen=True):
+    model: str
+    key: str
+    num_ctx: int | None = None
+
+
+class Use(msgspec.Struct, frozen=True):
+    host: str
+
+
+class Wait(msgspec.Struct, frozen=True):
+    reason: str
+
+
+class Wake(msgspec.Struct, frozen=True):
+    host: str
+
+
+class Reject(msgspec.Struct, frozen=True):
+    status: int  # 404 unknown model, 503 no capacity
+    reason: str
+
+
+Decision = Use | Wait | Wake | Reject
+
+
+def choose(snapshot: Snapshot, ask: Ask) -> Decision:
+    if not snapshot.hosts:
+        return Reject(404, f"model '{ask.model}' not found")
+    candidates = [h for h in snapshot.hosts if h.state is not HostState.FAILED]
+    if not candidates:
+        return Reject(503, f"every host with model '{ask.model}' failed to wake; try again later")
+    ready = [h for h in candidates if h.state is HostState.READY and h.healthy and not h.draining]
+    free = [h for h in ready if h.leases < h.slots]
+    if free:
+        return Use(min(free, key=lambda h: _preference(h, ask, snapshot.now)).name)
+    asleep = sorted((h for h in candidates if h.state in ASLEEP and not h.always_on),
+                    key=lambda h: (h.cost, not h.loaded, h.name))
+    may_wake = not snapshot.emergency and (snapshot.max_awake == 0 or snapshot.awake < snapshot.max_awake)
+    if ready or any(h.state in WAKING for h in candidates):
+        if asleep and may_wake and snapshot.queued >= snapshot.scale_up_depth:
+            return Wake(asleep[0].name)
+        return Wait("every host with the model is busy or waking")
+    if asleep:
+        if snapshot.emergency:
+            return Reject(503, "emergency-off is on: no host is woken until an admin turns it off")
+        if not may_wake:
+            return Wait(f"{snapshot.max_awake} hosts are awake (max_awake_hosts); waiting for one to pause")
+        return Wake(asleep[0].name)
+    return Reject(503, f"no host with model '{ask.model}' is answering now")
+
+
+def _preference(h: HostView, ask: Ask, now: float) -> tuple[int, int, float, float, str]:
+    reserved = h.reserved_key is not None and now < h.reserved_until
+    owner = 0 if reserved and h.reserved_key == ask.key else (2 if reserved else 1)
+    affinity = 0 if h.loaded and h.ctx_match else (1 if h.loaded else 2)
+    return owner, affinity, h.leases / h.slots, h.cost, h.name
+
+
+# -- the wait queue --------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class Waiter:
+    """A request waiting for a slot. The fleet hands it a lease, or an error, and sets `ready`."""
+
+    ask: Ask
+    enqueued: float
+    ready: object  # anyio.Event; typed loosely so this module stays free of anyio
+    lease: object | None = None
+    error: Exception | None = None
+    waking: set[str] = field(default_factory=set)  # hosts whose wake this request waits for
+
+
+class FairQueue:
+    """Round-robin across keys, FIFO within a key. Iteration yields waiters in the order to serve."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[str, deque[Waiter]] = {}
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def push(self, waiter: Waiter) -> None:
+        self._by_key.setdefault(waiter.ask.key, deque()).append(waiter)
+        self._size += 1
+
+    def remove(self, waiter: Waiter) -> bool:
+        queue = self._by_key.get(waiter.ask.key)
+        if queue is None or waiter not in queue:
+            return False
+        queue.remove(waiter)
+        self._size -= 1
+        if not queue:
+            del self._by_key[waiter.ask.key]
+        return True
+
+    def served(self, key: str) -> None:
+        """Move a key that was just served to the back of the rotation."""
+        queue = self._by_key.pop(key, None)
+        if queue:
+            self._by_key[key] = queue
+
+    def __iter__(self) -> Iterator[Waiter]:
+        """Fair order: the first waiter of each key, then the second of each, and so on."""
+        queues = list(self._by_key.values())
+        depth = max((len(q) for q in queues), default=0)
+        for i in range(depth):
+            for queue in queues:
+                if i < len(queue):
+                    yield queue[i]
+
+    def count_key(self, key: str) -> int:
+        queue = self._by_key.get(key)
+        return len(queue) if queue else 0
+
+    def count_model(self, model: str) -> int:
+        return sum(1 for q in self._by_key.values() for w in q if w.ask.model == model)
