@@ -1,0 +1,113 @@
+"""Run the simulator (or any ASGI app) on loopback inside the current event loop.
+
+Tests start and stop dozens of servers per process, from several event loops and
+from portal threads, so this never calls ``uvicorn.Server.serve()``: that installs
+signal handlers, which only work in the main thread and would steal Ctrl-C from
+the test runner. Instead it drives uvicorn's startup/main_loop/shutdown steps
+itself on a socket it bound, which also makes ``port=0`` report the real port.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import uvicorn
+
+
+class SimServer:
+    """A uvicorn server running in the current loop; ``kill()`` simulates a crashed host."""
+
+    def __init__(self, server: uvicorn.Server, host: str, port: int) -> None:
+        self.server = server
+        self._host = host
+        self._port = port
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self._port}"
+
+    async def stop(self) -> None:
+        """Graceful stop: refuse new connections, let running responses finish."""
+        self.server.should_exit = True
+        if self.server.started:
+            self.server.started = False
+            await self.server.shutdown()
+
+    def kill(self) -> None:
+        """Stop listening and reset every open connection at once, like a host losing power."""
+        for listener in getattr(self.server, "servers", []):
+            listener.close()
+        for connection in list(self.server.server_state.connections):
+            transport = getattr(connection, "transport", None)
+            if transport is not None:
+                transport.abort()
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket; ``port=0`` lets the kernel choose.
+
+    ``proto`` must be IPPROTO_TCP, not the default 0: asyncio only sets TCP_NODELAY on
+    accepted sockets whose proto says TCP, and without it every keep-alive response
+    written as headers + body stalls ~40 ms on Nagle and delayed ACKs.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@asynccontextmanager
+async def running_server(app: Any, *, host: str = "127.0.0.1", port: int = 0,
+                         **uvicorn_kwargs: Any) -> AsyncIterator[SimServer]:
+    """Serve ``app`` on ``host:port`` (0 picks a free port) until the block exits.
+
+    ``uvicorn_kwargs`` override the quiet defaults: httptools, no lifespan, no access
+    log, warnings only, ``log_config=None`` so the host program's logging setup is
+    left alone, and a bounded graceful shutdown so a forgotten stream cannot hang a test.
+    """
+    options: dict[str, Any] = {"log_level": "warning", "lifespan": "off", "access_log": False,
+                               "http": "httptools", "log_config": None, "timeout_graceful_shutdown": 5,
+                               **uvicorn_kwargs}
+    sock = bind_socket(host, port)
+    try:
+        config = uvicorn.Config(app, host=host, port=sock.getsockname()[1], **options)
+        config.load()
+        server = uvicorn.Server(config)
+        server.lifespan = config.lifespan_class(config)
+        await server.startup(sockets=[sock])
+        handle = SimServer(server, host, sock.getsockname()[1])
+        error: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server.main_loop)  # refreshes the Date header once a second
+            try:
+                yield handle
+            except Exception as exc:  # re-raised below, so callers see it outside an ExceptionGroup
+                error = exc
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await handle.stop()
+                tg.cancel_scope.cancel()
+        if error is not None:
+            raise error
+    finally:
+        sock.close()
