@@ -56,6 +56,7 @@ class Inventory:
         self.probe_timeout = probe_timeout
         self.headers = upstream_headers or {}
         self.records: dict[str, HostRecord] = self._load()
+        self._locks: dict[str, anyio.Lock] = {}
 
     # -- reading hosts -----------------------------------------------------------------------------
 
@@ -70,11 +71,17 @@ class Inventory:
         return response.content
 
     async def refresh(self, host: Host) -> None:
-        """Read tags, loaded models and version of an awake host into `host` and the cache."""
-        version = _decode(_version, await self._get(host, "/api/version"), "/api/version").version
-        tags = _decode(_tags, await self._get(host, "/api/tags"), "/api/tags").models
-        ps = _decode(_tags, await self._get(host, "/api/ps"), "/api/ps").models
-        self.apply(host, tags, ps, version)
+        """Read tags, loaded models and version of an awake host into `host` and the cache.
+
+        One read per host at a time: a slow background read must not land after (and undo) a
+        fresher one, such as the read right after an admin pulled a model.
+        """
+        lock = self._locks.setdefault(host.name, anyio.Lock())
+        async with lock:
+            version = _decode(_version, await self._get(host, "/api/version"), "/api/version").version
+            tags = _decode(_tags, await self._get(host, "/api/tags"), "/api/tags").models
+            ps = _decode(_tags, await self._get(host, "/api/ps"), "/api/ps").models
+            self.apply(host, tags, ps, version)
 
     def apply(self, host: Host, tags: list[dict[str, Any]], ps: list[dict[str, Any]], version: str) -> None:
         record = self.records.setdefault(host.name, HostRecord())

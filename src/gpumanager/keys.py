@@ -149,10 +149,12 @@ class KeyStore:
         return record, key
 
     def revoke(self, id_or_prefix: str) -> KeyRecord:
-        """Revoke the key with this id, or the one key whose prefix starts with it."""
+        """Revoke the key with this id, or the key itself, or the one key whose prefix matches."""
         records = self.records()
-        matches = [r for r in records if r.id == id_or_prefix] or \
-                  [r for r in records if r.prefix and r.prefix.startswith(id_or_prefix)]
+        digest = "sha256:" + hash_key(id_or_prefix)
+        matches = [r for r in records if r.id == id_or_prefix or r.key_hash == digest] or \
+                  [r for r in records if r.prefix and (r.prefix.startswith(id_or_prefix)
+                                                       or id_or_prefix.startswith(r.prefix))]
         if not matches:
             raise KeyStoreError(f"no key with id or prefix {id_or_prefix!r} in {self.path}")
         if len(matches) > 1:

@@ -124,11 +124,14 @@ def response_headers(response: httpx.Response, ex: Exchange) -> list[tuple[bytes
 
 async def forward(upstream: Upstream, ex: Exchange, lease: Lease, method: str, target: str,
                   headers: list[tuple[bytes, bytes]], body: bytes,
-                  on_body: Callable[[Host, bytes], None] | None = None) -> None:
+                  on_body: Callable[[Host, bytes], None] | None = None,
+                  before_end: Callable[[], Awaitable[None]] | None = None) -> None:
     """Send one request to the lease's host and stream the answer to the client.
 
     Raises `ConnectFailed` when the host cannot be reached (nothing was sent to the client yet).
     `on_body`, when given, sees the whole body of a successful non-streamed answer (for caches).
+    `before_end` runs after the last upstream byte and before the client sees the answer end, so
+    what the client asks next sees its effects.
     """
     ex.host = lease.host.name
     try:
@@ -138,14 +141,15 @@ async def forward(upstream: Upstream, ex: Exchange, lease: Lease, method: str, t
     except httpx.HTTPError as exc:
         raise UpstreamFailed(f"host {lease.host.name} failed: {exc or type(exc).__name__}") from None
     try:
-        await _relay(response, ex, lease, on_body)
+        await _relay(response, ex, lease, on_body, before_end)
     finally:
         with anyio.CancelScope(shield=True):
             await response.aclose()
 
 
 async def _relay(response: httpx.Response, ex: Exchange, lease: Lease,
-                 on_body: Callable[[Host, bytes], None] | None) -> None:
+                 on_body: Callable[[Host, bytes], None] | None,
+                 before_end: Callable[[], Awaitable[None]] | None) -> None:
     if ex.started and response.status_code != 200:
         # Heartbeats already sent a 200: the upstream's error can only be told in-band.
         detail = _error_message(await response.aread())
@@ -160,6 +164,8 @@ async def _relay(response: httpx.Response, ex: Exchange, lease: Lease,
                 kept.append(chunk)
     except httpx.HTTPError as exc:
         raise UpstreamFailed(f"host {lease.host.name} failed mid-answer: {exc or type(exc).__name__}") from None
+    if before_end is not None:
+        await before_end()
     await ex.finish()
     if kept is not None and on_body is not None:
         on_body(lease.host, b"".join(kept))

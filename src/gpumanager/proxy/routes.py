@@ -125,34 +125,33 @@ class ModelRoute:
 
     async def _serve(self, scope: Scope, ex: Exchange, ask: Ask, body: bytes, stream: bool,
                      on_body: Callable[[Host, bytes], None] | None) -> None:
-        ctx = self.ctx
-        arrived = time.perf_counter()
         try:
-            lease = await self._lease(ex, ask, stream)
+            await self._forward(scope, ex, ask, body, stream, on_body)
         except ClientError as exc:
             await ex.fail(exc)
-            return
+
+    async def _forward(self, scope: Scope, ex: Exchange, ask: Ask, body: bytes, stream: bool,
+                       on_body: Callable[[Host, bytes], None] | None) -> None:
+        ctx = self.ctx
+        arrived = time.perf_counter()
+        lease = await self._lease(ex, ask, stream)
         ex.wait_ms = (time.perf_counter() - arrived) * 1000
         headers = upstream_headers(scope, ctx.upstream_auth)
-        retried = False
-        while True:
+        for attempt in (1, 2):
             try:
                 with lease, anyio.CancelScope() as lease.scope:
                     await forward(ctx.upstream, ex, lease, scope["method"], _target(scope), headers, body, on_body)
-                if lease.aborted:
-                    raise UpstreamFailed(lease.aborted)
-                return
             except ConnectFailed as exc:
                 ctx.lifecycle.unhealthy(lease.host, str(exc))
-                if retried:
+                if attempt == 2:
                     raise UpstreamFailed(str(exc)) from None
-                retried = True
                 try:  # once more, on another host: the unhealthy one is skipped now
                     lease = await self._lease(ex, ask, stream)
                 except ClientError:
                     raise UpstreamFailed(str(exc)) from None
-            except ClientError as exc:
-                await ex.fail(exc)
+            else:
+                if lease.aborted:
+                    raise UpstreamFailed(lease.aborted)
                 return
 
     async def _lease(self, ex: Exchange, ask: Ask, stream: bool) -> Lease:
@@ -180,7 +179,7 @@ class ModelRoute:
         if answer is None:
             return False
         ex.host = "cache"
-        await ex.start(200, [(b"content-type", b"application/json; charset=utf-8")])
+        await ex.start(200, [(b"content-type", b"application/json; charset=utf-8"), (b"x-gpumanager-host", b"cache")])
         await ex.finish(msgspec.json.encode(answer))
         return True
 
@@ -220,8 +219,8 @@ class HostRoute:
             await ctx.lifecycle.ensure_ready(host)
             with ctx.fleet.hold(host, identity.id) as lease:
                 await forward(ctx.upstream, ex, lease, scope["method"], _target(scope),
-                              upstream_headers(scope, ctx.upstream_auth), body)
-            await ctx.lifecycle.refresh(host)
+                              upstream_headers(scope, ctx.upstream_auth), body,
+                              before_end=lambda: ctx.lifecycle.refresh(host))
         except ClientError as exc:
             await ex.fail(exc)
         except ConnectFailed as exc:

@@ -1,0 +1,120 @@
+"""A real gpumanager on loopback, with simulated Ollama hosts, run in a background event loop.
+
+The proxy and the hosts run in a portal thread (anyio's blocking portal), so a test can drive them
+with the sync `openai`/`ollama` clients or with its own event loop, as users do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import textwrap
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from gpumanager.app import Context, build_app
+from gpumanager.config import load
+from gpumanager.keys import KeyStore
+from gpumanager.sim import SimOllama, SimServer, running_server
+
+
+@dataclass
+class SimHost:
+    name: str
+    models: tuple[str, ...] = ("llama3.2:latest",)
+    slots: int = 4
+    token_delay: float = 0.0
+    sim_slots: int | None = None  # the simulated Ollama's own parallelism (default: = slots)
+
+
+@dataclass
+class Stack:
+    portal: BlockingPortal
+    url: str
+    ctx: Context
+    sims: dict[str, SimOllama]
+    servers: dict[str, SimServer]
+    admin_key: str
+    user_key: str
+    keys: KeyStore
+    config_path: Path
+    other_keys: list[str] = field(default_factory=list)
+
+    @property
+    def v1(self) -> str:
+        return self.url + "/v1"
+
+    def headers(self, key: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key or self.user_key}"}
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn` in the server's event loop (to read or change fleet state safely)."""
+        async def run() -> Any:
+            return fn(*args)
+        return self.portal.call(run)
+
+    def new_key(self, name: str = "user", *, admin: bool = False) -> str:
+        return self.keys.generate(name, f"{name}@example.org", admin=admin)[1]
+
+
+def write_config(tmp_path: Path, hosts: list[tuple[str, str, SimHost]], extra: str = "") -> Path:
+    blocks = [textwrap.dedent(extra).strip()]
+    for name, url, spec in hosts:
+        models = ", ".join(f'"{m}"' for m in spec.models)
+        blocks.append(f'[[hosts]]\nname = "{name}"\nurl = "{url}"\nslots = {spec.slots}\nmodels = [{models}]')
+    path = tmp_path / "config.toml"
+    path.write_text("\n\n".join(b for b in blocks if b) + "\n")
+    return path
+
+
+FAST_TIMING = """
+[timing]
+queue_timeout_seconds = 5
+wake_keepalive_seconds = 1
+inventory_refresh_seconds = 0.5
+probe_timeout_seconds = 1
+shutdown_grace_seconds = 1
+"""
+
+
+@contextlib.contextmanager
+def running_stack(tmp_path: Path, hosts: list[SimHost], *, extra: str = FAST_TIMING,
+                  environ: dict[str, str] | None = None) -> Iterator[Stack]:
+    with start_blocking_portal() as portal, contextlib.ExitStack() as stack:
+        sims: dict[str, SimOllama] = {}
+        servers: dict[str, SimServer] = {}
+        for spec in hosts:
+            sim = SimOllama(name=spec.name, models=spec.models, slots=spec.sim_slots or spec.slots,
+                            token_delay=spec.token_delay)
+            server = stack.enter_context(portal.wrap_async_context_manager(running_server(sim)))
+            sims[spec.name], servers[spec.name] = sim, server
+        config_path = write_config(tmp_path, [(s.name, servers[s.name].url, s) for s in hosts], extra)
+        config = load(config_path)
+        keys = KeyStore(config.paths.api_keys_file)
+        admin_key = keys.generate("admin", "admin@example.org", admin=True)[1]
+        user_key = keys.generate("user", "user@example.org")[1]
+        app = build_app(config, environ=environ or {})
+        proxy = stack.enter_context(portal.wrap_async_context_manager(
+            running_server(app, lifespan="on", timeout_graceful_shutdown=1)))
+        yield Stack(portal, proxy.url, app.state.ctx, sims, servers, admin_key, user_key, keys, config_path)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> None:
+    """Poll `predicate` (in the test's thread) until it holds, failing after `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+async def async_wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> None:
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(interval)
