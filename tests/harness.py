@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from gpumanager.app import Context, build_app
 from gpumanager.config import load
 from gpumanager.keys import KeyStore
 from gpumanager.sim import SimOllama, SimServer, running_server
+from tests.clouds import CLOUDS, Cloud, Machine
 
 
 @dataclass
@@ -84,6 +85,7 @@ shutdown_grace_seconds = 1
 @contextlib.contextmanager
 def running_stack(tmp_path: Path, hosts: list[SimHost], *, extra: str = FAST_TIMING,
                   environ: dict[str, str] | None = None) -> Iterator[Stack]:
+    """gpumanager in front of static simulated hosts."""
     with start_blocking_portal() as portal, contextlib.ExitStack() as stack:
         sims: dict[str, SimOllama] = {}
         servers: dict[str, SimServer] = {}
@@ -93,14 +95,40 @@ def running_stack(tmp_path: Path, hosts: list[SimHost], *, extra: str = FAST_TIM
             server = stack.enter_context(portal.wrap_async_context_manager(running_server(sim)))
             sims[spec.name], servers[spec.name] = sim, server
         config_path = write_config(tmp_path, [(s.name, servers[s.name].url, s) for s in hosts], extra)
-        config = load(config_path)
-        keys = KeyStore(config.paths.api_keys_file)
-        admin_key = keys.generate("admin", "admin@example.org", admin=True)[1]
-        user_key = keys.generate("user", "user@example.org")[1]
-        app = build_app(config, environ=environ or {})
-        proxy = stack.enter_context(portal.wrap_async_context_manager(
-            running_server(app, lifespan="on", timeout_graceful_shutdown=1)))
-        yield Stack(portal, proxy.url, app.state.ctx, sims, servers, admin_key, user_key, keys, config_path)
+        yield _serve(portal, stack, config_path, environ or {}, sims, servers)
+
+
+@contextlib.contextmanager
+def running_cloud_stack(tmp_path: Path, kind: str, machines: list[Machine], *, extra: str = FAST_TIMING,
+                        static: Sequence[SimHost] = (), boot_seconds: float | None = None,
+                        ) -> Iterator[tuple[Stack, Cloud]]:
+    """gpumanager in front of a cloud of one kind (see tests/clouds.py), and optionally static hosts."""
+    with start_blocking_portal() as portal, contextlib.ExitStack() as stack:
+        options = {} if boot_seconds is None else {"boot_seconds": boot_seconds}
+        cloud: Cloud = stack.enter_context(portal.wrap_async_context_manager(CLOUDS[kind](machines, **options)))
+        sims: dict[str, SimOllama] = {}
+        servers: dict[str, SimServer] = {}
+        for spec in static:
+            sim = SimOllama(name=spec.name, models=spec.models, slots=spec.slots, token_delay=spec.token_delay)
+            servers[spec.name] = stack.enter_context(portal.wrap_async_context_manager(running_server(sim)))
+            sims[spec.name] = sim
+        config_path = write_config(tmp_path, [(s.name, servers[s.name].url, s) for s in static],
+                                   extra + "\n" + cloud.config())
+        running = _serve(portal, stack, config_path, cloud.environ, sims, servers)
+        cloud.attach(running.ctx)
+        yield running, cloud
+
+
+def _serve(portal: BlockingPortal, stack: contextlib.ExitStack, config_path: Path, environ: dict[str, str],
+           sims: dict[str, SimOllama], servers: dict[str, SimServer]) -> Stack:
+    config = load(config_path)
+    keys = KeyStore(config.paths.api_keys_file)
+    admin_key = keys.generate("admin", "admin@example.org", admin=True)[1]
+    user_key = keys.generate("user", "user@example.org")[1]
+    app = build_app(config, environ=environ)
+    proxy = stack.enter_context(portal.wrap_async_context_manager(
+        running_server(app, lifespan="on", timeout_graceful_shutdown=1)))
+    return Stack(portal, proxy.url, app.state.ctx, sims, servers, admin_key, user_key, keys, config_path)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> None:

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gpumanager.admin import admin_routes
 from gpumanager.auth import AuthMiddleware
 from gpumanager.config import Config
 from gpumanager.errors import ClientError, MethodNotAllowed, NotFound
@@ -92,7 +93,7 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 def build_app(config: Config, *, environ: Mapping[str, str] | None = None) -> Starlette:
     ctx = Context(config, os.environ if environ is None else environ)
-    routes = [Route("/health", _health, methods=["GET", "HEAD"]), *proxy_routes(ctx)]
+    routes = [Route("/health", _health, methods=["GET", "HEAD"]), *proxy_routes(ctx), *admin_routes(ctx)]
     app = Starlette(routes=routes, lifespan=ctx.lifespan,
                     middleware=[Middleware(AuthMiddleware, keys=ctx.keys)],
                     exception_handlers={ClientError: _client_error, HTTPException: _http_error,

@@ -100,7 +100,8 @@ class SurfProviderConfig(_ProviderBase, tag="surf"):
     machine_name_filter: str = ""
     api_timeout_seconds: Positive = 30
     poll_seconds: Positive = 5
-    retries: Count = 3
+    retries: Annotated[int, msgspec.Meta(ge=1)] = 3
+    retry_seconds: Positive = 1
 
 
 class SimulatedHostConfig(_Section):

@@ -39,8 +39,7 @@ class ConfigError(GpuManagerError):
 
     def __init__(self, path: str, key: str, problem: str) -> None:
         self.path, self.key, self.problem = path, key, problem
-        where = f"{path}: {key}: " if key else f"{path}: "
-        super().__init__(where + problem)
+        super().__init__(": ".join(part for part in (path, key, problem) if part))
 
 
 class KeyStoreError(GpuManagerError):

@@ -313,12 +313,12 @@ class Lifecycle:
         if override is not None and override.provider not in (None, provider, "static"):
             override = None
         pconf = next((p for p in config.all_providers() if p.name == provider), None)
-        host = Host(id=info.id, name=info.name, provider=provider, url=info.address or "",
-                    slots=(override.slots if override and override.slots else config.scheduler.default_slots),
-                    cost_per_hour=(override.cost_per_hour if override and override.cost_per_hour is not None
-                                   else getattr(pconf, "cost_per_hour", 0.0)),
+        slots = override.slots if override and override.slots else info.slots or config.scheduler.default_slots
+        cost = override.cost_per_hour if override and override.cost_per_hour is not None else info.cost_per_hour
+        host = Host(id=info.id, name=info.name, provider=provider, url=info.address or "", slots=slots,
+                    cost_per_hour=cost if cost is not None else getattr(pconf, "cost_per_hour", 0.0),
                     protected=bool(override and override.protected), always_on=provider == "static",
-                    models=frozenset(override.models) if override else frozenset())
+                    models=frozenset(override.models if override and override.models else info.models))
         self.inventory.restore(host)
         if host.always_on:
             host.state = ST.READY

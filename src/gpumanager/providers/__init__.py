@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import httpx
 
-from gpumanager.config import Config
+from gpumanager.config import Config, SimulatedProviderConfig, SurfProviderConfig
 from gpumanager.providers.base import Provider
 from gpumanager.providers.static import StaticProvider
 
@@ -18,5 +18,10 @@ def build_providers(config: Config, environ: Mapping[str, str], http: httpx.Asyn
     """
     providers: dict[str, Provider] = {"static": StaticProvider(config.hosts)}
     for pconf in config.all_providers():
-        raise NotImplementedError(f"provider type {type(pconf).__name__}")
+        if isinstance(pconf, SimulatedProviderConfig):
+            from gpumanager.providers.simulated import SimulatedProvider
+            providers[pconf.name] = SimulatedProvider(pconf)
+        elif isinstance(pconf, SurfProviderConfig):
+            from gpumanager.providers.surf import SurfProvider
+            providers[pconf.name] = SurfProvider(pconf, environ)
     return providers

@@ -42,6 +42,9 @@ class HostInfo(msgspec.Struct, frozen=True, kw_only=True):
     address: str | None = None  # base URL of the host's Ollama (or OpenAI-compatible upstream)
     details: dict[str, Any] = {}  # flavour, region, last action error... shown by the admin API
     error: str = ""  # the newest failure the cloud reports for this host
+    slots: int | None = None  # what the cloud knows of the host's parallelism, if anything
+    cost_per_hour: float | None = None  # what the cloud says the host costs, if it says
+    models: tuple[str, ...] = ()  # what the cloud says the host serves, if it knows (before it is seen)
 
 
 @runtime_checkable

@@ -1,0 +1,151 @@
+"""A simulated cloud, in process: its hosts are simulated Ollama servers on loopback.
+
+Resume takes `boot_seconds`, pause `pause_seconds`; each boot serves the host's Ollama on a new
+port (as a cloud's public address changes on every start). Failure injection for tests and demos:
+a resume that fails after booting (`fail_resume`), one that hangs, and pauses that fail.
+The demo and the tests use it; nothing here needs a cloud account.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from gpumanager.config import SimulatedHostConfig, SimulatedProviderConfig
+from gpumanager.errors import HostNotFound, ProviderUnavailable
+from gpumanager.providers.base import CloudState, HostInfo
+from gpumanager.sim import SimOllama, SimServer, running_server
+
+
+@dataclass(eq=False)
+class Machine:
+    config: SimulatedHostConfig
+    sim: SimOllama
+    state: CloudState = CloudState.PAUSED
+    server: SimServer | None = None
+    error: str = ""
+    stop: anyio.Event | None = None
+    fail_resume: bool = False
+    hang_resume: bool = False
+    fail_pauses: int = 0
+    boots: int = 0
+    history: list[str] = field(default_factory=list)
+
+
+class SimulatedProvider:
+    """Implements `Provider` and `Service` (its machines' servers run in its own task group)."""
+
+    def __init__(self, config: SimulatedProviderConfig) -> None:
+        self.name = config.name
+        self.poll_seconds = 0.05
+        self.calls: Counter[str] = Counter()  # "resume:NAME" / "pause:NAME": what the fleet asked
+        self.machines: dict[str, Machine] = {}
+        for host in config.hosts:
+            sim = SimOllama(name=host.name, models=host.models, slots=host.slots, token_delay=host.token_delay_seconds)
+            self.machines[host.name] = Machine(host, sim, fail_resume=host.fail_resume)
+        self._tg: TaskGroup | None = None
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            for machine in self.machines.values():
+                if machine.config.running:
+                    await self._boot(machine, delay=0)
+            task_status.started()
+            await anyio.sleep_forever()
+
+    # -- the Provider protocol ---------------------------------------------------------------------
+
+    async def list(self) -> list[HostInfo]:
+        return [self._info(m) for m in self.machines.values()]
+
+    async def inspect(self, host_id: str) -> HostInfo:
+        return self._info(self._machine(host_id))
+
+    async def resume(self, host_id: str) -> None:
+        machine = self._machine(host_id)
+        self.calls[f"resume:{host_id}"] += 1
+        if machine.state in (CloudState.RUNNING, CloudState.RESUMING):
+            return
+        while machine.state is CloudState.PAUSING:
+            await anyio.sleep(self.poll_seconds)
+        machine.state, machine.error = CloudState.RESUMING, ""
+        machine.history.append("resume")
+        if machine.hang_resume:
+            return
+        assert self._tg is not None
+        self._tg.start_soon(self._boot, machine, machine.config.boot_seconds)
+
+    async def pause(self, host_id: str) -> None:
+        machine = self._machine(host_id)
+        self.calls[f"pause:{host_id}"] += 1
+        if machine.fail_pauses:
+            machine.fail_pauses -= 1
+            raise ProviderUnavailable("simulated cloud error (HTTP 500)", provider=self.name, host=host_id,
+                                      action="pause")
+        if machine.state in (CloudState.PAUSED, CloudState.PAUSING):
+            return
+        machine.state = CloudState.PAUSING
+        machine.history.append("pause")
+        assert self._tg is not None
+        self._tg.start_soon(self._shutdown, machine)
+
+    # -- the machines ------------------------------------------------------------------------------
+
+    async def _boot(self, machine: Machine, delay: float) -> None:
+        await anyio.sleep(delay)
+        if machine.state is CloudState.PAUSING:
+            return  # paused while booting
+        if machine.fail_resume:
+            machine.state, machine.error = CloudState.PAUSED, "no GPU available for this flavour (simulated)"
+            return
+        machine.stop = anyio.Event()
+        assert self._tg is not None
+        await self._tg.start(self._serve, machine)
+
+    async def _serve(self, machine: Machine, *, task_status: TaskStatus[None]) -> None:
+        stop = machine.stop
+        assert stop is not None
+        async with running_server(machine.sim) as server:
+            machine.server, machine.state = server, CloudState.RUNNING
+            machine.boots += 1
+            task_status.started()
+            await stop.wait()
+            machine.server = None
+
+    async def _shutdown(self, machine: Machine) -> None:
+        await anyio.sleep(machine.config.pause_seconds)
+        if machine.stop is not None:
+            machine.stop.set()
+            machine.stop = None
+            while machine.server is not None:
+                await anyio.sleep(0.01)
+        machine.state = CloudState.PAUSED
+
+    def set_state(self, host_id: str, running: bool) -> None:
+        """What someone does in the cloud's console: start or stop a machine behind gpumanager's back."""
+        machine = self._machine(host_id)
+        assert self._tg is not None
+        if running and machine.state is CloudState.PAUSED:
+            machine.state = CloudState.RESUMING
+            self._tg.start_soon(self._boot, machine, 0)
+        elif not running and machine.state is CloudState.RUNNING:
+            machine.state = CloudState.PAUSING
+            self._tg.start_soon(self._shutdown, machine)
+
+    def _machine(self, host_id: str) -> Machine:
+        try:
+            return self.machines[host_id]
+        except KeyError:
+            raise HostNotFound("no such simulated host", provider=self.name, host=host_id) from None
+
+    def _info(self, machine: Machine) -> HostInfo:
+        running = machine.state is CloudState.RUNNING and machine.server is not None
+        return HostInfo(id=machine.config.name, name=machine.config.name, state=machine.state,
+                        cloud_status=str(machine.state), address=machine.server.url if running and machine.server
+                        else None, error=machine.error, slots=machine.config.slots,
+                        cost_per_hour=machine.config.cost_per_hour, models=tuple(machine.sim.models),
+                        details={"flavor": "simulated GPU", "boots": machine.boots})

@@ -1,0 +1,126 @@
+"""Every cloud the lifecycle suite runs against, behind one small interface.
+
+A `Cloud` makes the machines (paused or running, with their models), writes the `[[providers]]`
+block that points gpumanager at them, and lets a test count resume/pause calls, inject failures
+and act "from the console". The shared suite in test_lifecycle.py runs once per cloud kind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import textwrap
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gpumanager.app import Context
+from gpumanager.providers.simulated import SimulatedProvider
+from gpumanager.sim import SimOllama
+
+
+@dataclass(frozen=True)
+class Machine:
+    name: str
+    models: tuple[str, ...] = ("llama3.2:latest",)
+    slots: int = 4
+    running: bool = False
+    cost: float = 1.0
+    token_delay: float = 0.005
+
+
+class Cloud(Protocol):
+    provider: str  # the provider's name in the config
+    environ: dict[str, str]
+
+    def config(self) -> str: ...
+
+    def attach(self, ctx: Context) -> None: ...
+
+    def resumes(self, name: str) -> int: ...
+
+    def pauses(self, name: str) -> int: ...
+
+    def running(self, name: str) -> bool: ...
+
+    def sim(self, name: str) -> SimOllama: ...
+
+    def fail_next_resume(self, name: str) -> None: ...
+
+    def hang_next_resume(self, name: str) -> None: ...
+
+    def fail_pauses(self, name: str, times: int) -> None: ...
+
+    def set_running(self, name: str, running: bool) -> None: ...
+
+    def host_id(self, name: str) -> str: ...
+
+
+class SimulatedCloud:
+    """The in-process simulated provider; the cloud lives inside gpumanager itself."""
+
+    provider = "sim"
+
+    def __init__(self, machines: list[Machine], *, boot_seconds: float = 0.2, pause_seconds: float = 0.05) -> None:
+        self.machines, self.boot, self.pause = machines, boot_seconds, pause_seconds
+        self.environ: dict[str, str] = {}
+        self._provider: SimulatedProvider | None = None
+
+    def config(self) -> str:
+        hosts = ",\n  ".join(
+            f'{{name = "{m.name}", models = {list(m.models)!r}, slots = {m.slots}, cost_per_hour = {m.cost}, '
+            f'boot_seconds = {self.boot}, pause_seconds = {self.pause}, token_delay_seconds = {m.token_delay}, '
+            f'running = {str(m.running).lower()}}}' for m in self.machines)
+        return textwrap.dedent(f"""
+            [[providers]]
+            type = "simulated"
+            name = "{self.provider}"
+            hosts = [
+              {hosts}
+            ]
+            """).replace("'", '"')
+
+    def attach(self, ctx: Context) -> None:
+        provider = ctx.providers[self.provider]
+        assert isinstance(provider, SimulatedProvider)
+        self._provider = provider
+
+    @property
+    def p(self) -> SimulatedProvider:
+        assert self._provider is not None
+        return self._provider
+
+    def resumes(self, name: str) -> int:
+        return self.p.calls[f"resume:{name}"]
+
+    def pauses(self, name: str) -> int:
+        return self.p.calls[f"pause:{name}"]
+
+    def running(self, name: str) -> bool:
+        return self.p.machines[name].server is not None
+
+    def sim(self, name: str) -> SimOllama:
+        return self.p.machines[name].sim
+
+    def fail_next_resume(self, name: str) -> None:
+        self.p.machines[name].fail_resume = True
+
+    def hang_next_resume(self, name: str) -> None:
+        self.p.machines[name].hang_resume = True
+
+    def fail_pauses(self, name: str, times: int) -> None:
+        self.p.machines[name].fail_pauses = times
+
+    def set_running(self, name: str, running: bool) -> None:
+        self.p.set_state(name, running)
+
+    def host_id(self, name: str) -> str:
+        return name
+
+
+@contextlib.asynccontextmanager
+async def simulated_cloud(machines: list[Machine], *, boot_seconds: float = 0.2) -> AsyncIterator[Cloud]:
+    yield SimulatedCloud(machines, boot_seconds=boot_seconds)
+
+
+CloudFactory = Callable[..., contextlib.AbstractAsyncContextManager[Any]]
+CLOUDS: dict[str, CloudFactory] = {"simulated": simulated_cloud}

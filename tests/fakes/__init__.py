@@ -1,0 +1,1 @@
+"""Fakes of the cloud APIs gpumanager drives, served over real loopback HTTP."""
