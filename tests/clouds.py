@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from gpumanager.app import Context
 from gpumanager.providers.simulated import SimulatedProvider
 from gpumanager.sim import SimOllama
+from tests.fakes.surf import FakeSurf
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class Machine:
     running: bool = False
     cost: float = 1.0
     token_delay: float = 0.005
+    protected: bool = False
+    announce_models: bool = True  # whether gpumanager's config tells the models (SURF: [[hosts]] models)
 
 
 class Cloud(Protocol):
@@ -50,7 +53,7 @@ class Cloud(Protocol):
 
     def fail_pauses(self, name: str, times: int) -> None: ...
 
-    def set_running(self, name: str, running: bool) -> None: ...
+    def set_running(self, name: str, running: bool) -> Any: ...
 
     def host_id(self, name: str) -> str: ...
 
@@ -77,7 +80,8 @@ class SimulatedCloud:
             hosts = [
               {hosts}
             ]
-            """).replace("'", '"')
+            """).replace("'", '"') + "".join(
+            f'\n[[hosts]]\nname = "{m.name}"\nprotected = true\n' for m in self.machines if m.protected)
 
     def attach(self, ctx: Context) -> None:
         provider = ctx.providers[self.provider]
@@ -124,3 +128,74 @@ async def simulated_cloud(machines: list[Machine], *, boot_seconds: float = 0.2)
 
 CloudFactory = Callable[..., contextlib.AbstractAsyncContextManager[Any]]
 CLOUDS: dict[str, CloudFactory] = {"simulated": simulated_cloud}
+
+
+class SurfCloud:
+    """SURF Research Cloud, as the fake in tests/fakes/surf.py speaks it; the workspaces' models are
+    told to gpumanager through `[[hosts]]` overrides, as users do for hosts never seen awake."""
+
+    provider = "surf"
+
+    def __init__(self, fake: FakeSurf, machines: list[Machine]) -> None:
+        self.fake, self.machines = fake, machines
+        self.environ = {"CLOUD_API_TOKEN": fake.token}
+        for m in machines:
+            fake.add_workspace(m.name, status="running" if m.running else "paused", models=m.models,
+                               slots=m.slots, token_delay=m.token_delay)
+        fake.add_workspace("someone-elses-box", status="running")  # not matched by machine_name_filter
+
+    def config(self) -> str:
+        overrides = "".join(
+            f'\n[[hosts]]\nname = "{m.name}"\nprovider = "surf"\nmodels = {list(m.models) if m.announce_models else []!r}\n'
+            f'slots = {m.slots}\ncost_per_hour = {m.cost}\nprotected = {str(m.protected).lower()}\n'
+            for m in self.machines).replace("'", '"')
+        return textwrap.dedent(f"""
+            [[providers]]
+            type = "surf"
+            name = "{self.provider}"
+            base_url = "{self.fake.base_url}"
+            machine_name_filter = "gpu-"
+            ollama_port = {self.fake.ollama_port}
+            poll_seconds = 0.05
+            retry_seconds = 0.05
+            api_timeout_seconds = 2
+            """) + overrides
+
+    def attach(self, ctx: Context) -> None:
+        pass
+
+    def resumes(self, name: str) -> int:
+        return self.fake.attempts.count(("resume", name))
+
+    def pauses(self, name: str) -> int:
+        return self.fake.attempts.count(("pause", name))
+
+    def running(self, name: str) -> bool:
+        return self.fake.is_serving(name)
+
+    def sim(self, name: str) -> SimOllama:
+        return self.fake.sims[name]
+
+    def fail_next_resume(self, name: str) -> None:
+        self.fake.fail_next_resume(name)
+
+    def hang_next_resume(self, name: str) -> None:
+        self.fake.hang_next_resume(name)
+
+    def fail_pauses(self, name: str, times: int) -> None:
+        self.fake.fail_pauses(name, times)
+
+    async def set_running(self, name: str, running: bool) -> None:
+        await self.fake.set_status(name, "running" if running else "paused")
+
+    def host_id(self, name: str) -> str:
+        return str(self.fake.workspace(name)["id"])
+
+
+@contextlib.asynccontextmanager
+async def surf_cloud(machines: list[Machine], *, boot_seconds: float = 0.2) -> AsyncIterator[Cloud]:
+    async with FakeSurf(token="surf-test-token", transition_seconds=boot_seconds) as fake:
+        yield SurfCloud(fake, machines)
+
+
+CLOUDS["surf"] = surf_cloud

@@ -7,6 +7,7 @@ with the sync `openai`/`ollama` clients or with its own event loop, as users do.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -55,7 +56,8 @@ class Stack:
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn` in the server's event loop (to read or change fleet state safely)."""
         async def run() -> Any:
-            return fn(*args)
+            result = fn(*args)
+            return await result if inspect.isawaitable(result) else result
         return self.portal.call(run)
 
     def new_key(self, name: str = "user", *, admin: bool = False) -> str:

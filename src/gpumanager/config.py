@@ -114,6 +114,7 @@ class SimulatedHostConfig(_Section):
     token_delay_seconds: NonNegative = 0.02
     running: bool = False
     fail_resume: bool = False
+    answer: str = ""  # what its model answers, word by word (default: "tok0 tok1 ...")
 
 
 class SimulatedProviderConfig(_ProviderBase, tag="simulated"):

@@ -45,6 +45,7 @@ class SimulatedProvider:
         self.machines: dict[str, Machine] = {}
         for host in config.hosts:
             sim = SimOllama(name=host.name, models=host.models, slots=host.slots, token_delay=host.token_delay_seconds)
+            sim.words = tuple(host.answer.split())
             self.machines[host.name] = Machine(host, sim, fail_resume=host.fail_resume)
         self._tg: TaskGroup | None = None
 

@@ -232,6 +232,7 @@ class SimOllama:
         self.token_delay, self.default_tokens, self.load_delay = token_delay, default_tokens, load_delay
         self.embedding_dim, self.context_length = embedding_dim, context_length
         self.fail_after_tokens: int | None = None
+        self.words: tuple[str, ...] = ()  # the demo's readable answers; tests use the default `tok{i}`
         self._models: dict[str, float] = {}
         self._loaded: dict[str, float] = {}  # model -> wall-clock expiry
         self._loading: dict[str, anyio.Event] = {}
@@ -244,6 +245,13 @@ class SimOllama:
         self._routes = self._route_table()
 
     # -- public knobs -----------------------------------------------------------------
+
+    def token(self, i: int) -> str:
+        """Token `i` of every answer: `tok{i} `, or the i-th of `words` (cycling) when they are set."""
+        return f"{self.words[i % len(self.words)]} " if self.words else f"tok{i} "
+
+    def text(self, n: int) -> str:
+        return "".join(self.token(i) for i in range(n))
 
     @property
     def models(self) -> list[str]:
@@ -433,9 +441,9 @@ class SimOllama:
 
             if body.get("stream") is False:
                 if await self._sleep_tokens(req, n):
-                    await _respond_json(req.send, final(expected_text(n)))
+                    await _respond_json(req.send, final(self.text(n)))
                 return
-            frames = (_encode(self._frame(body, f"tok{i} ", chat, False)) + b"\n" for i in range(n))
+            frames = (_encode(self._frame(body, self.token(i), chat, False)) + b"\n" for i in range(n))
             await self._stream(req, NDJSON, frames, lambda: _encode(final("")) + b"\n")
 
     # -- native embeddings ------------------------------------------------------------------
@@ -585,14 +593,14 @@ class SimOllama:
             await self._load(model)
             if body.get("stream") is not True:
                 if await self._sleep_tokens(req, n):
-                    choice = _oa_choice(chat, expected_text(n), "stop", None)
+                    choice = _oa_choice(chat, self.text(n), "stop", None)
                     await _respond_json(req.send, {**head, "choices": [choice], "usage": usage})
                 return
             if chat:
                 head["object"] = "chat.completion.chunk"
             options = body.get("stream_options")
             with_usage = isinstance(options, dict) and options.get("include_usage") is True
-            frames = (_sse({**head, "choices": [_oa_choice(chat, f"tok{i} ", None, i == 0)]}) for i in range(n))
+            frames = (_sse({**head, "choices": [_oa_choice(chat, self.token(i), None, i == 0)]}) for i in range(n))
             tail = _sse({**head, "choices": [_oa_choice(chat, None, "stop", False)]})
             if with_usage:
                 tail += _sse({**head, "choices": [], "usage": usage})
