@@ -20,6 +20,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py
+	$(BIN)/python bench/wake.py
 
 server: $(STAMP)
 	$(BIN)/gpumanager server

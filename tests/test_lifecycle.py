@@ -252,3 +252,51 @@ def test_the_admin_api_needs_an_admin_key_and_shows_the_fleet(one_paused: tuple[
                timeout=5)
     assert cloud.resumes("gpu-1") == 1
     assert httpx.get(stack.url + "/gpu/nope/status", headers=admin).status_code == 404
+
+
+def test_a_wake_goes_on_when_the_request_that_started_it_leaves(one_paused: tuple[Stack, Cloud]) -> None:
+    stack, cloud = one_paused
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up long before the host is up
+        httpx.post(stack.url + "/api/chat", json=chat(1), headers=stack.headers(), timeout=0.05)
+    wait_until(lambda: state(stack, "gpu-1") is HostState.READY, timeout=5)
+    assert len(stack.ctx.fleet.queue) == 0 and cloud.resumes("gpu-1") == 1
+    wait_until(lambda: cloud.pauses("gpu-1") == 1, timeout=5)  # woken without use: the fallback window
+
+
+def test_a_request_that_arrives_while_its_host_pauses_is_not_lost(one_paused: tuple[Stack, Cloud]) -> None:
+    stack, cloud = one_paused
+    assert httpx.post(stack.url + "/api/chat", json=chat(1), headers=stack.headers(), timeout=30).status_code == 200
+    wait_until(lambda: state(stack, "gpu-1") is HostState.PAUSING, timeout=5, interval=0.002)
+    answer = httpx.post(stack.url + "/api/chat", json=chat(4), headers=stack.headers(), timeout=30)
+    assert answer.status_code == 200 and answer.json()["message"]["content"] == expected_text(4)
+    assert cloud.pauses("gpu-1") == 1 and cloud.resumes("gpu-1") == 2  # paused, then woken again for it
+
+
+def test_a_deep_queue_wakes_a_second_host(tmp_path: Path, kind: str) -> None:
+    extra = LIFE + "\n[scheduler]\nscale_up_queue_depth = 3\n"
+    machines = [Machine("gpu-1", slots=1, token_delay=0.02), Machine("gpu-2", slots=1, cost=2.0, token_delay=0.02)]
+    with running_cloud_stack(tmp_path, kind, machines, extra=extra) as (stack, cloud):
+        async def one(client: httpx.AsyncClient) -> None:
+            assert (await client.post("/api/chat", json=chat(10))).status_code == 200
+
+        async def main() -> None:
+            async with httpx.AsyncClient(base_url=stack.url, headers=stack.headers(), timeout=30) as client, \
+                    anyio.create_task_group() as tg:
+                for _ in range(12):
+                    tg.start_soon(one, client)
+
+        anyio.run(main)
+        assert cloud.resumes("gpu-1") == 1 and cloud.resumes("gpu-2") == 1
+        assert cloud.sim("gpu-2").requests["/api/chat"] > 0
+
+
+def test_max_awake_hosts_makes_a_request_wait_for_another_host_to_pause(tmp_path: Path, kind: str) -> None:
+    extra = LIFE + "\n[scheduler]\nmax_awake_hosts = 1\n"
+    machines = [Machine("gpu-1"), Machine("gpu-2", models=("qwen2.5:7b",))]
+    with running_cloud_stack(tmp_path, kind, machines, extra=extra) as (stack, cloud):
+        assert httpx.post(stack.url + "/api/chat", json=chat(1), headers=stack.headers(), timeout=30).status_code == 200
+        answer = httpx.post(stack.url + "/api/chat", json=chat(1, model="qwen2.5:7b"), headers=stack.headers(),
+                            timeout=30)
+        assert answer.status_code == 200 and answer.headers["x-gpumanager-host"] == "gpu-2"
+        assert int(answer.headers["x-gpumanager-wait-ms"]) >= WINDOW * 1000 * 0.9  # gpu-1 had to pause first
+        assert cloud.pauses("gpu-1") == 1 and not cloud.running("gpu-1")

@@ -109,7 +109,8 @@ class SimulatedHostConfig(_Section):
     models: list[str] = msgspec.field(default_factory=lambda: ["llama3.2:latest"])
     slots: Slots = 4
     cost_per_hour: NonNegative = 1.0
-    boot_seconds: NonNegative = 2.0
+    boot_seconds: NonNegative = 2.0  # from resume to the machine running
+    ollama_seconds: NonNegative = 0.0  # from the machine running to its Ollama answering
     pause_seconds: NonNegative = 0.5
     token_delay_seconds: NonNegative = 0.02
     running: bool = False

@@ -8,6 +8,8 @@ The demo and the tests use it; nothing here needs a cloud account.
 
 from __future__ import annotations
 
+import socket
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -26,13 +28,22 @@ class Machine:
     sim: SimOllama
     state: CloudState = CloudState.PAUSED
     server: SimServer | None = None
+    address: str | None = None
     error: str = ""
     stop: anyio.Event | None = None
     fail_resume: bool = False
     hang_resume: bool = False
     fail_pauses: int = 0
     boots: int = 0
+    ollama_up: float = 0.0  # time.monotonic() when its Ollama last started answering
+    pause_asked: float = 0.0  # time.monotonic() of the last pause call
     history: list[str] = field(default_factory=list)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class SimulatedProvider:
@@ -83,6 +94,7 @@ class SimulatedProvider:
     async def pause(self, host_id: str) -> None:
         machine = self._machine(host_id)
         self.calls[f"pause:{host_id}"] += 1
+        machine.pause_asked = time.monotonic()
         if machine.fail_pauses:
             machine.fail_pauses -= 1
             raise ProviderUnavailable("simulated cloud error (HTTP 500)", provider=self.name, host=host_id,
@@ -108,12 +120,19 @@ class SimulatedProvider:
         await self._tg.start(self._serve, machine)
 
     async def _serve(self, machine: Machine, *, task_status: TaskStatus[None]) -> None:
+        """The machine runs (its address is known) at once; its Ollama answers `ollama_seconds` later."""
         stop = machine.stop
         assert stop is not None
-        async with running_server(machine.sim) as server:
-            machine.server, machine.state = server, CloudState.RUNNING
-            machine.boots += 1
-            task_status.started()
+        port = free_port()
+        machine.address, machine.state = f"http://127.0.0.1:{port}", CloudState.RUNNING
+        machine.boots += 1
+        task_status.started()
+        with anyio.move_on_after(machine.config.ollama_seconds):
+            await stop.wait()
+        if stop.is_set():
+            return
+        async with running_server(machine.sim, port=port) as server:
+            machine.server, machine.ollama_up = server, time.monotonic()
             await stop.wait()
             machine.server = None
 
@@ -124,7 +143,7 @@ class SimulatedProvider:
             machine.stop = None
             while machine.server is not None:
                 await anyio.sleep(0.01)
-        machine.state = CloudState.PAUSED
+        machine.state, machine.address = CloudState.PAUSED, None
 
     def set_state(self, host_id: str, running: bool) -> None:
         """What someone does in the cloud's console: start or stop a machine behind gpumanager's back."""
@@ -144,9 +163,8 @@ class SimulatedProvider:
             raise HostNotFound("no such simulated host", provider=self.name, host=host_id) from None
 
     def _info(self, machine: Machine) -> HostInfo:
-        running = machine.state is CloudState.RUNNING and machine.server is not None
         return HostInfo(id=machine.config.name, name=machine.config.name, state=machine.state,
-                        cloud_status=str(machine.state), address=machine.server.url if running and machine.server
-                        else None, error=machine.error, slots=machine.config.slots,
+                        cloud_status=str(machine.state), address=machine.address, error=machine.error,
+                        slots=machine.config.slots,
                         cost_per_hour=machine.config.cost_per_hour, models=tuple(machine.sim.models),
                         details={"flavor": "simulated GPU", "boots": machine.boots})
