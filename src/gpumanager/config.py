@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -95,13 +95,18 @@ class _ProviderBase(_Section, tag_field="type"):
     cost_per_hour: NonNegative = 0.0
 
 
-class SurfProviderConfig(_ProviderBase, tag="surf"):
+class _CloudBase(_ProviderBase):
+    """What every real cloud's provider takes: call timeouts, retries of 5xx and timeouts, polling."""
+
+    api_timeout_seconds: Positive = 30  # one API call
+    poll_seconds: Positive = 5  # state reads while a host resumes or pauses
+    retries: Annotated[int, msgspec.Meta(ge=1)] = 3  # attempts of a call that times out or gets a 5xx
+    retry_seconds: Positive = 1  # first backoff between attempts (doubles)
+
+
+class SurfProviderConfig(_CloudBase, tag="surf"):
     base_url: str = "https://gw.live.surfresearchcloud.nl/v1"
     machine_name_filter: str = ""
-    api_timeout_seconds: Positive = 30
-    poll_seconds: Positive = 5
-    retries: Annotated[int, msgspec.Meta(ge=1)] = 3
-    retry_seconds: Positive = 1
 
 
 class SimulatedHostConfig(_Section):
@@ -122,7 +127,29 @@ class SimulatedProviderConfig(_ProviderBase, tag="simulated"):
     hosts: list[SimulatedHostConfig] = []
 
 
-ProviderConfig = SurfProviderConfig | SimulatedProviderConfig
+class Ec2ProviderConfig(_CloudBase, tag="ec2"):
+    region: str | None = None  # wins over AWS_DEFAULT_REGION
+    profile: str | None = None  # a profile of ~/.aws/credentials
+    endpoint_url: str | None = None  # wins over AWS_ENDPOINT_URL (moto, AWS-compatible clouds)
+    tag_filter: dict[str, str] = {}  # discovery: instances with every one of these tags
+    instance_ids: list[str] = []  # ...and these, whatever their tags
+    hibernate: bool = False  # GPU families cannot hibernate; a failed hibernate falls back to a stop
+    address: Literal["private", "public"] = "private"  # the public IP changes on every start
+
+
+class RunpodProviderConfig(_CloudBase, tag="runpod"):
+    endpoints: list[str] = []  # serverless endpoint ids (none and no pods: every one matching name_filter)
+    pods: list[str] = []  # pod ids
+    name_filter: str = ""
+    api_url: str = "https://api.runpod.io"  # GraphQL at /graphql, REST at /v2
+    serverless_url: str = "https://api.runpod.ai/v2"
+    pod_address: Literal["proxy", "direct"] = "proxy"  # RunPod's HTTPS proxy, or the pod's public TCP port
+    pod_proxy_url: str = "https://{pod_id}-{port}.proxy.runpod.net"
+    warm_workers: Annotated[int, msgspec.Meta(ge=1)] = 1  # min workers while awake (0 while paused)
+    poll_seconds: Positive = 2
+
+
+ProviderConfig = SurfProviderConfig | SimulatedProviderConfig | Ec2ProviderConfig | RunpodProviderConfig
 
 
 class Config(_Section):

@@ -102,6 +102,8 @@ class Host:
     cost_per_hour: float = 0.0
     protected: bool = False
     always_on: bool = False  # static hosts: never resumed or paused
+    api: str = "ollama"  # "openai": an OpenAI-compatible upstream only (a RunPod serverless endpoint)
+    auth: list[tuple[bytes, bytes]] | None = None  # upstream credentials of its own (else the fleet's token)
     models: frozenset[str] = frozenset()  # on disk, from /api/tags (or the config before first seen)
     loaded: dict[str, int | None] = field(default_factory=dict)  # in VRAM: model -> context length
     state: HostState = HostState.UNKNOWN

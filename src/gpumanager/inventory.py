@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,20 @@ class HostRecord(msgspec.Struct, omit_defaults=True):
     version: str = ""
 
 
+class OpenAIModel(msgspec.Struct):
+    id: str
+    created: int = 0
+
+
+class ModelsAnswer(msgspec.Struct):
+    data: list[OpenAIModel] | None = None
+
+
+def _iso(created: int) -> str:
+    return datetime.fromtimestamp(created, UTC).isoformat().replace("+00:00", "Z")
+
+
+_models = msgspec.json.Decoder(ModelsAnswer)
 _tags = msgspec.json.Decoder(TagsAnswer)
 _version = msgspec.json.Decoder(VersionAnswer)
 _cache_decoder = msgspec.json.Decoder(dict[str, HostRecord])
@@ -61,9 +76,10 @@ class Inventory:
     # -- reading hosts -----------------------------------------------------------------------------
 
     async def _get(self, host: Host, path: str) -> bytes:
+        headers = self.headers if host.auth is None else {k.decode(): v.decode() for k, v in host.auth}
         try:
             with anyio.fail_after(self.probe_timeout):
-                response = await self.http.get(host.url + path, headers=self.headers)
+                response = await self.http.get(host.url + path, headers=headers)
         except (httpx.HTTPError, TimeoutError) as exc:
             raise ProbeFailed(f"{path}: {type(exc).__name__} {exc}".strip()) from None
         if response.status_code != 200:
@@ -78,6 +94,9 @@ class Inventory:
         """
         lock = self._locks.setdefault(host.name, anyio.Lock())
         async with lock:
+            if host.api == "openai":
+                self.apply(host, await self._openai_models(host), [], "")
+                return
             version = _decode(_version, await self._get(host, "/api/version"), "/api/version").version
             tags = _decode(_tags, await self._get(host, "/api/tags"), "/api/tags").models
             ps = _decode(_tags, await self._get(host, "/api/ps"), "/api/ps").models
@@ -96,11 +115,21 @@ class Inventory:
             logger.bind(host=host.name).info("host {} serves {}", host.name, ", ".join(sorted(host.models)) or "no models")
         self.save()
 
+    async def _openai_models(self, host: Host) -> list[dict[str, Any]]:
+        """An OpenAI-compatible upstream's `/v1/models`, in the shape of Ollama's tags."""
+        listed = _decode(_models, await self._get(host, "/v1/models"), "/v1/models").data or []
+        return [{"name": m.id, "model": m.id, "modified_at": _iso(m.created), "size": 0, "digest": "",
+                 "details": {"format": "", "family": "", "parameter_size": "", "quantization_level": ""}}
+                for m in listed]
+
     async def probe(self, host: Host, model: str | None) -> bool:
         """One readiness probe: Ollama answers, and lists `model` (when one is wanted)."""
         try:
-            await self._get(host, "/api/version")
-            tags = _decode(_tags, await self._get(host, "/api/tags"), "/api/tags").models
+            if host.api == "openai":
+                tags = await self._openai_models(host)
+            else:
+                await self._get(host, "/api/version")
+                tags = _decode(_tags, await self._get(host, "/api/tags"), "/api/tags").models
         except ProbeFailed:
             return False
         names = {str(m.get("name") or m.get("model")) for m in tags}

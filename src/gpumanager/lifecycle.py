@@ -27,7 +27,7 @@ from gpumanager.errors import Conflict, ProviderError, WakeFailed
 from gpumanager.fleet import Fleet
 from gpumanager.hosts import AWAKE, Host, HostEvent, HostState, InvalidTransition, Wake
 from gpumanager.inventory import Inventory, ProbeFailed
-from gpumanager.providers.base import CloudState, HostInfo, Provider, ReadinessProbe, Service
+from gpumanager.providers.base import CloudState, HostInfo, Provider, ReadinessProbe, Service, UpstreamAuth
 
 EV, ST = HostEvent, HostState
 
@@ -148,9 +148,8 @@ class Lifecycle:
         interval = self._option(host, "ollama_readiness_wait_seconds")
         model = next(iter(wake.models), None)
         while True:
-            if isinstance(provider, ReadinessProbe):
-                ready = await provider.ready(info, model)
-            else:
+            ready = await provider.ready(info, model) if isinstance(provider, ReadinessProbe) else None
+            if ready is None:
                 ready = await self.inventory.probe(host, model)
             if ready:
                 try:
@@ -319,6 +318,10 @@ class Lifecycle:
                     cost_per_hour=cost if cost is not None else getattr(pconf, "cost_per_hour", 0.0),
                     protected=bool(override and override.protected), always_on=provider == "static",
                     models=frozenset(override.models if override and override.models else info.models))
+        host.api = info.api
+        source = self.providers.get(provider)
+        if isinstance(source, UpstreamAuth):
+            host.auth = source.upstream_auth(info.id)
         self.inventory.restore(host)
         if host.always_on:
             host.state = ST.READY

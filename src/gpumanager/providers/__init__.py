@@ -6,7 +6,8 @@ from collections.abc import Mapping
 
 import httpx
 
-from gpumanager.config import Config, SimulatedProviderConfig, SurfProviderConfig
+from gpumanager.config import (Config, Ec2ProviderConfig, RunpodProviderConfig, SimulatedProviderConfig,
+                               SurfProviderConfig)
 from gpumanager.providers.base import Provider
 from gpumanager.providers.static import StaticProvider
 
@@ -24,4 +25,10 @@ def build_providers(config: Config, environ: Mapping[str, str], http: httpx.Asyn
         elif isinstance(pconf, SurfProviderConfig):
             from gpumanager.providers.surf import SurfProvider
             providers[pconf.name] = SurfProvider(pconf, environ)
+        elif isinstance(pconf, Ec2ProviderConfig):
+            from gpumanager.providers.ec2 import Ec2Provider
+            providers[pconf.name] = Ec2Provider(pconf, environ)
+        elif isinstance(pconf, RunpodProviderConfig):
+            from gpumanager.providers.runpod import RunpodProvider
+            providers[pconf.name] = RunpodProvider(pconf, environ)
     return providers

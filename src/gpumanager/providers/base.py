@@ -45,6 +45,7 @@ class HostInfo(msgspec.Struct, frozen=True, kw_only=True):
     slots: int | None = None  # what the cloud knows of the host's parallelism, if anything
     cost_per_hour: float | None = None  # what the cloud says the host costs, if it says
     models: tuple[str, ...] = ()  # what the cloud says the host serves, if it knows (before it is seen)
+    api: str = "ollama"  # "openai" when the address is an OpenAI-compatible API, not Ollama
 
 
 @runtime_checkable
@@ -62,9 +63,17 @@ class Provider(Protocol):
 
 @runtime_checkable
 class ReadinessProbe(Protocol):
-    """A provider whose hosts are not plain Ollama brings its own probe (RunPod endpoints)."""
+    """A provider whose hosts are not plain Ollama brings its own probe (RunPod endpoints).
+    None means "a plain Ollama host": the fleet's own probe decides."""
 
-    async def ready(self, info: HostInfo, model: str | None) -> bool: ...
+    async def ready(self, info: HostInfo, model: str | None) -> bool | None: ...
+
+
+@runtime_checkable
+class UpstreamAuth(Protocol):
+    """A provider whose hosts take its own credentials (RunPod's key), never the client's."""
+
+    def upstream_auth(self, host_id: str) -> list[tuple[bytes, bytes]] | None: ...
 
 
 @runtime_checkable
@@ -100,3 +109,15 @@ async def with_retries(call: Callable[[], Awaitable[T]], *, what: str, attempts:
         await anyio.sleep(delay)
         delay = min(delay * 2, 30.0)
     raise AssertionError("unreachable")
+
+
+class CloudSettings(Protocol):
+    api_timeout_seconds: float
+    retries: int
+    retry_seconds: float
+
+
+async def cloud_call(settings: CloudSettings, call: Callable[[], Awaitable[T]], *, what: str) -> T:
+    """`with_retries` with a cloud provider's configured timeout, attempts and backoff."""
+    return await with_retries(call, what=what, attempts=settings.retries, timeout=settings.api_timeout_seconds,
+                              backoff=settings.retry_seconds)

@@ -19,7 +19,7 @@ from anyio.abc import TaskStatus
 from gpumanager.config import SurfProviderConfig
 from gpumanager.errors import (ConfigError, HostNotFound, ProviderError, ProviderRejected, ProviderTimeout,
                                ProviderUnavailable)
-from gpumanager.providers.base import CloudState, HostInfo, with_retries
+from gpumanager.providers.base import CloudState, HostInfo, cloud_call
 
 STATES = {
     "running": CloudState.RUNNING,
@@ -104,8 +104,7 @@ class SurfProvider:
                     params: dict[str, Any] | None = None) -> Any:
         async def once() -> Any:
             return await self._request(method, url, host=host, action=action, params=params)
-        return await with_retries(once, what=f"SURF {action} {host}".strip(), attempts=self.config.retries,
-                                  timeout=self.config.api_timeout_seconds, backoff=self.config.retry_seconds)
+        return await cloud_call(self.config, once, what=f"SURF {action} {host}".strip())
 
     async def _request(self, method: str, url: str, *, host: str, action: str, params: dict[str, Any] | None) -> Any:
         headers = {"X-CSRFToken": self._csrf} if method == "POST" and self._csrf else {}

@@ -24,6 +24,7 @@ from gpumanager.fleet import Lease
 from gpumanager.hosts import Host
 from gpumanager.proxy.dialects import STREAM_CONTENT_TYPE, Dialect, heartbeat, parse_fields
 from gpumanager.proxy.forward import ConnectFailed, Exchange, Receive, forward, upstream_headers
+from gpumanager.proxy import translate
 from gpumanager.proxy.local import local_routes
 from gpumanager.scheduler import Ask, Waiter
 
@@ -136,11 +137,10 @@ class ModelRoute:
         arrived = time.perf_counter()
         lease = await self._lease(ex, ask, stream)
         ex.wait_ms = (time.perf_counter() - arrived) * 1000
-        headers = upstream_headers(scope, ctx.upstream_auth)
         for attempt in (1, 2):
             try:
                 with lease, anyio.CancelScope() as lease.scope:
-                    await forward(ctx.upstream, ex, lease, scope["method"], _target(scope), headers, body, on_body)
+                    await self._send(scope, ex, lease, ask, body, on_body)
             except ConnectFailed as exc:
                 ctx.lifecycle.unhealthy(lease.host, str(exc))
                 if attempt == 2:
@@ -153,6 +153,15 @@ class ModelRoute:
                 if lease.aborted:
                     raise UpstreamFailed(lease.aborted)
                 return
+
+    async def _send(self, scope: Scope, ex: Exchange, lease: Lease, ask: Ask, body: bytes,
+                    on_body: Callable[[Host, bytes], None] | None) -> None:
+        host, ctx = lease.host, self.ctx
+        headers = upstream_headers(scope, host.auth if host.auth is not None else ctx.upstream_auth)
+        if host.api == "openai" and self.dialect is Dialect.OLLAMA:
+            await translate.forward(ctx.upstream, ex, lease, self.route, ask.model, headers, body)
+        else:
+            await forward(ctx.upstream, ex, lease, scope["method"], _target(scope), headers, body, on_body)
 
     async def _lease(self, ex: Exchange, ask: Ask, stream: bool) -> Lease:
         got = self.ctx.fleet.admit(ask)
@@ -215,6 +224,9 @@ class HostRoute:
             host = ctx.fleet.find(name)
             if host is None:
                 raise NotFound(f"no host named {name!r}")
+            if host.api == "openai":
+                raise BadRequest(f"{host.name} is an OpenAI-compatible endpoint: its models are managed by its "
+                                 "provider, not through the Ollama API")
             body = await read_body(scope, receive, ctx.max_body)
             await ctx.lifecycle.ensure_ready(host)
             with ctx.fleet.hold(host, identity.id) as lease:

@@ -1,0 +1,206 @@
+"""Ollama requests for a host that speaks only OpenAI (a RunPod serverless endpoint), translated.
+
+`/api/chat` becomes a chat completion, `/api/generate` a completion, `/api/embed` and
+`/api/embeddings` embeddings; the answer comes back in Ollama's shape, streamed as NDJSON frame by
+frame as the SSE events arrive. What has no OpenAI equivalent (`raw`, `context`, `template`,
+images, tools) is refused with a 400 that names it, before anything is sent upstream.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import httpx
+import msgspec
+
+from gpumanager.errors import BadRequest, UpstreamFailed
+from gpumanager.fleet import Lease
+from gpumanager.proxy.dialects import Dialect, STREAM_CONTENT_TYPE
+from gpumanager.proxy.forward import ConnectFailed, Exchange, Upstream
+
+PATHS = {"chat": "/v1/chat/completions", "generate": "/v1/completions", "embed": "/v1/embeddings",
+         "embeddings": "/v1/embeddings"}
+OPTIONS = {"temperature": "temperature", "top_p": "top_p", "num_predict": "max_tokens", "stop": "stop",
+           "seed": "seed", "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
+UNTRANSLATABLE = {"generate": ("raw", "context", "template", "images"), "chat": ("tools",)}
+
+_decode = msgspec.json.Decoder()
+_encode = msgspec.json.Encoder()
+
+
+def openai_request(route: str, request: dict[str, Any]) -> tuple[str, dict[str, Any], bool]:
+    """(path, body, stream) of the OpenAI request that stands for this Ollama one; BadRequest if none."""
+    if route not in PATHS:
+        raise BadRequest(f"/api/{route} has no equivalent on an OpenAI-compatible host")
+    for field in UNTRANSLATABLE.get(route, ()):
+        if request.get(field) not in (None, False, "", [], {}):
+            raise BadRequest(f"`{field}` cannot be translated for an OpenAI-compatible host (a RunPod endpoint)")
+    model = request["model"]
+    if route in ("embed", "embeddings"):
+        text = request.get("input") if route == "embed" else request.get("prompt")
+        body: dict[str, Any] = {"model": model, "input": text if text is not None else ""}
+        if request.get("dimensions"):
+            body["dimensions"] = request["dimensions"]
+        return PATHS[route], body, False
+    stream = request.get("stream") is not False
+    body = {"model": model, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    if route == "chat":
+        body["messages"] = [_message(m) for m in request.get("messages") or []]
+    else:
+        system, prompt = request.get("system"), str(request.get("prompt") or "")
+        body["prompt"] = f"{system}\n\n{prompt}" if system else prompt
+        if request.get("suffix"):
+            body["suffix"] = request["suffix"]
+    for name, value in (request.get("options") or {}).items():
+        if name in OPTIONS and value is not None:
+            body[OPTIONS[name]] = value
+    if request.get("format") == "json":
+        body["response_format"] = {"type": "json_object"}
+    elif isinstance(request.get("format"), dict):
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer",
+                                                                            "schema": request["format"]}}
+    return PATHS[route], body, stream
+
+
+def _message(message: Any) -> dict[str, Any]:
+    if not isinstance(message, dict):
+        raise BadRequest("each of `messages` must be an object")
+    if message.get("images"):
+        raise BadRequest("`images` cannot be translated for an OpenAI-compatible host (a RunPod endpoint)")
+    return {"role": message.get("role", "user"), "content": message.get("content") or ""}
+
+
+class Answer:
+    """Builds Ollama frames from OpenAI chunks, keeping what the final frame needs."""
+
+    def __init__(self, route: str, model: str) -> None:
+        self.route, self.model = route, model
+        self.started = time.perf_counter_ns()
+        self.finish = "stop"
+        self.prompt_tokens = self.completion_tokens = 0
+
+    def frame(self, text: str, *, done: bool) -> bytes:
+        frame: dict[str, Any] = {"model": self.model, "created_at": datetime.now(UTC).isoformat()}
+        if self.route == "chat":
+            frame["message"] = {"role": "assistant", "content": text}
+        else:
+            frame["response"] = text
+        frame["done"] = done
+        if done:
+            frame.update(done_reason=self.finish, total_duration=time.perf_counter_ns() - self.started)
+            if self.prompt_tokens or self.completion_tokens:
+                frame.update(prompt_eval_count=self.prompt_tokens, eval_count=self.completion_tokens)
+        return _encode.encode(frame) + b"\n"
+
+    def take(self, chunk: dict[str, Any]) -> str:
+        """The text of one OpenAI chunk or answer; remembers finish reason and usage."""
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            self.completion_tokens = int(usage.get("completion_tokens") or 0)
+        text = ""
+        for choice in chunk.get("choices") or []:
+            if choice.get("finish_reason"):
+                self.finish = str(choice["finish_reason"])
+            part = choice.get("delta") or choice.get("message") or {}
+            text += str(part.get("content") or "") if self.route == "chat" else str(choice.get("text") or "")
+        return text
+
+    def embeddings(self, answer: dict[str, Any]) -> bytes:
+        vectors = [item.get("embedding") for item in answer.get("data") or []]
+        if self.route == "embeddings":
+            return _encode.encode({"embedding": vectors[0] if vectors else []})
+        usage = answer.get("usage") or {}
+        return _encode.encode({"model": self.model, "embeddings": vectors,
+                               "total_duration": time.perf_counter_ns() - self.started,
+                               "prompt_eval_count": usage.get("prompt_tokens", 0)})
+
+
+async def forward(upstream: Upstream, ex: Exchange, lease: Lease, route: str, model: str,
+                  headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    """Send the translated request to the lease's host and answer the client in Ollama's shape."""
+    request = _decode.decode(body)
+    path, translated, stream = openai_request(route, request)
+    ex.host = lease.host.name
+    headers = [(k, v) for k, v in headers if k != b"content-type"] + [(b"content-type", b"application/json")]
+    try:
+        response = await upstream.send("POST", lease.host.url + path, headers, _encode.encode(translated))
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise ConnectFailed(f"cannot connect to {lease.host.name}: {exc or type(exc).__name__}") from None
+    except httpx.HTTPError as exc:
+        raise UpstreamFailed(f"host {lease.host.name} failed: {exc or type(exc).__name__}") from None
+    answer = Answer(route, request.get("model", model))
+    try:
+        if response.status_code != 200:
+            await _error(ex, response, lease)
+        elif stream:
+            await _stream(ex, response, answer, lease)
+        else:
+            await _whole(ex, response, answer, route)
+    except httpx.HTTPError as exc:
+        raise UpstreamFailed(f"host {lease.host.name} failed mid-answer: {exc or type(exc).__name__}") from None
+    finally:
+        with anyio.CancelScope(shield=True):
+            await response.aclose()
+
+
+async def _error(ex: Exchange, response: httpx.Response, lease: Lease) -> None:
+    detail = await response.aread()
+    try:
+        error = _decode.decode(detail).get("error")
+        message = error.get("message") if isinstance(error, dict) else error
+    except (msgspec.DecodeError, AttributeError):
+        message = detail[:200].decode("utf-8", "replace")
+    if ex.started:
+        raise UpstreamFailed(f"host {lease.host.name} answered {response.status_code}: {message}")
+    await ex.start(response.status_code, [(b"content-type", b"application/json")])
+    await ex.finish(_encode.encode({"error": str(message or f"HTTP {response.status_code}")}))
+
+
+async def _whole(ex: Exchange, response: httpx.Response, answer: Answer, route: str) -> None:
+    data = _decode.decode(await response.aread())
+    if route in ("embed", "embeddings"):
+        payload = answer.embeddings(data)
+    else:
+        payload = answer.frame(answer.take(data), done=True).rstrip(b"\n")
+    if not ex.started:
+        await ex.start(200, [(b"content-type", b"application/json; charset=utf-8"),
+                             (b"x-gpumanager-host", ex.host.encode())])
+    await ex.finish(payload)
+
+
+async def _stream(ex: Exchange, response: httpx.Response, answer: Answer, lease: Lease) -> None:
+    """SSE events in, NDJSON frames out, one for one as they arrive."""
+    if not ex.started:
+        await ex.start(200, [(b"content-type", STREAM_CONTENT_TYPE[Dialect.OLLAMA]),
+                             (b"x-gpumanager-host", ex.host.encode())])
+    pending = b""
+    async for chunk in response.aiter_raw():
+        pending += chunk.replace(b"\r\n", b"\n")
+        *events, pending = pending.split(b"\n\n")
+        out = b"".join(_frames(events, answer, lease))
+        if out:
+            await ex.write(out)
+    await ex.finish(answer.frame("", done=True))
+
+
+def _frames(events: list[bytes], answer: Answer, lease: Lease) -> list[bytes]:
+    frames = []
+    for event in events:
+        data = b"\n".join(line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:"))
+        if not data or data == b"[DONE]":
+            continue
+        chunk = _decode.decode(data)
+        if isinstance(chunk, dict) and chunk.get("error"):
+            error = chunk["error"]
+            raise UpstreamFailed(f"host {lease.host.name} failed mid-answer: "
+                                 f"{error.get('message') if isinstance(error, dict) else error}")
+        text = answer.take(chunk)
+        if text:
+            frames.append(answer.frame(text, done=False))
+    return frames
