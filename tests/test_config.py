@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,18 @@ def test_config_structs_are_frozen() -> None:
     config = Config()
     with pytest.raises(AttributeError):
         config.server.port = 1  # type: ignore[misc]
+
+
+def test_the_commented_provider_blocks_of_the_example_load_once_uncommented() -> None:
+    lines = (ROOT / "config.toml.example").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# [[providers]]"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("# Overrides for a host"))
+    toml_line = re.compile(r"^# (\[\[?[\w.]+\]\]?|\w+ = )")
+    block = "\n".join(line[2:] for line in lines[start:end] if toml_line.match(line))
+    config = loads(block)
+    kinds = [type(p).__name__ for p in config.providers]
+    assert kinds == ["SurfProviderConfig", "Ec2ProviderConfig", "RunpodProviderConfig", "SimulatedProviderConfig"]
+    documented = block + (ROOT / "config.toml.example").read_text()
+    for provider in config.providers:
+        for key in provider.__struct_fields__:
+            assert f"{key} = " in documented or key in ("name",), f"{key} of {type(provider).__name__} is undocumented"
