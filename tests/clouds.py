@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from gpumanager.app import Context
 from gpumanager.providers.simulated import SimulatedProvider
 from gpumanager.sim import SimOllama
+from tests.fakes.ec2 import FakeEC2
 from tests.fakes.surf import FakeSurf
 
 
@@ -199,3 +200,75 @@ async def surf_cloud(machines: list[Machine], *, boot_seconds: float = 0.2) -> A
 
 
 CLOUDS["surf"] = surf_cloud
+
+
+class Ec2Cloud:
+    """AWS EC2 on moto, behind the fake's proxy that adds boot and stop times and failures. Models are
+    told through the `gpumanager:models` tag; cost, slots and protection through `[[hosts]]`."""
+
+    provider = "aws"
+
+    def __init__(self, fake: FakeEC2, machines: list[Machine]) -> None:
+        self.fake, self.machines = fake, machines
+        self.environ = dict(fake.credentials)
+        for m in machines:
+            tags = {"gpumanager": "true"} | ({"gpumanager:models": ",".join(m.models)} if m.announce_models else {})
+            fake.add_instance(m.name, running=m.running, models=m.models, slots=m.slots, token_delay=m.token_delay,
+                              tags=tags)
+        fake.add_instance("not-ours", running=True, tags={"team": "other"})  # outside the tag filter
+
+    def config(self) -> str:
+        overrides = "".join(f'\n[[hosts]]\nname = "{m.name}"\nprovider = "{self.provider}"\nslots = {m.slots}\n'
+                            f'cost_per_hour = {m.cost}\nprotected = {str(m.protected).lower()}\n'
+                            for m in self.machines)
+        return textwrap.dedent(f"""
+            [[providers]]
+            type = "ec2"
+            name = "{self.provider}"
+            region = "{self.fake.region}"
+            endpoint_url = "{self.fake.endpoint_url}"
+            tag_filter = {{ gpumanager = "true" }}
+            ollama_port = {self.fake.ollama_port}
+            poll_seconds = 0.05
+            retry_seconds = 0.05
+            api_timeout_seconds = 5
+            """) + overrides
+
+    def attach(self, ctx: Context) -> None:
+        pass
+
+    def resumes(self, name: str) -> int:
+        return self.fake.calls.count(("start", name))
+
+    def pauses(self, name: str) -> int:
+        return self.fake.calls.count(("stop", name))
+
+    def running(self, name: str) -> bool:
+        return self.fake.is_serving(name)
+
+    def sim(self, name: str) -> SimOllama:
+        return self.fake.sims[name]
+
+    def fail_next_resume(self, name: str) -> None:
+        self.fake.fail_next_start(name)
+
+    def hang_next_resume(self, name: str) -> None:
+        self.fake.hang_next_start(name)
+
+    def fail_pauses(self, name: str, times: int) -> None:
+        self.fake.fail_stops(name, times)
+
+    async def set_running(self, name: str, running: bool) -> None:
+        await self.fake.set_running(name, running)
+
+    def host_id(self, name: str) -> str:
+        return self.fake.instance_id(name)
+
+
+@contextlib.asynccontextmanager
+async def ec2_cloud(machines: list[Machine], *, boot_seconds: float = 0.2) -> AsyncIterator[Cloud]:
+    async with FakeEC2(boot_seconds=boot_seconds, stop_seconds=0.05) as fake:
+        yield Ec2Cloud(fake, machines)
+
+
+CLOUDS["ec2"] = ec2_cloud

@@ -52,7 +52,7 @@ def client(session: boto3.session.Session, fake: FakeEC2, retries: dict[str, Any
 @asynccontextmanager
 async def ec2(session: boto3.session.Session, **options: Any) -> AsyncIterator[tuple[FakeEC2, Any]]:
     with anyio.fail_after(15):  # bounds every wait of the test that uses it
-        async with FakeEC2(**{"boot_seconds": T, "stop_seconds": T, **options}) as fake:
+        async with FakeEC2(**{"boot_seconds": T, "stop_seconds": T, "session": session, **options}) as fake:
             with client(session, fake) as c:
                 yield fake, c
 
@@ -259,8 +259,11 @@ async def test_unchanged_answers_pass_through_byte_for_byte(session: boto3.sessi
     async with ec2(session) as (fake, _), httpx.AsyncClient(trust_env=False) as http:
         iid = fake.add_instance("gpu-1")
         form = {"Action": "DescribeInstances", "Version": "2016-11-15", "InstanceId.1": iid}
-        via_proxy = await http.post(fake.endpoint_url, data=form)
-        direct = await http.post(fake.moto_url, data=form, headers={"x-moto-account-id": fake.account_id})
+        # moto picks the service from the credential scope; it does not check the signature.
+        auth = {"authorization": f"AWS4-HMAC-SHA256 Credential=testing/20260101/{fake.region}/ec2/aws4_request, "
+                                 "SignedHeaders=host, Signature=0"}
+        via_proxy = await http.post(fake.endpoint_url, data=form, headers=auth)
+        direct = await http.post(fake.moto_url, data=form, headers={**auth, "x-moto-account-id": fake.account_id})
         assert via_proxy.status_code == direct.status_code == 200
         assert via_proxy.content == direct.content
         assert b"<code>80</code><name>stopped</name>" in via_proxy.content

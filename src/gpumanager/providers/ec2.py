@@ -9,6 +9,7 @@ address is re-read after every start: the public IP changes each time (or use th
 
 from __future__ import annotations
 
+import builtins
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -52,7 +53,7 @@ class Ec2Provider:
             aws_access_key_id=environ.get("AWS_ACCESS_KEY_ID"),
             aws_secret_access_key=environ.get("AWS_SECRET_ACCESS_KEY"),
             aws_session_token=environ.get("AWS_SESSION_TOKEN"))
-        client_config = botocore.config.Config(retries={"max_attempts": 1, "mode": "standard"},
+        client_config = botocore.config.Config(retries={"total_max_attempts": 1, "mode": "standard"},
                                                connect_timeout=config.api_timeout_seconds,
                                                read_timeout=config.api_timeout_seconds)
         self._ec2 = session.client("ec2", endpoint_url=config.endpoint_url or environ.get("AWS_ENDPOINT_URL"),
@@ -109,8 +110,8 @@ class Ec2Provider:
 
     # -- boto3, in a worker thread -----------------------------------------------------------------
 
-    async def _describe(self, *, host: str = "", **kwargs: Any) -> list[dict[str, Any]]:
-        def pages() -> list[dict[str, Any]]:
+    async def _describe(self, *, host: str = "", **kwargs: Any) -> builtins.list[dict[str, Any]]:
+        def pages() -> builtins.list[dict[str, Any]]:
             paginator = self._ec2.get_paginator("describe_instances")
             return [instance for page in paginator.paginate(**kwargs) for reservation in page["Reservations"]
                     for instance in reservation["Instances"]]

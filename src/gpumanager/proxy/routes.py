@@ -53,7 +53,7 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         if not message.get("more_body", False) and not chunks:
             if len(chunk) > limit:
                 raise PayloadTooLarge(f"request body over {limit // 2**20} MB ([server] max_body_mb)")
-            return chunk  # the usual case: one message
+            return bytes(chunk)  # the usual case: one message
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"request body over {limit // 2**20} MB ([server] max_body_mb)")
