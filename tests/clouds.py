@@ -17,6 +17,7 @@ from gpumanager.app import Context
 from gpumanager.providers.simulated import SimulatedProvider
 from gpumanager.sim import SimOllama
 from tests.fakes.ec2 import FakeEC2
+from tests.fakes.runpod import FakeRunPod
 from tests.fakes.surf import FakeSurf
 
 
@@ -272,3 +273,91 @@ async def ec2_cloud(machines: list[Machine], *, boot_seconds: float = 0.2) -> As
 
 
 CLOUDS["ec2"] = ec2_cloud
+
+
+class RunpodCloud:
+    """RunPod, as the fake in tests/fakes/runpod.py speaks it: either serverless endpoints (each serving
+    the machine's first model through its OpenAI-compatible URL) or pods running Ollama."""
+
+    provider = "runpod"
+
+    def __init__(self, fake: FakeRunPod, machines: list[Machine], kind: str) -> None:
+        self.fake, self.machines, self.kind = fake, machines, kind
+        self.environ = {"RUNPOD_API_KEY": fake.api_key}
+        self.ids: dict[str, str] = {}
+        for m in machines:
+            if kind == "endpoint":
+                self.ids[m.name] = fake.add_endpoint(m.name, model=m.models[0], workers_min=int(m.running),
+                                                     idle_timeout=0.1, token_delay=m.token_delay)
+            else:
+                self.ids[m.name] = fake.add_pod(m.name, running=m.running, models=m.models, token_delay=m.token_delay,
+                                                cost_per_hour=m.cost)
+        fake.add_pod("another-team", running=True)  # not matched by name_filter
+
+    def config(self) -> str:
+        overrides = "".join(
+            f'\n[[hosts]]\nname = "{m.name}"\nprovider = "runpod"\nslots = {m.slots}\ncost_per_hour = {m.cost}\n'
+            f'protected = {str(m.protected).lower()}\n'
+            + (f"models = {list(m.models[:1] if self.kind == 'endpoint' else m.models)!r}\n" if m.announce_models
+               else "") for m in self.machines).replace("'", '"')
+        return textwrap.dedent(f"""
+            [[providers]]
+            type = "runpod"
+            name = "{self.provider}"
+            api_url = "{self.fake.api_url}"
+            serverless_url = "{self.fake.serverless_url}"
+            name_filter = "gpu-"
+            pod_address = "direct"
+            poll_seconds = 0.05
+            retry_seconds = 0.05
+            api_timeout_seconds = 5
+            """) + overrides
+
+    def attach(self, ctx: Context) -> None:
+        pass
+
+    def _count(self, actions: tuple[str, ...], name: str) -> int:
+        return sum(1 for action, target in self.fake.calls if action in actions and target == name)
+
+    def resumes(self, name: str) -> int:
+        return self._count(("start", "warm"), name)
+
+    def pauses(self, name: str) -> int:
+        return self._count(("stop", "cold"), name)
+
+    def running(self, name: str) -> bool:
+        return self.fake.is_serving(name)
+
+    def sim(self, name: str) -> SimOllama:
+        return self.fake.sims[name]
+
+    def fail_next_resume(self, name: str) -> None:
+        self.fake.fail_next_start(name)
+
+    def hang_next_resume(self, name: str) -> None:
+        self.fake.hang_next_start(name)
+
+    def fail_pauses(self, name: str, times: int) -> None:
+        self.fake.fail_stops(name, times)
+
+    async def set_running(self, name: str, running: bool) -> None:
+        await self.fake.set_running(name, running)
+
+    def host_id(self, name: str) -> str:
+        return self.ids[name]
+
+
+@contextlib.asynccontextmanager
+async def runpod_endpoints(machines: list[Machine], *, boot_seconds: float = 0.2) -> AsyncIterator[Cloud]:
+    async with FakeRunPod(boot_seconds=boot_seconds, stop_seconds=0.05) as fake:
+        yield RunpodCloud(fake, machines, "endpoint")
+
+
+@contextlib.asynccontextmanager
+async def runpod_pods(machines: list[Machine], *, boot_seconds: float = 0.2) -> AsyncIterator[Cloud]:
+    async with FakeRunPod(boot_seconds=boot_seconds, stop_seconds=0.05) as fake:
+        yield RunpodCloud(fake, machines, "pod")
+
+
+CLOUDS["runpod-endpoint"] = runpod_endpoints
+CLOUDS["runpod-pod"] = runpod_pods

@@ -163,7 +163,7 @@ def test_a_streaming_request_whose_wake_fails_gets_an_in_band_error(one_paused: 
 
 
 def test_a_restart_finds_a_running_host_and_pauses_it_after_the_fallback_window(tmp_path: Path, kind: str) -> None:
-    machines = [Machine("gpu-1", running=True, models=("llama3.2:latest", "qwen2.5:7b"))]
+    machines = [Machine("gpu-1", running=True, models=("qwen2.5:7b",))]
     with running_cloud_stack(tmp_path, kind, machines, extra=LIFE) as (stack, cloud):
         wait_until(lambda: state(stack, "gpu-1") is HostState.READY, timeout=5)
         assert cloud.resumes("gpu-1") == 0
@@ -232,7 +232,8 @@ def test_a_pause_that_fails_is_retried_until_it_succeeds(one_paused: tuple[Stack
         wait_until(lambda: state(stack, "gpu-1") is HostState.PAUSED, timeout=10)
     finally:
         logger.remove(sink)
-    assert cloud.pauses("gpu-1") >= 1 and not cloud.running("gpu-1")
+    assert cloud.pauses("gpu-1") >= 1
+    wait_until(lambda: not cloud.running("gpu-1"), timeout=5)
     # Each failure is logged (a provider may retry a few itself first); the pause never gives up silently.
     failures = [e for e in errors if "failed" in e and ("gpu-1" in e or cloud.host_id("gpu-1") in e)]
     assert len(failures) == 3 and any(e.startswith("ERROR") and "may still be billing" in e for e in failures)
@@ -287,7 +288,8 @@ def test_a_deep_queue_wakes_a_second_host(tmp_path: Path, kind: str) -> None:
 
         anyio.run(main)
         assert cloud.resumes("gpu-1") == 1 and cloud.resumes("gpu-2") == 1
-        assert cloud.sim("gpu-2").requests["/api/chat"] > 0
+        served = cloud.sim("gpu-2").requests
+        assert served["/api/chat"] + served["/v1/chat/completions"] > 0  # (translated for an OpenAI endpoint)
 
 
 def test_max_awake_hosts_makes_a_request_wait_for_another_host_to_pause(tmp_path: Path, kind: str) -> None:

@@ -18,6 +18,7 @@ import msgspec
 from loguru import logger
 
 from gpumanager.hosts import Host
+from gpumanager.proxy.dialects import model_names
 
 DEFAULT_VERSION = "0.32.0"  # answered by /api/version before any host was seen
 
@@ -133,7 +134,7 @@ class Inventory:
         except ProbeFailed:
             return False
         names = {str(m.get("name") or m.get("model")) for m in tags}
-        return model is None or bool(names & {model, model + ":latest"})
+        return model is None or bool(names & set(model_names(model)))
 
     # -- answers gpumanager gives itself -----------------------------------------------------------
 

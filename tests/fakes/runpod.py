@@ -40,7 +40,12 @@ Choices where REFERENCE.md leaves the behaviour open (its [U] items and unstated
   "standby"}, "scaling": {"type", "value"}}``; a pod uses REST v1's names: ``{"id", "name",
   "desiredStatus", "costPerHr", "gpuCount", "imageName", "lastStatusChange", "publicIp",
   "portMappings": {"11434": port}}`` (the last two null while the container is down). Errors are
-  ``{"error": message, "status": code}``. Pod actions answer 200 with the pod.
+  ``{"error": message, "status": code}``. Pod actions answer 200 with the pod. ``GET
+  /v2/serverless/{id}/workers`` lists ``[{"id", "status": "IDLE" | "RUNNING" | "INITIALIZING" |
+  "UNHEALTHY" | "THROTTLED", "type": "ACTIVE" | "FLEX"}]``.
+* Pods: ``runtime`` mirrors the container, so it stays non-null during the ``stop_seconds`` after a
+  stop. The public port is kept across restarts while it is free. ``fail_next_start(zero_gpus=True)``
+  lets the start succeed with ``gpuCount`` 0 and ``runtime.gpus`` empty (REFERENCE 4.1's zero-GPU resume).
 * ``/health``: ``workers`` always has ``idle`` (ready, no request) and ``running`` (ready, serving);
   ``initializing``, ``unhealthy`` (`fail_next_start`) and ``throttled`` (`hang_next_start`) appear
   only when non-zero. A faulty worker shows ``initializing`` for ``boot_seconds`` first, never serves,
@@ -49,6 +54,7 @@ Choices where REFERENCE.md leaves the behaviour open (its [U] items and unstated
 * No worker can take a request (``workersMax`` 0, or only faulty workers) and none is booting: after
   `queue_timeout` seconds it gets 503 ``{"error": "no workers available"}`` (RunPod's queue would
   wait forever; its load-balancing endpoints give up after 2 min). A booting worker is always waited for.
+  A client that leaves while its request is queued is not noticed until a worker takes the request.
 * ``/openai/v1/models`` is answered by the fake, not the sim, but only on a ready worker: on a cold
   endpoint it cold-starts a flex worker like any request. It lists the model under its exact Hugging
   Face id with vLLM's ``owned_by: "vllm"``. A request naming another model gets vLLM's 404
@@ -138,6 +144,7 @@ def _seconds(value: Any) -> bool:
 
 def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the sim's own bind_socket does
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:
@@ -371,6 +378,7 @@ class FakeRunPod:
         return any(w.fault is None and now >= w.boot_end for w in ep.workers)
 
     async def wait_for(self, name: str, serving: bool = True, *, timeout: float = 5.0) -> None:
+        """Wait until `is_serving` says ``serving``; TimeoutError after ``timeout`` seconds."""
         with anyio.fail_after(timeout):
             while self.is_serving(name) != serving:  # polling memory is cheap and needs no plumbing
                 await anyio.sleep(0.005)
@@ -409,8 +417,9 @@ class FakeRunPod:
         self._scale(ep, time.monotonic())
 
     async def set_running(self, name: str, running: bool) -> None:
-        """The console, at once: start/stop a pod (returns when its sim is up or down), or warm an
-        endpoint to workersMin 1 with a ready worker / cool it to 0, dropping its workers as their requests end."""
+        """The console, at once and unrecorded: start/stop a pod (returns when its sim is up or down), or
+        warm an endpoint to workersMin >= 1 (workersMax raised to match) with a ready worker and no broken
+        ones, or cool it to 0, dropping its workers as their requests end."""
         if name in self._endpoints:
             self._console_endpoint(self._endpoints[name], running)
             return
@@ -447,7 +456,7 @@ class FakeRunPod:
     # -- management API: routing and auth ------------------------------------------------------
 
     def _access(self, key: str | None) -> str | None:
-        """"write" for the API key, "read" for the read-only key, None otherwise."""
+        """The key's scope: "write" for the API key, "read" for the read-only key, None otherwise."""
         if key is None:
             return None
         if hmac.compare_digest(key.encode(), self.api_key.encode()):

@@ -19,8 +19,9 @@ from anyio.abc import TaskStatus
 
 from gpumanager.config import RunpodProviderConfig
 from gpumanager.errors import (CapacityError, ConfigError, HostNotFound, ProviderError, ProviderRejected,
-                               ProviderTimeout, ProviderUnavailable)
+                               ProviderTimeout, ProviderUnavailable, WakeFailed)
 from gpumanager.providers.base import CloudState, HostInfo, cloud_call
+from gpumanager.proxy.dialects import model_names
 
 ENDPOINT_FIELDS = "id name gpuIds idleTimeout templateId workersMin workersMax workersStandby"
 POD_FIELDS = ("id name desiredStatus costPerHr lastStatusChange "
@@ -97,10 +98,15 @@ class RunpodProvider:
             return None
         try:
             workers = (await self._get(f"{self.config.serverless_url}/{info.id}/health")).get("workers") or {}
-            if int(workers.get("idle", 0) or 0) + int(workers.get("running", 0) or 0) < 1:
+            up = sum(int(workers.get(state, 0) or 0) for state in ("idle", "running"))
+            if not up and int(workers.get("unhealthy", 0) or 0) and not int(workers.get("initializing", 0) or 0):
+                # Tell a failed warm-up early, as SURF's failed actions are, instead of waiting it out.
+                raise WakeFailed("RunPod reports the endpoint's worker unhealthy", provider=self.name,
+                                 host=info.id, action="warm")
+            if not up:
                 return False
             listed = (await self._get(f"{info.address}/v1/models")).get("data") or []
-            return model is None or model in {m.get("id") for m in listed}
+            return model is None or bool(set(model_names(model)) & {m.get("id") for m in listed})
         except (httpx.HTTPError, ValueError, AttributeError):
             return False
 
@@ -140,7 +146,7 @@ class RunpodProvider:
             raise ProviderUnavailable(f"RunPod unreachable: {exc or type(exc).__name__}", **context) from exc
         text = response.text[:300]
         if response.status_code >= 500:
-            if "gpu" in text.lower() and ("no " in text.lower() or "available" in text.lower()):
+            if _no_capacity(text):
                 raise CapacityError(f"RunPod has no GPU for this pod now: {text}", **context)
             raise ProviderUnavailable(f"RunPod answered {response.status_code}: {text}", **context)
         if response.status_code == 404:
@@ -175,8 +181,10 @@ class RunpodProvider:
         port = next((p for p in runtime.get("ports") or [] if p.get("privatePort") == self.config.ollama_port), None)
         if status == "RUNNING":
             state = CloudState.RUNNING if port else CloudState.RESUMING
+        elif status in ("EXITED", "STOPPED"):  # the container may still be shutting down (and billing)
+            state = CloudState.PAUSING if pod.get("runtime") else CloudState.PAUSED
         else:
-            state = CloudState.PAUSED if status in ("EXITED", "STOPPED") else CloudState.UNKNOWN
+            state = CloudState.UNKNOWN
         address = None
         if state is CloudState.RUNNING and port is not None:
             if self.config.pod_address == "direct" and port.get("isIpPublic"):
@@ -186,3 +194,12 @@ class RunpodProvider:
         return HostInfo(id=str(pod["id"]), name=str(pod.get("name") or pod["id"]), state=state, cloud_status=status,
                         address=address, cost_per_hour=float(pod["costPerHr"]) if pod.get("costPerHr") else None,
                         details={"kind": "pod", "flavor": "pod"})
+
+
+def _no_capacity(text: str) -> bool:
+    """RunPod tells a capacity failure only in words ("There are not enough free GPUs on the host
+    machine...", "no instances available"); such a failure must move requests on, not be retried."""
+    text = text.lower()
+    return any(word in text for word in ("gpu", "instance", "capacity")) and \
+        any(word in text for word in ("not enough", "no longer", "no free", "not available", "unavailable",
+                                      "no gpu", "no instance", "insufficient"))

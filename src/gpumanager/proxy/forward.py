@@ -115,11 +115,14 @@ def upstream_headers(scope: MutableMapping[str, Any], extra: list[tuple[bytes, b
     return headers
 
 
+def routing_headers(ex: Exchange) -> list[tuple[bytes, bytes]]:
+    """Which host answered and how long the request waited for it."""
+    return [(b"x-gpumanager-host", ex.host.encode()), (b"x-gpumanager-wait-ms", str(round(ex.wait_ms)).encode())]
+
+
 def response_headers(response: httpx.Response, ex: Exchange) -> list[tuple[bytes, bytes]]:
     headers = [(k.lower(), v) for k, v in response.headers.raw if k.lower().decode("latin-1") not in RESPONSE_DROP]
-    headers.append((b"x-gpumanager-host", ex.host.encode()))
-    headers.append((b"x-gpumanager-wait-ms", str(round(ex.wait_ms)).encode()))
-    return headers
+    return headers + routing_headers(ex)
 
 
 async def forward(upstream: Upstream, ex: Exchange, lease: Lease, method: str, target: str,

@@ -160,6 +160,9 @@ class ModelRoute:
         headers = upstream_headers(scope, host.auth if host.auth is not None else ctx.upstream_auth)
         if host.api == "openai" and self.dialect is Dialect.OLLAMA:
             await translate.forward(ctx.upstream, ex, lease, self.route, ask.model, headers, body)
+        elif host.api == "openai":
+            body = translate.with_listed_model(body, host.models, ask.model)
+            await forward(ctx.upstream, ex, lease, scope["method"], _target(scope), headers, body, on_body)
         else:
             await forward(ctx.upstream, ex, lease, scope["method"], _target(scope), headers, body, on_body)
 

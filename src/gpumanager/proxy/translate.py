@@ -18,8 +18,8 @@ import msgspec
 
 from gpumanager.errors import BadRequest, UpstreamFailed
 from gpumanager.fleet import Lease
-from gpumanager.proxy.dialects import Dialect, STREAM_CONTENT_TYPE
-from gpumanager.proxy.forward import ConnectFailed, Exchange, Upstream
+from gpumanager.proxy.dialects import STREAM_CONTENT_TYPE, Dialect, model_names
+from gpumanager.proxy.forward import ConnectFailed, Exchange, Upstream, routing_headers
 
 PATHS = {"chat": "/v1/chat/completions", "generate": "/v1/completions", "embed": "/v1/embeddings",
          "embeddings": "/v1/embeddings"}
@@ -29,6 +29,21 @@ UNTRANSLATABLE = {"generate": ("raw", "context", "template", "images"), "chat": 
 
 _decode = msgspec.json.Decoder()
 _encode = msgspec.json.Encoder()
+
+
+def listed_name(models: frozenset[str], model: str) -> str:
+    """The name the host lists for `model`: an OpenAI-compatible server knows no `:latest` shorthand."""
+    return next((name for name in model_names(model) if name in models), model)
+
+
+def with_listed_model(body: bytes, models: frozenset[str], model: str) -> bytes:
+    """`body` with `model` replaced by the host's own name for it; unchanged (byte for byte) if equal."""
+    name = listed_name(models, model)
+    if name == model:
+        return body
+    request = _decode.decode(body)
+    request["model"] = name
+    return _encode.encode(request)
 
 
 def openai_request(route: str, request: dict[str, Any]) -> tuple[str, dict[str, Any], bool]:
@@ -126,6 +141,7 @@ async def forward(upstream: Upstream, ex: Exchange, lease: Lease, route: str, mo
     """Send the translated request to the lease's host and answer the client in Ollama's shape."""
     request = _decode.decode(body)
     path, translated, stream = openai_request(route, request)
+    translated["model"] = listed_name(lease.host.models, model)
     ex.host = lease.host.name
     headers = [(k, v) for k, v in headers if k != b"content-type"] + [(b"content-type", b"application/json")]
     try:
@@ -158,7 +174,7 @@ async def _error(ex: Exchange, response: httpx.Response, lease: Lease) -> None:
         message = detail[:200].decode("utf-8", "replace")
     if ex.started:
         raise UpstreamFailed(f"host {lease.host.name} answered {response.status_code}: {message}")
-    await ex.start(response.status_code, [(b"content-type", b"application/json")])
+    await ex.start(response.status_code, [(b"content-type", b"application/json"), *routing_headers(ex)])
     await ex.finish(_encode.encode({"error": str(message or f"HTTP {response.status_code}")}))
 
 
@@ -169,16 +185,14 @@ async def _whole(ex: Exchange, response: httpx.Response, answer: Answer, route: 
     else:
         payload = answer.frame(answer.take(data), done=True).rstrip(b"\n")
     if not ex.started:
-        await ex.start(200, [(b"content-type", b"application/json; charset=utf-8"),
-                             (b"x-gpumanager-host", ex.host.encode())])
+        await ex.start(200, [(b"content-type", b"application/json; charset=utf-8"), *routing_headers(ex)])
     await ex.finish(payload)
 
 
 async def _stream(ex: Exchange, response: httpx.Response, answer: Answer, lease: Lease) -> None:
     """SSE events in, NDJSON frames out, one for one as they arrive."""
     if not ex.started:
-        await ex.start(200, [(b"content-type", STREAM_CONTENT_TYPE[Dialect.OLLAMA]),
-                             (b"x-gpumanager-host", ex.host.encode())])
+        await ex.start(200, [(b"content-type", STREAM_CONTENT_TYPE[Dialect.OLLAMA]), *routing_headers(ex)])
     pending = b""
     async for chunk in response.aiter_raw():
         pending += chunk.replace(b"\r\n", b"\n")
