@@ -105,20 +105,34 @@ def running_cloud_stack(tmp_path: Path, kind: str, machines: list[Machine], *, e
                         static: Sequence[SimHost] = (), boot_seconds: float | None = None,
                         ) -> Iterator[tuple[Stack, Cloud]]:
     """gpumanager in front of a cloud of one kind (see tests/clouds.py), and optionally static hosts."""
+    with running_mixed_stack(tmp_path, {kind: machines}, extra=extra, static=static,
+                             boot_seconds=boot_seconds) as (stack, clouds):
+        yield stack, clouds[kind]
+
+
+@contextlib.contextmanager
+def running_mixed_stack(tmp_path: Path, fleet: dict[str, list[Machine]], *, extra: str = FAST_TIMING,
+                        static: Sequence[SimHost] = (), boot_seconds: float | None = None,
+                        ) -> Iterator[tuple[Stack, dict[str, Cloud]]]:
+    """gpumanager in front of clouds of several kinds at once, and optionally static hosts."""
     with start_blocking_portal() as portal, contextlib.ExitStack() as stack:
         options = {} if boot_seconds is None else {"boot_seconds": boot_seconds}
-        cloud: Cloud = stack.enter_context(portal.wrap_async_context_manager(CLOUDS[kind](machines, **options)))
+        clouds: dict[str, Cloud] = {
+            kind: stack.enter_context(portal.wrap_async_context_manager(CLOUDS[kind](machines, **options)))
+            for kind, machines in fleet.items()}
         sims: dict[str, SimOllama] = {}
         servers: dict[str, SimServer] = {}
         for spec in static:
             sim = SimOllama(name=spec.name, models=spec.models, slots=spec.slots, token_delay=spec.token_delay)
             servers[spec.name] = stack.enter_context(portal.wrap_async_context_manager(running_server(sim)))
             sims[spec.name] = sim
-        config_path = write_config(tmp_path, [(s.name, servers[s.name].url, s) for s in static],
-                                   extra + "\n" + cloud.config())
-        running = _serve(portal, stack, config_path, cloud.environ, sims, servers)
-        cloud.attach(running.ctx)
-        yield running, cloud
+        config = "\n".join([extra, *(cloud.config() for cloud in clouds.values())])
+        config_path = write_config(tmp_path, [(s.name, servers[s.name].url, s) for s in static], config)
+        environ = {k: v for cloud in clouds.values() for k, v in cloud.environ.items()}
+        running = _serve(portal, stack, config_path, environ, sims, servers)
+        for cloud in clouds.values():
+            cloud.attach(running.ctx)
+        yield running, clouds
 
 
 def _serve(portal: BlockingPortal, stack: contextlib.ExitStack, config_path: Path, environ: dict[str, str],

@@ -336,6 +336,8 @@ class Lifecycle:
 
     def _observe(self, host: Host, info: HostInfo) -> None:
         self._adopt(host, info)
+        if info.error:
+            host.last_error = info.error  # shown by the admin API before anyone tries to wake it
         if host.always_on or host.wake is not None or host.pausing is not None or host.state is ST.FAILED:
             return  # an operation in progress owns the state
         log = logger.bind(host=host.name)
