@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(BIN)/gpumanager demo
 
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py

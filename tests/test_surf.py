@@ -22,9 +22,10 @@ pytestmark = pytest.mark.anyio
 
 
 def provider_for(fake: FakeSurf, **options: object) -> SurfProvider:
-    config = SurfProviderConfig(name="surf", base_url=fake.base_url, machine_name_filter="gpu",
-                                ollama_port=fake.ollama_port, poll_seconds=0.02, retry_seconds=0.01,
-                                api_timeout_seconds=0.3, **options)  # type: ignore[arg-type]
+    settings: dict[str, object] = {"name": "surf", "base_url": fake.base_url, "machine_name_filter": "gpu",
+                                   "ollama_port": fake.ollama_port, "poll_seconds": 0.02, "retry_seconds": 0.01,
+                                   "api_timeout_seconds": 3, **options}
+    config = SurfProviderConfig(**settings)  # type: ignore[arg-type]
     return SurfProvider(config, {"CLOUD_API_TOKEN": fake.token, **({"CLOUD_CSRF_TOKEN": fake.require_csrf}
                                                                    if fake.require_csrf else {})})
 
@@ -113,8 +114,12 @@ async def test_5xx_and_timeouts_are_retried_4xx_never(running: tuple[FakeSurf, S
         await provider.inspect("no-such-id")
     assert fake.requests[("GET", "workspace")] == before + 1
     fake.slow_requests(2)
-    with pytest.raises(ProviderTimeout):  # the call's timeout, three times
-        await provider.inspect(ws)
+    impatient = provider_for(fake, api_timeout_seconds=0.3)
+    async with anyio.create_task_group() as tg:
+        await tg.start(impatient.run)
+        with pytest.raises(ProviderTimeout):  # the call's timeout, three times
+            await impatient.inspect(ws)
+        tg.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize("running", [{"require_csrf": "csrf-abc"}], indirect=True)
