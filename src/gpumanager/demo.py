@@ -92,7 +92,10 @@ def run_demo(args: argparse.Namespace) -> int:
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
                                            server_header=False, lifespan="on", timeout_graceful_shutdown=2))
     _banner(url, key, folder)
-    anyio.run(_main, server, app.state.ctx, url, key, args.once)
+    try:
+        anyio.run(_main, server, app.state.ctx, url, key, args.once)
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, once it has shut down
+        pass
     print("\nbye: the demo's files stay in", folder)
     return 0
 
@@ -174,6 +177,7 @@ def _response_text(line: str) -> str:
 
 
 def _banner(url: str, key: str, folder: Path) -> None:
+    python = sys.executable  # the interpreter that runs gpumanager has the openai and ollama clients
     print(textwrap.dedent(f"""
         gpumanager demo: a proxy at {url} in front of a simulated cloud of two paused GPU hosts.
         Its config, keys and log are in {folder} (log: {folder / 'gpumanager.log'}).
@@ -185,10 +189,10 @@ def _banner(url: str, key: str, folder: Path) -> None:
                -d '{{"model": "qwen2.5:7b", "messages": [{{"role": "user", "content": "hello"}}]}}'
           curl {url}/gpu/discover -H "Authorization: Bearer {key}"
 
-          python -c 'from openai import OpenAI; c = OpenAI(base_url="{url}/v1", api_key="{key}")
+          {python} -c 'from openai import OpenAI; c = OpenAI(base_url="{url}/v1", api_key="{key}")
           print(c.chat.completions.create(model="llama3.2", messages=[{{"role": "user", "content": "hi"}}]).choices[0].message.content)'
 
-          python -c 'import ollama; c = ollama.Client(host="{url}", headers={{"Authorization": "Bearer {key}"}})
+          {python} -c 'import ollama; c = ollama.Client(host="{url}", headers={{"Authorization": "Bearer {key}"}})
           print(c.generate(model="qwen2.5:7b", prompt="hi").response)'
         """))
 
