@@ -60,6 +60,9 @@ def test_the_seed_cloud_api_section_is_a_surf_provider() -> None:
     ("[[providers]]\ntype = \"azure\"\nname = \"x\"\n", "c.toml: providers[0].type: invalid value 'azure'"),
     ("[server\nport = 1\n", "c.toml: not valid TOML"),
     ("nonsense = true\n", "c.toml: nonsense: unknown key"),
+    ("[[providers]]\ntype = \"surf\"\nname = \"s\"\n", "c.toml: providers[0].machine_name_filter: must not be empty"),
+    ("[[providers]]\ntype = \"runpod\"\nname = \"r\"\n", "c.toml: providers[0]: a runpod provider needs"),
+    ("[[providers]]\ntype = \"ec2\"\nname = \"e\"\n", "c.toml: providers[0]: an ec2 provider needs"),
 ])
 def test_a_bad_file_fails_with_the_file_the_key_and_the_problem(tmp_path: Path, text: str, message: str) -> None:
     (tmp_path / "c.toml").write_text(text)

@@ -44,7 +44,7 @@ def admin_routes(ctx: Context) -> list[BaseRoute]:
 
     async def discover(request: Request) -> Response:
         require_admin(request.scope)
-        await lifecycle.reconcile()  # fresh from the clouds, as the name promises
+        await lifecycle.watch.reconcile()  # fresh from the clouds, as the name promises
         gpus = [gpu(h) for h in fleet.hosts.values()]
         return JSONResponse({"discovered_gpus": len(gpus), "gpus": gpus, "emergency": fleet.emergency,
                              "queued": len(fleet.queue)})

@@ -116,7 +116,8 @@ def _server(args: argparse.Namespace) -> int:
     app = build_app(config)
     uv = uvicorn.Config(app, host=args.host or config.server.host, port=args.port or config.server.port,
                         log_config=None, access_log=False, server_header=False, lifespan="on",
-                        timeout_graceful_shutdown=int(config.timing.shutdown_grace_seconds) or None,
+                        # uvicorn waits this long for open streams (it takes fractions too).
+                        timeout_graceful_shutdown=config.timing.shutdown_grace_seconds,  # type: ignore[arg-type]
                         timeout_keep_alive=75)
     uvicorn.Server(uv).run()
     return 0

@@ -246,12 +246,28 @@ def _check(config: Config, path: str) -> None:
         if provider.name in names:
             raise ConfigError(path, f"{where}.name", f"duplicate provider name {provider.name!r}")
         names.add(provider.name)
+        _check_scope(provider, where, path)
     for i, host in enumerate(config.hosts):
         if host.provider is not None and host.provider not in names:
             raise ConfigError(path, f"hosts[{i}].provider",
                               f"no provider named {host.provider!r} (known: {', '.join(sorted(names))})")
         if host.url is not None and host.provider not in (None, "static"):
             raise ConfigError(path, f"hosts[{i}].url", "a host with a url is static; drop `provider` or `url`")
+
+
+def _check_scope(provider: ProviderConfig, where: str, path: str) -> None:
+    """A cloud provider must be told which machines are its own: gpumanager pauses what it manages,
+    and must never adopt (and stop) every machine of an account."""
+    if isinstance(provider, SurfProviderConfig) and not provider.machine_name_filter:
+        raise ConfigError(path, f"{where}.machine_name_filter", "must not be empty: the workspaces whose name "
+                          "contains it are managed (woken and paused) by gpumanager")
+    if isinstance(provider, RunpodProviderConfig) and not (provider.endpoints or provider.pods
+                                                           or provider.name_filter):
+        raise ConfigError(path, where, "a runpod provider needs `endpoints`, `pods` or a non-empty `name_filter`: "
+                          "what it finds is woken and paused by gpumanager")
+    if isinstance(provider, Ec2ProviderConfig) and not (provider.tag_filter or provider.instance_ids):
+        raise ConfigError(path, where, "an ec2 provider needs `tag_filter` or `instance_ids`: what it finds is "
+                          "started and stopped by gpumanager")
 
 
 def _resolve_paths(config: Config, base: Path) -> Config:

@@ -128,7 +128,8 @@ class Fleet:
         max_queue = self.config.scheduler.max_queue
         if max_queue and len(self.queue) >= max_queue:
             raise TooManyRequests(f"the wait queue is full ({max_queue} requests waiting)", retry_after=10)
-        waiter = Waiter(ask, self.clock(), anyio.Event())
+        now = self.clock()
+        waiter = Waiter(ask, now, anyio.Event(), since=now)
         waiter.waking = {h.name for h in self.candidates(ask.model) if h.state in WAKING}
         if type(decision) is Wake:
             self._start_wake(decision.host, waiter)
@@ -152,25 +153,34 @@ class Fleet:
                 with anyio.move_on_after(limit):
                     await waiter.ready.wait()  # type: ignore[attr-defined]
         except BaseException:
-            self._abandon(waiter)
+            self.abandon(waiter)
             raise
         if waiter.error is not None:
             raise waiter.error
         assert isinstance(waiter.lease, Lease)
         return waiter.lease
 
-    def _abandon(self, waiter: Waiter) -> None:
+    def abandon(self, waiter: Waiter) -> None:
+        """The request behind `waiter` is gone: leave the queue, or free the lease it was just handed."""
         if not self.queue.remove(waiter) and isinstance(waiter.lease, Lease):
             waiter.lease.release()
 
     def _deadline(self, waiter: Waiter) -> float:
-        """A waiter waits `queue_timeout_seconds` for a slot, and for as long as a wake it waits on runs."""
-        deadline = waiter.enqueued + self.config.timing.queue_timeout_seconds
+        """A waiter waits for as long as a wake it waits on runs, then `queue_timeout_seconds` for a slot."""
+        deadline = waiter.since + self.config.timing.queue_timeout_seconds
         for name in waiter.waking:
             host = self.hosts.get(name)
             if host is not None and host.wake is not None:
                 deadline = max(deadline, host.wake.deadline)
         return deadline
+
+    def wake_ended(self, host: Host) -> None:
+        """The slot clock of the requests that waited for this wake starts now: a long cold start
+        must not use up their time for a slot."""
+        now = self.clock()
+        for waiter in self.queue:
+            if host.name in waiter.waking:
+                waiter.since = max(waiter.since, now)
 
     def _timeout_error(self, waiter: Waiter) -> ClientError:
         seconds = self.clock() - waiter.enqueued

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import anyio
 
+    from gpumanager.providers.base import HostInfo
+
 
 class HostState(StrEnum):
     UNKNOWN = "unknown"
@@ -125,6 +127,13 @@ class Host:
         self.state = transition(self.state, event)
         return self.state
 
+    def adopt(self, info: HostInfo) -> None:
+        """Take what the cloud says of the host: its own status word, details and (new) address."""
+        self.cloud_status = info.cloud_status
+        self.details = dict(info.details)
+        if info.address:
+            self.url = info.address
+
     @property
     def awake(self) -> bool:
         return self.state in AWAKE
@@ -139,4 +148,5 @@ class Wake:
     started: float
     models: set[str] = field(default_factory=set)  # what the waiting requests need the host to list
     error: str = ""
-    scope: anyio.CancelScope | None = None  # emergency-off cancels a wake in progress
+    scope: anyio.CancelScope | None = None  # a pause asked for meanwhile cancels it
+    stopped_by: str = ""  # why it was stopped, if it was

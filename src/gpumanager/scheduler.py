@@ -119,6 +119,7 @@ class Waiter:
     ask: Ask
     enqueued: float
     ready: object  # anyio.Event; typed loosely so this module stays free of anyio
+    since: float = 0.0  # the queue timeout counts from here: arrival, or the end of the wake it waited for
     lease: object | None = None
     error: Exception | None = None
     waking: set[str] = field(default_factory=set)  # hosts whose wake this request waits for

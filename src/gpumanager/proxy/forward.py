@@ -150,9 +150,18 @@ async def forward(upstream: Upstream, ex: Exchange, lease: Lease, method: str, t
             await response.aclose()
 
 
+def refused(response: httpx.Response, host: Host, body: bytes) -> UpstreamFailed:
+    """A host that refuses gpumanager's own credentials is gpumanager's problem, not the client's key."""
+    return UpstreamFailed(f"host {host.name} refused gpumanager's credentials ({response.status_code}: "
+                          f"{_error_message(body) or 'no reason given'}); check GPUMANAGER_UPSTREAM_TOKEN, or the "
+                          "provider's key")
+
+
 async def _relay(response: httpx.Response, ex: Exchange, lease: Lease,
                  on_body: Callable[[Host, bytes], None] | None,
                  before_end: Callable[[], Awaitable[None]] | None) -> None:
+    if response.status_code in (401, 403):
+        raise refused(response, lease.host, await response.aread())
     if ex.started and response.status_code != 200:
         # Heartbeats already sent a 200: the upstream's error can only be told in-band.
         detail = _error_message(await response.aread())

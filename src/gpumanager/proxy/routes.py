@@ -142,7 +142,7 @@ class ModelRoute:
                 with lease, anyio.CancelScope() as lease.scope:
                     await self._send(scope, ex, lease, ask, body, on_body)
             except ConnectFailed as exc:
-                ctx.lifecycle.unhealthy(lease.host, str(exc))
+                ctx.lifecycle.watch.unhealthy(lease.host, str(exc))
                 if attempt == 2:
                     raise UpstreamFailed(str(exc)) from None
                 try:  # once more, on another host: the unhealthy one is skipped now
@@ -175,15 +175,19 @@ class ModelRoute:
     async def _wait(self, ex: Exchange, waiter: Waiter, ask: Ask, stream: bool) -> Lease:
         """Wait for a slot; a streaming client gets its headers early and a heartbeat now and then."""
         patience = self.ctx.config.timing.wake_keepalive_seconds if stream else None
-        while True:
-            lease = await self.ctx.fleet.wait(waiter, patience)
-            if lease is not None:
-                return lease
-            if not ex.started:
-                await ex.start(200, [(b"content-type", STREAM_CONTENT_TYPE[self.dialect]),
-                                     (b"cache-control", b"no-cache")])
-            waiting_for = next(iter(sorted(waiter.waking)), "a free slot")
-            await ex.write(heartbeat(self.dialect, self.route, ask.model, waiting_for))
+        try:
+            while True:
+                lease = await self.ctx.fleet.wait(waiter, patience)
+                if lease is not None:
+                    return lease
+                if not ex.started:
+                    await ex.start(200, [(b"content-type", STREAM_CONTENT_TYPE[self.dialect]),
+                                         (b"cache-control", b"no-cache")])
+                waiting_for = next(iter(sorted(waiter.waking)), "a free slot")
+                await ex.write(heartbeat(self.dialect, self.route, ask.model, waiting_for))
+        except BaseException:  # gone while a heartbeat was written: leave the queue (or free the slot)
+            self.ctx.fleet.abandon(waiter)
+            raise
 
     async def _cached_show(self, ex: Exchange, ask: Ask) -> bool:
         hosts = [h.name for h in self.ctx.fleet.candidates(ask.model)]
@@ -235,7 +239,7 @@ class HostRoute:
             with ctx.fleet.hold(host, identity.id) as lease:
                 await forward(ctx.upstream, ex, lease, scope["method"], _target(scope),
                               upstream_headers(scope, ctx.upstream_auth), body,
-                              before_end=lambda: ctx.lifecycle.refresh(host))
+                              before_end=lambda: ctx.lifecycle.watch.refresh(host))
         except ClientError as exc:
             await ex.fail(exc)
         except ConnectFailed as exc:

@@ -19,7 +19,7 @@ import msgspec
 from gpumanager.errors import BadRequest, UpstreamFailed
 from gpumanager.fleet import Lease
 from gpumanager.proxy.dialects import STREAM_CONTENT_TYPE, Dialect, model_names
-from gpumanager.proxy.forward import ConnectFailed, Exchange, Upstream, routing_headers
+from gpumanager.proxy.forward import ConnectFailed, Exchange, Upstream, refused, routing_headers
 
 PATHS = {"chat": "/v1/chat/completions", "generate": "/v1/completions", "embed": "/v1/embeddings",
          "embeddings": "/v1/embeddings"}
@@ -157,7 +157,7 @@ async def forward(upstream: Upstream, ex: Exchange, lease: Lease, route: str, mo
         elif stream:
             await _stream(ex, response, answer, lease)
         else:
-            await _whole(ex, response, answer, route)
+            await _whole(ex, response, answer, route, lease)
     except httpx.HTTPError as exc:
         raise UpstreamFailed(f"host {lease.host.name} failed mid-answer: {exc or type(exc).__name__}") from None
     finally:
@@ -167,10 +167,12 @@ async def forward(upstream: Upstream, ex: Exchange, lease: Lease, route: str, mo
 
 async def _error(ex: Exchange, response: httpx.Response, lease: Lease) -> None:
     detail = await response.aread()
+    if response.status_code in (401, 403):
+        raise refused(response, lease.host, detail)
     try:
         error = _decode.decode(detail).get("error")
         message = error.get("message") if isinstance(error, dict) else error
-    except (msgspec.DecodeError, AttributeError):
+    except (msgspec.DecodeError, AttributeError):  # not JSON, or JSON without an error object
         message = detail[:200].decode("utf-8", "replace")
     if ex.started:
         raise UpstreamFailed(f"host {lease.host.name} answered {response.status_code}: {message}")
@@ -178,8 +180,17 @@ async def _error(ex: Exchange, response: httpx.Response, lease: Lease) -> None:
     await ex.finish(_encode.encode({"error": str(message or f"HTTP {response.status_code}")}))
 
 
-async def _whole(ex: Exchange, response: httpx.Response, answer: Answer, route: str) -> None:
-    data = _decode.decode(await response.aread())
+def _json(data: bytes, lease: Lease) -> Any:
+    try:
+        return _decode.decode(data)
+    except msgspec.DecodeError:
+        raise UpstreamFailed(f"host {lease.host.name} answered something that is not JSON") from None
+
+
+async def _whole(ex: Exchange, response: httpx.Response, answer: Answer, route: str, lease: Lease) -> None:
+    data = _json(await response.aread(), lease)
+    if not isinstance(data, dict):
+        raise UpstreamFailed(f"host {lease.host.name} answered something that is not an OpenAI answer")
     if route in ("embed", "embeddings"):
         payload = answer.embeddings(data)
     else:
@@ -209,8 +220,10 @@ def _frames(events: list[bytes], answer: Answer, lease: Lease) -> list[bytes]:
         data = b"\n".join(line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:"))
         if not data or data == b"[DONE]":
             continue
-        chunk = _decode.decode(data)
-        if isinstance(chunk, dict) and chunk.get("error"):
+        chunk = _json(data, lease)
+        if not isinstance(chunk, dict):
+            continue
+        if chunk.get("error"):
             error = chunk["error"]
             raise UpstreamFailed(f"host {lease.host.name} failed mid-answer: "
                                  f"{error.get('message') if isinstance(error, dict) else error}")

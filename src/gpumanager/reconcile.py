@@ -1,0 +1,143 @@
+"""Keeping the fleet true to the clouds: discovery, reconcile, inventory refresh and host health.
+
+Every `reconcile_interval_seconds` each provider is asked for the truth (someone may pause or start
+a machine in a cloud console) and local state is fixed; hosts found running get a readiness probe
+and the fallback window. Awake hosts' models are read every `inventory_refresh_seconds`, and hosts
+that stopped answering are probed often until they answer again.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import anyio
+from loguru import logger
+
+from gpumanager.errors import ProviderError
+from gpumanager.hosts import Host, HostEvent, HostState
+from gpumanager.inventory import ProbeFailed
+from gpumanager.providers.base import CloudState, HostInfo, UpstreamAuth
+
+if TYPE_CHECKING:
+    from gpumanager.lifecycle import Lifecycle
+
+EV, ST = HostEvent, HostState
+
+
+class Reconciler:
+    def __init__(self, lifecycle: Lifecycle) -> None:
+        self.lifecycle = lifecycle
+        self.fleet, self.inventory = lifecycle.fleet, lifecycle.inventory
+        self.config, self.timing = lifecycle.config, lifecycle.timing
+        self._lock: anyio.Lock | None = None
+
+    async def reconcile_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.timing.reconcile_interval_seconds)
+            await self.reconcile()
+
+    async def reconcile(self) -> None:
+        """Ask each provider for the truth and fix local state. One reconcile at a time, so a host
+        found by two concurrent ones is not made twice."""
+        if self._lock is None:
+            self._lock = anyio.Lock()
+        async with self._lock:
+            for name, provider in self.lifecycle.providers.items():
+                try:
+                    infos = await provider.list()
+                except ProviderError as exc:
+                    logger.error("listing the hosts of {} failed: {}", name, exc)
+                    continue
+                except Exception as exc:  # an answer no one foresaw must not stop the loop
+                    logger.opt(exception=exc).error("listing the hosts of {} failed unexpectedly", name)
+                    continue
+                for info in infos:
+                    host = next((h for h in self.fleet.hosts.values() if h.provider == name and h.id == info.id),
+                                None)
+                    if host is None:
+                        host = self._new_host(name, info)
+                        self.fleet.add(host)
+                    self._observe(host, info)
+        self.fleet.notify()
+
+    def _new_host(self, provider: str, info: HostInfo) -> Host:
+        config = self.config
+        static = next((h for h in config.hosts if h.url and h.name == info.name), None)
+        override = static or self.fleet.overrides.get(info.name)
+        if override is not None and override.provider not in (None, provider, "static"):
+            override = None
+        pconf = next((p for p in config.all_providers() if p.name == provider), None)
+        slots = override.slots if override and override.slots else info.slots or config.scheduler.default_slots
+        cost = override.cost_per_hour if override and override.cost_per_hour is not None else info.cost_per_hour
+        host = Host(id=info.id, name=info.name, provider=provider, url=info.address or "", slots=slots,
+                    cost_per_hour=cost if cost is not None else getattr(pconf, "cost_per_hour", 0.0),
+                    protected=bool(override and override.protected), always_on=provider == "static",
+                    models=frozenset(override.models if override and override.models else info.models))
+        host.api = info.api
+        source = self.lifecycle.providers.get(provider)
+        if isinstance(source, UpstreamAuth):
+            host.auth = source.upstream_auth(info.id)
+        self.inventory.restore(host)
+        if host.always_on:
+            host.state = ST.READY
+        logger.bind(host=host.name).info("found host {} ({}, {})", host.name, provider, info.cloud_status)
+        return host
+
+    def _observe(self, host: Host, info: HostInfo) -> None:
+        host.adopt(info)
+        if info.error:
+            host.last_error = info.error  # shown by the admin API before anyone tries to wake it
+        if host.always_on or host.wake is not None or host.pausing is not None or host.state is ST.FAILED:
+            return  # an operation in progress owns the state
+        log = logger.bind(host=host.name)
+        if info.state is CloudState.RUNNING and host.state in (ST.PAUSED, ST.UNKNOWN):
+            log.info("{} is running without a wake (found at start-up, or started outside)", host.name)
+            host.apply(EV.CLOUD_RUNNING)
+            self.lifecycle.start_wake(host)
+        elif info.state is CloudState.RESUMING and host.state in (ST.PAUSED, ST.UNKNOWN):
+            host.apply(EV.RESUME)
+            self.lifecycle.start_wake(host)
+        elif info.state is CloudState.PAUSED and host.state in (ST.READY, ST.STARTING, ST.UNKNOWN):
+            if host.state is not ST.UNKNOWN:
+                log.warning("{} was paused outside gpumanager", host.name)
+            host.apply(EV.CLOUD_PAUSED)
+            for lease in list(self.fleet.leases_of(host)):
+                lease.abort(f"host {host.name} was paused")
+            self.fleet.dispatch()
+
+    # -- inventory and health ----------------------------------------------------------------------
+
+    async def inventory_loop(self) -> None:
+        """Re-read awake hosts' models every `inventory_refresh_seconds`; re-probe unhealthy ones often."""
+        tick = min(self.timing.inventory_refresh_seconds, 5.0)
+        last = self.lifecycle.now()
+        while True:
+            await anyio.sleep(tick)
+            if self.lifecycle.now() - last >= self.timing.inventory_refresh_seconds:
+                last = self.lifecycle.now()
+                await self.refresh_all()
+            else:
+                await self.refresh_all(only_unhealthy=True)
+
+    async def refresh_all(self, *, only_unhealthy: bool = False) -> None:
+        hosts = [h for h in self.fleet.hosts.values() if h.state is ST.READY and (not only_unhealthy or not h.healthy)]
+        async with anyio.create_task_group() as tg:
+            for host in hosts:
+                tg.start_soon(self.refresh, host)
+
+    async def refresh(self, host: Host) -> None:
+        try:
+            await self.inventory.refresh(host)
+        except ProbeFailed as exc:
+            self.unhealthy(host, str(exc))
+            return
+        if not host.healthy:
+            logger.bind(host=host.name).info("{} answers again", host.name)
+            host.healthy = True
+        self.fleet.reindex()
+
+    def unhealthy(self, host: Host, reason: str) -> None:
+        if host.healthy:
+            logger.bind(host=host.name).warning("{} does not answer ({}); skipping it until it does", host.name, reason)
+        host.healthy = False
+        host.last_error = reason
