@@ -44,7 +44,7 @@ class Stack:
     user_key: str
     keys: KeyStore
     config_path: Path
-    other_keys: list[str] = field(default_factory=list)
+    exits: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     @property
     def v1(self) -> str:
@@ -59,6 +59,10 @@ class Stack:
             result = fn(*args)
             return await result if inspect.isawaitable(result) else result
         return self.portal.call(run)
+
+    def serve(self, app: Any, **options: Any) -> SimServer:
+        """Serve another ASGI app on loopback until the stack ends (a host coming back, a stand-in)."""
+        return self.exits.enter_context(self.portal.wrap_async_context_manager(running_server(app, **options)))
 
     def new_key(self, name: str = "user", *, admin: bool = False) -> str:
         return self.keys.generate(name, f"{name}@example.org", admin=admin)[1]
@@ -144,7 +148,8 @@ def _serve(portal: BlockingPortal, stack: contextlib.ExitStack, config_path: Pat
     app = build_app(config, environ=environ)
     proxy = stack.enter_context(portal.wrap_async_context_manager(
         running_server(app, lifespan="on", timeout_graceful_shutdown=1)))
-    return Stack(portal, proxy.url, app.state.ctx, sims, servers, admin_key, user_key, keys, config_path)
+    return Stack(portal, proxy.url, app.state.ctx, sims, servers, admin_key, user_key, keys, config_path,
+                 exits=stack)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> None:

@@ -304,3 +304,61 @@ def test_max_awake_hosts_makes_a_request_wait_for_another_host_to_pause(tmp_path
         assert answer.status_code == 200 and answer.headers["x-gpumanager-host"] == "gpu-2"
         assert int(answer.headers["x-gpumanager-wait-ms"]) >= WINDOW * 1000 * 0.9  # gpu-1 had to pause first
         assert cloud.pauses("gpu-1") == 1 and not cloud.running("gpu-1")
+
+
+def test_an_admin_pause_during_a_wake_stops_it_and_the_fleet_goes_on(tmp_path: Path, kind: str) -> None:
+    with running_cloud_stack(tmp_path, kind, [Machine("gpu-1")], extra=LIFE, boot_seconds=1) as (stack, cloud), \
+            httpx.Client(base_url=stack.url, headers=stack.headers(), timeout=30) as client:
+        errors: list[str] = []
+        sink = logger.add(lambda m: errors.append(m.record["message"]), level="ERROR")
+        try:
+            async def request() -> httpx.Response:
+                async with httpx.AsyncClient(base_url=stack.url, headers=stack.headers(), timeout=30) as c:
+                    return await c.post("/api/chat", json=chat(2))
+
+            async def main() -> httpx.Response:
+                result: list[httpx.Response] = []
+                async with anyio.create_task_group() as tg:
+
+                    async def go() -> None:
+                        result.append(await request())
+                    tg.start_soon(go)
+                    with anyio.fail_after(5):
+                        while state(stack, "gpu-1") not in (HostState.RESUMING, HostState.STARTING):
+                            await anyio.sleep(0.005)
+                    async with httpx.AsyncClient(base_url=stack.url, timeout=30) as admin:
+                        paused = await admin.post(f"/gpu/{cloud.host_id('gpu-1')}/pause",
+                                                  headers=stack.headers(stack.admin_key))
+                        assert paused.status_code == 202
+                return result[0]
+
+            answer = anyio.run(main)
+            # The wake was stopped and the host paused; the request that waited woke it again.
+            assert answer.status_code == 200 and answer.json()["message"]["content"] == expected_text(2)
+            assert cloud.pauses("gpu-1") >= 1 and cloud.resumes("gpu-1") == 2
+            wait_until(lambda: cloud.pauses("gpu-1") >= 2, timeout=10)  # and the idle pause still works
+        finally:
+            logger.remove(sink)
+        assert not [e for e in errors if "unexpectedly" in e]
+        assert client.get("/health").json()["status"] == "ok"
+
+
+def test_a_long_wake_does_not_use_up_the_time_its_requests_may_wait_for_a_slot(tmp_path: Path) -> None:
+    extra = LIFE.replace("queue_timeout_seconds = 10", "queue_timeout_seconds = 1")
+    machines = [Machine("gpu-1", slots=1, token_delay=0.02)]
+    with running_cloud_stack(tmp_path, "simulated", machines, extra=extra, boot_seconds=2) as (stack, _):
+        answers: list[int] = []
+
+        async def one(client: httpx.AsyncClient) -> None:
+            async with client.stream("POST", "/api/chat", json=chat(10, stream=True)) as response:
+                lines = [line async for line in response.aiter_lines()]
+            answers.append(0 if any('"error"' in line for line in lines) else 1)
+
+        async def main() -> None:
+            async with httpx.AsyncClient(base_url=stack.url, headers=stack.headers(), timeout=30) as client, \
+                    anyio.create_task_group() as tg:
+                for _ in range(3):
+                    tg.start_soon(one, client)
+
+        anyio.run(main)
+        assert answers == [1, 1, 1]  # a 2 s wake, then about 0.2 s each for the slot: all within 1 s of it

@@ -161,10 +161,12 @@ def test_the_client_key_never_reaches_the_host(stack: Stack, oll: ollama.Client)
     assert seen["host"] == stack.servers["gpu-a"].url.removeprefix("http://")
 
 
-def test_unknown_fields_are_forwarded_byte_for_byte(stack: Stack) -> None:
-    body = b'{"model": "llama3.2", "prompt": "x", "stream": false, "options": {"num_predict": 2}, "x-extra": [1, 2]}'
+def test_request_bodies_are_forwarded_byte_for_byte(stack: Stack) -> None:
+    body = (b'{"model": "llama3.2",  "prompt": "x\\u00e9",\n "stream": false, "options": {"num_predict": 2},'
+            b' "x-extra": [1, 2.50]}')
     answer = httpx.post(stack.url + "/api/generate", content=body, headers=stack.headers())
     assert answer.status_code == 200 and answer.json()["response"] == expected_text(2)
+    assert stack.sims["gpu-a"].last_body == body  # spacing, escapes and unknown fields intact
 
 
 def test_root_and_version_answer_like_ollama(stack: Stack) -> None:

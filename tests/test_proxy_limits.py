@@ -78,12 +78,14 @@ async def test_a_queued_client_that_disconnects_leaves_the_queue(one_slot: Stack
     fleet, sim = one_slot.ctx.fleet, one_slot.sims["solo"]
     async with httpx.AsyncClient(base_url=one_slot.url, timeout=30, headers=one_slot.headers()) as client, \
             anyio.create_task_group() as tg:
-        tg.start_soon(fire, client, "/api/chat", chat(20))  # holds the only slot for ~1 s
+        tg.start_soon(fire, client, "/api/chat", chat(100))  # holds the only slot for ~5 s
         await async_wait_until(lambda: sim.active == 1)
-        with anyio.move_on_after(0.3):  # waits in the queue, then gives up
-            await client.post("/api/chat", json=chat(1))
-        await async_wait_until(lambda: len(fleet.queue) == 0, timeout=1)
-    assert sim.requests["/api/chat"] == 1  # the one that left never reached the host
+        for stream in (False, True):  # held without bytes, or with heartbeats: both leave when they go
+            with anyio.move_on_after(0.3):  # waits in the queue, then gives up
+                await client.post("/api/chat", json=chat(1, stream=stream))
+            await async_wait_until(lambda: len(fleet.queue) == 0, timeout=0.5)
+        assert sim.active == 1 and sim.requests["/api/chat"] == 1  # they never reached the host
+        tg.cancel_scope.cancel()
 
 
 async def test_a_client_that_disconnects_mid_stream_frees_its_slot(one_slot: Stack) -> None:
@@ -169,3 +171,40 @@ def test_a_host_that_cannot_be_reached_is_retried_on_another_and_skipped(tmp_pat
         stack.call(stack.servers["second"].kill)
         answer = httpx.post(stack.url + "/api/chat", json=chat(2), headers=stack.headers(), timeout=10)
         assert answer.status_code in (502, 503), answer.text
+
+
+def test_a_host_that_stopped_answering_is_used_again_once_it_answers(tmp_path: Path) -> None:
+    with running_stack(tmp_path, [SimHost("back", models=("llama3.2:latest",))]) as stack:
+        server = stack.servers["back"]
+        stack.call(server.kill)
+        refused = httpx.post(stack.url + "/api/chat", json=chat(1), headers=stack.headers(), timeout=10)
+        assert refused.status_code in (502, 503) and not stack.ctx.fleet.hosts["back"].healthy
+        stack.serve(stack.sims["back"], port=server.port)  # the same Ollama comes back on the same port
+        wait_until(lambda: stack.ctx.fleet.hosts["back"].healthy, timeout=5)  # noticed by the health probe
+        answer = httpx.post(stack.url + "/api/chat", json=chat(2), headers=stack.headers(), timeout=10)
+        assert answer.status_code == 200 and answer.json()["message"]["content"] == expected_text(2)
+
+
+def test_the_upstream_token_is_sent_and_the_client_key_never_is(tmp_path: Path) -> None:
+    with running_stack(tmp_path, [SimHost("door")], environ={"GPUMANAGER_UPSTREAM_TOKEN": "fleet-secret"}) as stack:
+        assert httpx.post(stack.url + "/api/chat", json=chat(1), headers=stack.headers(), timeout=10).status_code == 200
+        seen = stack.sims["door"].last_headers
+        assert seen["authorization"] == "Bearer fleet-secret" and stack.user_key not in str(seen)
+        stack.call(stack.ctx.lifecycle.watch.refresh, stack.ctx.fleet.hosts["door"])
+        assert stack.sims["door"].last_headers["authorization"] == "Bearer fleet-secret"  # probes too
+
+
+async def refuse(scope: dict[str, object], receive: object, send: object) -> None:
+    """A GPU node's door that does not know gpumanager's token."""
+    await send({"type": "http.response.start", "status": 401,  # type: ignore[operator]
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": b'{"error":"unauthorized"}'})  # type: ignore[operator]
+
+
+def test_a_host_refusing_gpumanagers_credentials_is_a_502_not_the_clients_fault(tmp_path: Path) -> None:
+    with running_stack(tmp_path, [SimHost("locked")]) as stack:
+        door = stack.serve(refuse)
+        stack.call(setattr, stack.ctx.fleet.hosts["locked"], "url", door.url)
+        answer = httpx.post(stack.url + "/v1/chat/completions", headers=stack.headers(), timeout=10,
+                            json={"model": "llama3.2", "messages": [{"role": "user", "content": "x"}]})
+        assert answer.status_code == 502 and "GPUMANAGER_UPSTREAM_TOKEN" in answer.json()["error"]["message"]

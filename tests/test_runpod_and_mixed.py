@@ -117,3 +117,29 @@ def test_a_mixed_fleet_routes_each_request_to_the_right_place(tmp_path: Path) ->
             assert chat.status_code == 200 and chat.headers["x-gpumanager-host"] == host
         assert [clouds[k].resumes(m[0].name) for k, m in fleet.items()] == [1, 1, 1]  # each woken once
         assert stack.sims["lab-box"].requests["/api/generate"] == 1
+
+
+@pytest.mark.anyio
+async def test_a_pod_is_reached_through_runpods_proxy_by_default_or_its_public_port() -> None:
+    import anyio
+
+    from gpumanager.config import RunpodProviderConfig
+    from gpumanager.providers.base import CloudState
+    from gpumanager.providers.runpod import RunpodProvider
+    from tests.fakes.runpod import FakeRunPod
+
+    async with FakeRunPod(boot_seconds=0.05) as fake, anyio.create_task_group() as tg:
+        pod = fake.add_pod("gpu-pod", running=True)
+        await fake.wait_for("gpu-pod")
+        urls = {}
+        for mode in ("proxy", "direct"):
+            provider = RunpodProvider(RunpodProviderConfig(name="rp", api_url=fake.api_url, pods=[pod],
+                                                           pod_address=mode),  # type: ignore[arg-type]
+                                      {"RUNPOD_API_KEY": fake.api_key})
+            await tg.start(provider.run)
+            (info,) = await provider.list()
+            assert info.state is CloudState.RUNNING and info.cost_per_hour == 0.44
+            urls[mode] = info.address
+        tg.cancel_scope.cancel()
+    assert urls["proxy"] == f"https://{pod}-11434.proxy.runpod.net"
+    assert urls["direct"] is not None and urls["direct"].startswith("http://127.0.0.1:")

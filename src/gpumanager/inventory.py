@@ -17,8 +17,8 @@ import httpx
 import msgspec
 from loguru import logger
 
-from gpumanager.hosts import Host
-from gpumanager.proxy.dialects import model_names
+from gpumanager.hosts import Host, HostState
+from gpumanager.proxy.dialects import listed_name, model_names
 
 DEFAULT_VERSION = "0.32.0"  # answered by /api/version before any host was seen
 
@@ -162,19 +162,23 @@ class Inventory:
         entries: list[dict[str, Any]] = []
         for host in hosts:
             record = self.records.get(host.name)
-            if record is not None and host.awake:
+            if record is not None and host.state is HostState.READY:  # loaded models answer only when ready
                 entries.extend(record.ps)
         return entries
 
     def show(self, host_names: list[str], model: str) -> Any | None:
         for name in host_names:
             record = self.records.get(name)
-            if record is not None and model in record.show:
-                return record.show[model]
+            if record is None:
+                continue
+            for listed in model_names(model):
+                if listed in record.show:
+                    return record.show[listed]
         return None
 
     def remember_show(self, host: Host, model: str, answer: Any) -> None:
-        self.records.setdefault(host.name, HostRecord()).show[model] = answer
+        """Keep it under the name the host lists, so the next refresh of its models keeps it too."""
+        self.records.setdefault(host.name, HostRecord()).show[listed_name(host.models, model)] = answer
         self.save()
 
     # -- disk --------------------------------------------------------------------------------------

@@ -80,6 +80,11 @@ def model_names(name: str) -> tuple[str, ...]:
     return (name,) if ":" in last else (name, name + ":latest")
 
 
+def listed_name(models: frozenset[str], model: str) -> str:
+    """The name a host lists for `model` (an OpenAI-compatible server knows no `:latest` shorthand)."""
+    return next((name for name in model_names(model) if name in models), model)
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 def error_payload(dialect: Dialect, message: str, *, kind: str = "api_error", code: str | None = None,

@@ -18,7 +18,7 @@ import msgspec
 
 from gpumanager.errors import BadRequest, UpstreamFailed
 from gpumanager.fleet import Lease
-from gpumanager.proxy.dialects import STREAM_CONTENT_TYPE, Dialect, model_names
+from gpumanager.proxy.dialects import STREAM_CONTENT_TYPE, Dialect, listed_name
 from gpumanager.proxy.forward import ConnectFailed, Exchange, Upstream, refused, routing_headers
 
 PATHS = {"chat": "/v1/chat/completions", "generate": "/v1/completions", "embed": "/v1/embeddings",
@@ -29,11 +29,6 @@ UNTRANSLATABLE = {"generate": ("raw", "context", "template", "images"), "chat": 
 
 _decode = msgspec.json.Decoder()
 _encode = msgspec.json.Encoder()
-
-
-def listed_name(models: frozenset[str], model: str) -> str:
-    """The name the host lists for `model`: an OpenAI-compatible server knows no `:latest` shorthand."""
-    return next((name for name in model_names(model) if name in models), model)
 
 
 def with_listed_model(body: bytes, models: frozenset[str], model: str) -> bytes:

@@ -141,13 +141,14 @@ async def _respond_json(send: Send, obj: Any, status: int = 200) -> None:
 class _Request:
     """One HTTP exchange; the body is read only by the handlers that need it."""
 
-    __slots__ = ("path", "receive", "send")
+    __slots__ = ("path", "receive", "send", "sim")
 
-    def __init__(self, path: str, receive: Receive, send: Send) -> None:
-        self.path, self.receive, self.send = path, receive, send
+    def __init__(self, path: str, receive: Receive, send: Send, sim: SimOllama) -> None:
+        self.path, self.receive, self.send, self.sim = path, receive, send, sim
 
     async def json(self) -> dict[str, Any]:
         body = await _read_body(self.receive)
+        self.sim.last_body = body
         if not body:
             raise _HTTPError(400, "missing request body")
         try:
@@ -242,6 +243,7 @@ class SimOllama:
         self.requests: Counter[str] = Counter()
         self.active = self.max_active = self.cancelled = 0
         self.last_headers: dict[str, str] = {}
+        self.last_body = b""  # the bytes of the most recent request body, as received
         self._routes = self._route_table()
 
     # -- public knobs -----------------------------------------------------------------
@@ -281,7 +283,7 @@ class SimOllama:
         path: str = scope["path"]
         self.requests[path] += 1
         self.last_headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        req = _Request(path, receive, send)
+        req = _Request(path, receive, send, self)
         methods = self._routes.get(path)
         if methods is None and path.startswith("/v1/models/"):
             methods = {"GET": self._oa_model}

@@ -1,0 +1,94 @@
+"""`gpumanager server` as a process: it serves, logs a line per request, and shuts down gracefully."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from anyio.from_thread import start_blocking_portal
+
+from gpumanager.keys import KeyStore
+from gpumanager.sim import SimOllama, expected_text, running_server
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def host_url() -> Iterator[str]:
+    with start_blocking_portal() as portal, \
+            portal.wrap_async_context_manager(running_server(SimOllama(token_delay=0.05))) as server:
+        yield server.url
+
+
+def start_server(tmp_path: Path, host_url: str, grace: float) -> tuple[subprocess.Popen[str], str, str]:
+    port = free_port()
+    (tmp_path / "config.toml").write_text(
+        f'[server]\nhost = "127.0.0.1"\nport = {port}\n[timing]\nshutdown_grace_seconds = {grace}\n'
+        f'[[hosts]]\nname = "box"\nurl = "{host_url}"\n')
+    key = KeyStore(tmp_path / "api_keys.json").generate("cli", "cli@example.org")[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUMANAGER_")}
+    process = subprocess.Popen([sys.executable, "-m", "gpumanager", "--config", str(tmp_path / "config.toml")],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return process, url, key
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or process.poll() is not None:
+            process.kill()
+            raise AssertionError(f"the server did not start: {process.communicate()[0]}")
+        time.sleep(0.05)
+
+
+def test_the_server_lets_running_streams_finish_on_shutdown(tmp_path: Path, host_url: str) -> None:
+    process, url, key = start_server(tmp_path, host_url, grace=5)
+    try:
+        body = {"model": "llama3.2", "prompt": "x", "options": {"num_predict": 30}}  # about 1.5 s
+        with httpx.stream("POST", url + "/api/generate", json=body, timeout=30,
+                          headers={"Authorization": f"Bearer {key}"}) as response:
+            lines = response.iter_lines()
+            first = next(lines)
+            process.send_signal(signal.SIGTERM)  # Ctrl-C, `docker stop`
+            rest = list(lines)
+        text = "".join(line.split('"response":"')[1].split('"')[0] for line in [first, *rest[:-1]])
+        assert text == expected_text(30) and '"done":true' in rest[-1]
+        assert process.wait(timeout=10) in (0, -signal.SIGTERM)  # uvicorn ends by re-raising the signal
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = process.communicate()[0]
+    assert "POST /api/generate key=" in output and " status=200 " in output
+    assert key not in output and key not in (tmp_path / "logs" / "app.log").read_text()
+
+
+def test_a_short_grace_ends_streams_that_outlive_it(tmp_path: Path, host_url: str) -> None:
+    process, url, key = start_server(tmp_path, host_url, grace=0.5)
+    try:
+        body = {"model": "llama3.2", "prompt": "x", "options": {"num_predict": 400}}  # about 20 s
+        started = time.monotonic()
+        with pytest.raises(httpx.HTTPError), httpx.stream("POST", url + "/api/generate", json=body, timeout=30,
+                                                          headers={"Authorization": f"Bearer {key}"}) as response:
+            lines = response.iter_lines()
+            next(lines)
+            process.send_signal(signal.SIGTERM)
+            list(lines)
+        assert process.wait(timeout=10) in (0, -signal.SIGTERM) and time.monotonic() - started < 10
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
