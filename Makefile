@@ -15,7 +15,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/gpumanager demo
 
+# The GPU node's door is tested against a real nginx: installed here when missing (Debian, as root).
+NGINX_MISSING := $(shell command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || echo yes)
+
 test: $(STAMP)
+ifeq ($(NGINX_MISSING),yes)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx >/dev/null \
+		|| { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx >/dev/null; }; \
+	else echo "note: nginx is not installed; the GPU node door test needs it (sudo apt-get install nginx)"; fi
+endif
 	$(BIN)/pytest -q -n 2
 
 bench: $(STAMP)
