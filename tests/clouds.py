@@ -132,51 +132,80 @@ CloudFactory = Callable[..., contextlib.AbstractAsyncContextManager[Any]]
 CLOUDS: dict[str, CloudFactory] = {"simulated": simulated_cloud}
 
 
-class SurfCloud:
+def overrides(provider: str, machines: list[Machine], models: Callable[[Machine], tuple[str, ...]]) -> str:
+    """`[[hosts]]` entries telling gpumanager what the cloud does not: slots, cost, protection, models."""
+    blocks = []
+    for m in machines:
+        listed = ", ".join(f'"{name}"' for name in (models(m) if m.announce_models else ()))
+        blocks.append(f'\n[[hosts]]\nname = "{m.name}"\nprovider = "{provider}"\nslots = {m.slots}\n'
+                      f'cost_per_hour = {m.cost}\nprotected = {str(m.protected).lower()}\nmodels = [{listed}]\n')
+    return "".join(blocks)
+
+
+def provider_block(kind: str, name: str, settings: dict[str, object]) -> str:
+    lines = [f'[[providers]]\ntype = "{kind}"\nname = "{name}"',
+             "poll_seconds = 0.05\nretry_seconds = 0.05\napi_timeout_seconds = 5"]
+    lines += [f"{key} = {value}" if isinstance(value, (int, float)) or str(value).startswith("{")
+              else f'{key} = "{value}"' for key, value in settings.items()]
+    return "\n" + "\n".join(lines) + "\n"
+
+
+class FakeCloud:
+    """What the adapters over a fake cloud server share: the fake keeps one simulated Ollama per
+    machine, and a list of the (action, machine) calls that reached it."""
+
+    provider = ""
+    starts: tuple[str, ...] = ("start",)
+    stops: tuple[str, ...] = ("stop",)
+
+    def __init__(self, fake: Any, machines: list[Machine]) -> None:
+        self.fake, self.machines = fake, machines
+        self.environ: dict[str, str] = {}
+
+    def calls(self) -> list[tuple[str, str]]:
+        return list(self.fake.calls)
+
+    def attach(self, ctx: Context) -> None:
+        pass
+
+    def _count(self, actions: tuple[str, ...], name: str) -> int:
+        return sum(1 for action, target in self.calls() if action in actions and target == name)
+
+    def resumes(self, name: str) -> int:
+        return self._count(self.starts, name)
+
+    def pauses(self, name: str) -> int:
+        return self._count(self.stops, name)
+
+    def running(self, name: str) -> bool:
+        return bool(self.fake.is_serving(name))
+
+    def sim(self, name: str) -> SimOllama:
+        return self.fake.sims[name]  # type: ignore[no-any-return]
+
+
+class SurfCloud(FakeCloud):
     """SURF Research Cloud, as the fake in tests/fakes/surf.py speaks it; the workspaces' models are
     told to gpumanager through `[[hosts]]` overrides, as users do for hosts never seen awake."""
 
     provider = "surf"
+    starts, stops = ("resume",), ("pause",)
 
     def __init__(self, fake: FakeSurf, machines: list[Machine]) -> None:
-        self.fake, self.machines = fake, machines
+        super().__init__(fake, machines)
         self.environ = {"CLOUD_API_TOKEN": fake.token}
         for m in machines:
             fake.add_workspace(m.name, status="running" if m.running else "paused", models=m.models,
                                slots=m.slots, token_delay=m.token_delay)
         fake.add_workspace("someone-elses-box", status="running")  # not matched by machine_name_filter
 
+    def calls(self) -> list[tuple[str, str]]:
+        return list(self.fake.attempts)  # refused actions too
+
     def config(self) -> str:
-        overrides = "".join(
-            f'\n[[hosts]]\nname = "{m.name}"\nprovider = "surf"\nmodels = {list(m.models) if m.announce_models else []!r}\n'
-            f'slots = {m.slots}\ncost_per_hour = {m.cost}\nprotected = {str(m.protected).lower()}\n'
-            for m in self.machines).replace("'", '"')
-        return textwrap.dedent(f"""
-            [[providers]]
-            type = "surf"
-            name = "{self.provider}"
-            base_url = "{self.fake.base_url}"
-            machine_name_filter = "gpu-"
-            ollama_port = {self.fake.ollama_port}
-            poll_seconds = 0.05
-            retry_seconds = 0.05
-            api_timeout_seconds = 2
-            """) + overrides
-
-    def attach(self, ctx: Context) -> None:
-        pass
-
-    def resumes(self, name: str) -> int:
-        return self.fake.attempts.count(("resume", name))
-
-    def pauses(self, name: str) -> int:
-        return self.fake.attempts.count(("pause", name))
-
-    def running(self, name: str) -> bool:
-        return self.fake.is_serving(name)
-
-    def sim(self, name: str) -> SimOllama:
-        return self.fake.sims[name]
+        settings = {"base_url": self.fake.base_url, "machine_name_filter": "gpu-", "ollama_port": self.fake.ollama_port}
+        return provider_block("surf", self.provider, settings) + overrides(self.provider, self.machines,
+                                                                            lambda m: m.models)
 
     def fail_next_resume(self, name: str) -> None:
         self.fake.fail_next_resume(name)
@@ -200,55 +229,8 @@ async def surf_cloud(machines: list[Machine], *, boot_seconds: float = 0.2) -> A
         yield SurfCloud(fake, machines)
 
 
-CLOUDS["surf"] = surf_cloud
-
-
-class Ec2Cloud:
-    """AWS EC2 on moto, behind the fake's proxy that adds boot and stop times and failures. Models are
-    told through the `gpumanager:models` tag; cost, slots and protection through `[[hosts]]`."""
-
-    provider = "aws"
-
-    def __init__(self, fake: FakeEC2, machines: list[Machine]) -> None:
-        self.fake, self.machines = fake, machines
-        self.environ = dict(fake.credentials)
-        for m in machines:
-            tags = {"gpumanager": "true"} | ({"gpumanager:models": ",".join(m.models)} if m.announce_models else {})
-            fake.add_instance(m.name, running=m.running, models=m.models, slots=m.slots, token_delay=m.token_delay,
-                              tags=tags)
-        fake.add_instance("not-ours", running=True, tags={"team": "other"})  # outside the tag filter
-
-    def config(self) -> str:
-        overrides = "".join(f'\n[[hosts]]\nname = "{m.name}"\nprovider = "{self.provider}"\nslots = {m.slots}\n'
-                            f'cost_per_hour = {m.cost}\nprotected = {str(m.protected).lower()}\n'
-                            for m in self.machines)
-        return textwrap.dedent(f"""
-            [[providers]]
-            type = "ec2"
-            name = "{self.provider}"
-            region = "{self.fake.region}"
-            endpoint_url = "{self.fake.endpoint_url}"
-            tag_filter = {{ gpumanager = "true" }}
-            ollama_port = {self.fake.ollama_port}
-            poll_seconds = 0.05
-            retry_seconds = 0.05
-            api_timeout_seconds = 5
-            """) + overrides
-
-    def attach(self, ctx: Context) -> None:
-        pass
-
-    def resumes(self, name: str) -> int:
-        return self.fake.calls.count(("start", name))
-
-    def pauses(self, name: str) -> int:
-        return self.fake.calls.count(("stop", name))
-
-    def running(self, name: str) -> bool:
-        return self.fake.is_serving(name)
-
-    def sim(self, name: str) -> SimOllama:
-        return self.fake.sims[name]
+class StartStopCloud(FakeCloud):
+    """Fakes whose machines are started and stopped (EC2 instances, RunPod pods and endpoints)."""
 
     def fail_next_resume(self, name: str) -> None:
         self.fake.fail_next_start(name)
@@ -262,6 +244,28 @@ class Ec2Cloud:
     async def set_running(self, name: str, running: bool) -> None:
         await self.fake.set_running(name, running)
 
+
+
+class Ec2Cloud(StartStopCloud):
+    """AWS EC2 on moto, behind the fake's proxy that adds boot and stop times and failures. Models are
+    told through the `gpumanager:models` tag; cost, slots and protection through `[[hosts]]`."""
+
+    provider = "aws"
+
+    def __init__(self, fake: FakeEC2, machines: list[Machine]) -> None:
+        super().__init__(fake, machines)
+        self.environ = dict(fake.credentials)
+        for m in machines:
+            tags = {"gpumanager": "true"} | ({"gpumanager:models": ",".join(m.models)} if m.announce_models else {})
+            fake.add_instance(m.name, running=m.running, models=m.models, slots=m.slots, token_delay=m.token_delay,
+                              tags=tags)
+        fake.add_instance("not-ours", running=True, tags={"team": "other"})  # outside the tag filter
+
+    def config(self) -> str:
+        settings = {"region": self.fake.region, "endpoint_url": self.fake.endpoint_url,
+                    "tag_filter": '{ gpumanager = "true" }', "ollama_port": self.fake.ollama_port}
+        return provider_block("ec2", self.provider, settings) + overrides(self.provider, self.machines, lambda m: ())
+
     def host_id(self, name: str) -> str:
         return self.fake.instance_id(name)
 
@@ -272,17 +276,16 @@ async def ec2_cloud(machines: list[Machine], *, boot_seconds: float = 0.2) -> As
         yield Ec2Cloud(fake, machines)
 
 
-CLOUDS["ec2"] = ec2_cloud
-
-
-class RunpodCloud:
+class RunpodCloud(StartStopCloud):
     """RunPod, as the fake in tests/fakes/runpod.py speaks it: either serverless endpoints (each serving
     the machine's first model through its OpenAI-compatible URL) or pods running Ollama."""
 
     provider = "runpod"
+    starts, stops = ("start", "warm"), ("stop", "cold")
 
     def __init__(self, fake: FakeRunPod, machines: list[Machine], kind: str) -> None:
-        self.fake, self.machines, self.kind = fake, machines, kind
+        super().__init__(fake, machines)
+        self.kind = kind
         self.environ = {"RUNPOD_API_KEY": fake.api_key}
         self.ids: dict[str, str] = {}
         for m in machines:
@@ -295,53 +298,11 @@ class RunpodCloud:
         fake.add_pod("another-team", running=True)  # not matched by name_filter
 
     def config(self) -> str:
-        overrides = "".join(
-            f'\n[[hosts]]\nname = "{m.name}"\nprovider = "runpod"\nslots = {m.slots}\ncost_per_hour = {m.cost}\n'
-            f'protected = {str(m.protected).lower()}\n'
-            + (f"models = {list(m.models[:1] if self.kind == 'endpoint' else m.models)!r}\n" if m.announce_models
-               else "") for m in self.machines).replace("'", '"')
-        return textwrap.dedent(f"""
-            [[providers]]
-            type = "runpod"
-            name = "{self.provider}"
-            api_url = "{self.fake.api_url}"
-            serverless_url = "{self.fake.serverless_url}"
-            name_filter = "gpu-"
-            pod_address = "direct"
-            poll_seconds = 0.05
-            retry_seconds = 0.05
-            api_timeout_seconds = 5
-            """) + overrides
-
-    def attach(self, ctx: Context) -> None:
-        pass
-
-    def _count(self, actions: tuple[str, ...], name: str) -> int:
-        return sum(1 for action, target in self.fake.calls if action in actions and target == name)
-
-    def resumes(self, name: str) -> int:
-        return self._count(("start", "warm"), name)
-
-    def pauses(self, name: str) -> int:
-        return self._count(("stop", "cold"), name)
-
-    def running(self, name: str) -> bool:
-        return self.fake.is_serving(name)
-
-    def sim(self, name: str) -> SimOllama:
-        return self.fake.sims[name]
-
-    def fail_next_resume(self, name: str) -> None:
-        self.fake.fail_next_start(name)
-
-    def hang_next_resume(self, name: str) -> None:
-        self.fake.hang_next_start(name)
-
-    def fail_pauses(self, name: str, times: int) -> None:
-        self.fake.fail_stops(name, times)
-
-    async def set_running(self, name: str, running: bool) -> None:
-        await self.fake.set_running(name, running)
+        settings = {"api_url": self.fake.api_url, "serverless_url": self.fake.serverless_url, "name_filter": "gpu-",
+                    "pod_address": "direct"}
+        models: Callable[[Machine], tuple[str, ...]] = (lambda m: m.models[:1]) if self.kind == "endpoint" \
+            else (lambda m: m.models)
+        return provider_block("runpod", self.provider, settings) + overrides(self.provider, self.machines, models)
 
     def host_id(self, name: str) -> str:
         return self.ids[name]
@@ -359,5 +320,4 @@ async def runpod_pods(machines: list[Machine], *, boot_seconds: float = 0.2) -> 
         yield RunpodCloud(fake, machines, "pod")
 
 
-CLOUDS["runpod-endpoint"] = runpod_endpoints
-CLOUDS["runpod-pod"] = runpod_pods
+CLOUDS.update({"surf": surf_cloud, "ec2": ec2_cloud, "runpod-endpoint": runpod_endpoints, "runpod-pod": runpod_pods})

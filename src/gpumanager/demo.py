@@ -8,7 +8,6 @@ answer, the idle window and the pause. Then it stays up for the newcomer's own r
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 import tempfile
 import textwrap
@@ -24,6 +23,7 @@ from gpumanager.app import Context, build_app
 from gpumanager.config import load
 from gpumanager.hosts import HostState
 from gpumanager.keys import KeyStore
+from gpumanager.sim.server import port_is_free
 
 ANSWER = ("A GPU that sleeps costs nothing. gpumanager woke this simulated host for your request, "
           "streamed the answer token by token, and will pause the host again once it has been idle "
@@ -78,7 +78,7 @@ def say(message: str) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     folder = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="gpumanager-demo-"))
     folder.mkdir(parents=True, exist_ok=True)
-    if not _port_free(args.host, args.port):
+    if not port_is_free(args.host, args.port):
         print(f"gpumanager: error: port {args.port} on {args.host} is in use; try `gpumanager demo --port 8001`",
               file=sys.stderr)
         return 2
@@ -195,12 +195,3 @@ def _banner(url: str, key: str, folder: Path) -> None:
           {python} -c 'import ollama; c = ollama.Client(host="{url}", headers={{"Authorization": "Bearer {key}"}})
           print(c.generate(model="qwen2.5:7b", prompt="hi").response)'
         """))
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True

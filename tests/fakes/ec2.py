@@ -28,7 +28,6 @@ DescribeInstances never sees moto's state without the overlay that belongs to it
 from __future__ import annotations
 
 import re
-import socket
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack
@@ -50,6 +49,7 @@ from moto.server import ThreadedMotoServer
 from starlette.types import Receive, Scope, Send
 
 from gpumanager.sim import SimOllama, SimServer, running_server
+from gpumanager.sim.server import free_port_on
 
 __all__ = ["FakeEC2", "free_port_for_all"]
 
@@ -69,22 +69,7 @@ _FILTER_KEY = re.compile(r"^Filter\.(\d+)\.(.+)$")
 
 def free_port_for_all(n: int) -> int:
     """A TCP port that is free on each of 127.0.1.2 .. 127.0.1.(n+1), the addresses instances get."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.bind(("127.0.0.1", 0))
-            port: int = probe.getsockname()[1]
-        if all(_bindable(f"{_PREFIX}{i}", port) for i in range(2, n + 2)):
-            return port
-    raise OSError(f"no TCP port is free on all of {_PREFIX}2-{n + 1}")
-
-
-def _bindable(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return False
-    return True
+    return free_port_on(f"{_PREFIX}{i}" for i in range(2, n + 2))
 
 
 @dataclass(frozen=True)

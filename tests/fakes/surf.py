@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hmac
 import re
-import socket
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
@@ -35,6 +34,7 @@ from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
 from gpumanager.sim import SimOllama, SimServer, running_server
+from gpumanager.sim.server import free_port_on
 
 __all__ = ["FakeSurf", "free_port_for_all"]
 
@@ -50,22 +50,7 @@ _TRUE = ("true", "1", "yes")
 
 def free_port_for_all(n: int) -> int:
     """A TCP port that is free on each of 127.0.0.2 .. 127.0.0.(n+1), the addresses workspaces get."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.bind(("127.0.0.1", 0))
-            port: int = probe.getsockname()[1]
-        if all(_bindable(f"127.0.0.{i}", port) for i in range(2, n + 2)):
-            return port
-    raise OSError(f"no TCP port is free on all of 127.0.0.2-{n + 1}")
-
-
-def _bindable(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return False
-    return True
+    return free_port_on(f"127.0.0.{i}" for i in range(2, n + 2))
 
 
 def _rfc3339(moment: datetime) -> str:

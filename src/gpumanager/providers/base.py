@@ -16,11 +16,13 @@ from enum import StrEnum
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import anyio
+import httpx
 import msgspec
 from anyio.abc import TaskStatus
 from loguru import logger
 
-from gpumanager.errors import ProviderError, ProviderTimeout, ProviderUnavailable
+from gpumanager.errors import (CapacityError, HostNotFound, ProviderError, ProviderRejected, ProviderTimeout,
+                               ProviderUnavailable)
 
 
 class CloudState(StrEnum):
@@ -121,3 +123,41 @@ async def cloud_call(settings: CloudSettings, call: Callable[[], Awaitable[T]], 
     """`with_retries` with a cloud provider's configured timeout, attempts and backoff."""
     return await with_retries(call, what=what, attempts=settings.retries, timeout=settings.api_timeout_seconds,
                               backoff=settings.retry_seconds)
+
+
+async def http_json(http: httpx.AsyncClient, method: str, url: str, *, cloud: str, hint: str,
+                    context: dict[str, str], capacity: Callable[[str], bool] | None = None, **kwargs: Any) -> Any:
+    """One call to a cloud's JSON API, its failures translated: timeouts and 5xx (retried by the
+    caller's `cloud_call`), capacity (when `capacity` recognises the words), unknown host, refused
+    credentials (with `hint`: which variable to check), and other 4xx."""
+    try:
+        response = await http.request(method, url, **kwargs)
+    except httpx.TimeoutException as exc:
+        raise ProviderTimeout(f"{cloud} timed out: {exc or type(exc).__name__}", **context) from exc
+    except httpx.HTTPError as exc:
+        raise ProviderUnavailable(f"{cloud} unreachable: {exc or type(exc).__name__}", **context) from exc
+    status, detail = response.status_code, _detail(response)
+    if status >= 500:
+        if capacity is not None and capacity(detail):
+            raise CapacityError(f"{cloud} has no capacity for this host now: {detail}", **context)
+        raise ProviderUnavailable(f"{cloud} answered {status}: {detail}", **context)
+    if status == 404:
+        raise HostNotFound(f"{cloud} does not know this host: {detail}", **context)
+    if status in (401, 403):
+        raise ProviderRejected(f"{cloud} refused the credentials ({status}: {detail}); {hint}", **context)
+    if status >= 400:
+        raise ProviderRejected(f"{cloud} answered {status}: {detail}", **context)
+    try:
+        return response.json() if response.content else {}
+    except ValueError as exc:
+        raise ProviderError(f"{cloud} answered something that is not JSON", **context) from exc
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200]
+    if isinstance(body, dict):
+        return str(body.get("detail") or body.get("error") or body.get("message") or body)[:300]
+    return str(body)[:300]

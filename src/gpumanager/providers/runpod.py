@@ -18,9 +18,8 @@ import httpx
 from anyio.abc import TaskStatus
 
 from gpumanager.config import RunpodProviderConfig
-from gpumanager.errors import (CapacityError, ConfigError, HostNotFound, ProviderError, ProviderRejected,
-                               ProviderTimeout, ProviderUnavailable, WakeFailed)
-from gpumanager.providers.base import CloudState, HostInfo, cloud_call
+from gpumanager.errors import ConfigError, HostNotFound, ProviderRejected, WakeFailed
+from gpumanager.providers.base import CloudState, HostInfo, cloud_call, http_json
 from gpumanager.proxy.dialects import model_names
 
 ENDPOINT_FIELDS = "id name gpuIds idleTimeout templateId workersMin workersMax workersStandby"
@@ -137,29 +136,9 @@ class RunpodProvider:
         return await cloud_call(self.config, once, what=f"RunPod {action} {host}".strip())
 
     async def _request(self, method: str, url: str, body: Any, *, host: str, action: str) -> Any:
-        context = {"provider": self.name, "host": host, "action": action}
-        try:
-            response = await self._http.request(method, url, json=body)
-        except httpx.TimeoutException as exc:
-            raise ProviderTimeout(f"RunPod timed out: {exc or type(exc).__name__}", **context) from exc
-        except httpx.HTTPError as exc:
-            raise ProviderUnavailable(f"RunPod unreachable: {exc or type(exc).__name__}", **context) from exc
-        text = response.text[:300]
-        if response.status_code >= 500:
-            if _no_capacity(text):
-                raise CapacityError(f"RunPod has no GPU for this pod now: {text}", **context)
-            raise ProviderUnavailable(f"RunPod answered {response.status_code}: {text}", **context)
-        if response.status_code == 404:
-            raise HostNotFound(f"RunPod does not know this host: {text}", **context)
-        if response.status_code in (401, 403):
-            raise ProviderRejected(f"RunPod refused the key ({response.status_code}): check RUNPOD_API_KEY and "
-                                   "that it may write (not a read-only key)", **context)
-        if response.status_code >= 400:
-            raise ProviderRejected(f"RunPod answered {response.status_code}: {text}", **context)
-        try:
-            return response.json() if response.content else {}
-        except ValueError as exc:
-            raise ProviderError("RunPod answered something that is not JSON", **context) from exc
+        return await http_json(self._http, method, url, json=body, cloud="RunPod", capacity=_no_capacity,
+                               hint="check RUNPOD_API_KEY, and that it may write (not a read-only key)",
+                               context={"provider": self.name, "host": host, "action": action})
 
     def _endpoint(self, endpoint: dict[str, Any]) -> HostInfo:
         workers = endpoint.get("workers") or {}

@@ -8,7 +8,6 @@ The demo and the tests use it; nothing here needs a cloud account.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from gpumanager.config import SimulatedHostConfig, SimulatedProviderConfig
 from gpumanager.errors import HostNotFound, ProviderUnavailable
 from gpumanager.providers.base import CloudState, HostInfo
 from gpumanager.sim import SimOllama, SimServer, running_server
+from gpumanager.sim.server import free_port_on
 
 
 @dataclass(eq=False)
@@ -38,12 +38,6 @@ class Machine:
     ollama_up: float = 0.0  # time.monotonic() when its Ollama last started answering
     pause_asked: float = 0.0  # time.monotonic() of the last pause call
     history: list[str] = field(default_factory=list)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class SimulatedProvider:
@@ -123,7 +117,7 @@ class SimulatedProvider:
         """The machine runs (its address is known) at once; its Ollama answers `ollama_seconds` later."""
         stop = machine.stop
         assert stop is not None
-        port = free_port()
+        port = free_port_on(["127.0.0.1"])
         machine.address, machine.state = f"http://127.0.0.1:{port}", CloudState.RUNNING
         machine.boots += 1
         task_status.started()

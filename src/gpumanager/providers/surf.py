@@ -17,9 +17,8 @@ import httpx
 from anyio.abc import TaskStatus
 
 from gpumanager.config import SurfProviderConfig
-from gpumanager.errors import (ConfigError, HostNotFound, ProviderError, ProviderRejected, ProviderTimeout,
-                               ProviderUnavailable)
-from gpumanager.providers.base import CloudState, HostInfo, cloud_call
+from gpumanager.errors import ConfigError, ProviderRejected
+from gpumanager.providers.base import CloudState, HostInfo, cloud_call, http_json
 
 STATES = {
     "running": CloudState.RUNNING,
@@ -74,7 +73,9 @@ class SurfProvider:
         return self._info(await self._call("GET", f"workspaces/{host_id}/", host=host_id, action="inspect"))
 
     async def resume(self, host_id: str) -> None:
-        """Resume; a workspace already resuming or running is success, one still pausing is waited for."""
+        """Resume; a workspace already resuming or running is success, one still pausing is waited for
+        (it may finish pausing between the refusal and the look that follows: then it is asked again)."""
+        refused_paused = 0
         while True:
             try:
                 await self._call("POST", f"workspaces/{host_id}/actions/resume/", host=host_id, action="resume")
@@ -83,7 +84,8 @@ class SurfProvider:
                 info = await self.inspect(host_id)
                 if info.state in (CloudState.RESUMING, CloudState.RUNNING):
                     return
-                if info.state is not CloudState.PAUSING:
+                refused_paused += info.state is CloudState.PAUSED
+                if info.state not in (CloudState.PAUSING, CloudState.PAUSED) or refused_paused > 2:
                     raise ProviderRejected(f"resume refused in state {info.cloud_status}: {exc.message}",
                                            provider=self.name, host=host_id, action="resume") from None
             await anyio.sleep(self.poll_seconds)
@@ -108,27 +110,10 @@ class SurfProvider:
 
     async def _request(self, method: str, url: str, *, host: str, action: str, params: dict[str, Any] | None) -> Any:
         headers = {"X-CSRFToken": self._csrf} if method == "POST" and self._csrf else {}
-        context = {"provider": self.name, "host": host, "action": action}
-        try:
-            response = await self._http.request(method, url, params=params, headers=headers,
-                                                json={} if method == "POST" else None)
-        except httpx.TimeoutException as exc:
-            raise ProviderTimeout(f"SURF API timed out: {exc or type(exc).__name__}", **context) from exc
-        except httpx.HTTPError as exc:
-            raise ProviderUnavailable(f"SURF API unreachable: {exc or type(exc).__name__}", **context) from exc
-        if response.status_code >= 500:
-            raise ProviderUnavailable(f"SURF API answered {response.status_code}", **context)
-        if response.status_code == 404:
-            raise HostNotFound("SURF does not know this workspace", **context)
-        if response.status_code in (401, 403):
-            raise ProviderRejected(f"SURF refused the token ({response.status_code}: {_detail(response)}); "
-                                   "check CLOUD_API_TOKEN (and CLOUD_CSRF_TOKEN)", **context)
-        if response.status_code >= 400:
-            raise ProviderRejected(f"SURF answered {response.status_code}: {_detail(response)}", **context)
-        try:
-            return response.json() if response.content else {}
-        except ValueError as exc:
-            raise ProviderError("SURF answered something that is not JSON", **context) from exc
+        return await http_json(self._http, method, url, params=params, headers=headers,
+                               json={} if method == "POST" else None, cloud="SURF",
+                               hint="check CLOUD_API_TOKEN (and CLOUD_CSRF_TOKEN)",
+                               context={"provider": self.name, "host": host, "action": action})
 
     def _info(self, workspace: dict[str, Any]) -> HostInfo:
         status = str(workspace.get("status", "unknown"))
@@ -156,11 +141,3 @@ def _failed_resume(workspace: dict[str, Any]) -> str:
         return ""
     result = newest.get("result") or {}
     return str(result.get("error") or result.get("message") or newest.get("message") or "the resume failed")
-
-
-def _detail(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text[:200]
-    return str(body.get("detail", body)) if isinstance(body, dict) else str(body)[:200]

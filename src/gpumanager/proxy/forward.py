@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import httpx
 import msgspec
+from loguru import logger
 
 from gpumanager.errors import ClientError, UpstreamFailed
 from gpumanager.fleet import Lease
@@ -71,7 +72,9 @@ class Exchange:
         elif self.streaming:
             await self.finish(inband_error(self.dialect, exc.message))
         else:
-            raise exc  # a plain body cut short: dropping the connection is the only honest answer
+            # A plain body cut short: the response is left unfinished, so the server drops the
+            # connection and the client sees a truncated answer, never a complete-looking one.
+            logger.warning("answer from {} cut short: {}", self.host or "the host", exc.message)
 
 
 class Upstream:

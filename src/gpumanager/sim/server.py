@@ -10,12 +10,34 @@ itself on a socket it bound, which also makes ``port=0`` report the real port.
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import uvicorn
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_on(hosts: Iterable[str]) -> int:
+    """A TCP port free on every one of `hosts` (loopback addresses standing for machines that all
+    serve Ollama on one port, as GPU hosts do on 11434)."""
+    hosts = list(hosts)
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port: int = probe.getsockname()[1]
+        if all(port_is_free(host, port) for host in hosts):
+            return port
+    raise OSError(f"no TCP port is free on all of {', '.join(hosts)}")
 
 
 class SimServer:
