@@ -80,3 +80,28 @@ def test_a_non_streaming_request_is_held_without_bytes_through_a_wake(tmp_path: 
         assert answer.status_code == 200 and answer.headers["x-gpumanager-host"] == "gpu-1"
         assert int(answer.headers["x-gpumanager-wait-ms"]) >= 1000
         assert answer.json()["choices"][0]["message"]["content"] == expected_text(3)
+
+
+def test_a_provider_may_set_its_own_startup_timeout(tmp_path: Path) -> None:
+    """A warm RunPod endpoint starts in seconds, a SURF workspace in minutes: timing per provider."""
+    from gpumanager.providers.simulated import SimulatedProvider
+    from tests.harness import running_stack
+
+    extra = timing(0.2).replace("startup_timeout_seconds = 60", "startup_timeout_seconds = 30") + """
+[[providers]]
+type = "simulated"
+name = "quick"
+startup_timeout_seconds = 0.5
+[[providers.hosts]]
+name = "gpu"
+boot_seconds = 0.1
+"""
+    with running_stack(tmp_path, [], extra=extra) as stack:
+        provider = stack.ctx.providers["quick"]
+        assert isinstance(provider, SimulatedProvider)
+        provider.machines["gpu"].hang_resume = True
+        started = time.monotonic()
+        answer = httpx.post(stack.url + "/api/chat", headers=stack.headers(), timeout=30,
+                            json={"model": "llama3.2", "messages": MESSAGES, "stream": False})
+        assert answer.status_code == 504 and "0.5s" in answer.json()["error"]
+        assert time.monotonic() - started < 5  # the provider's 0.5 s, not the fleet's 30 s

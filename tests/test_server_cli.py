@@ -92,3 +92,34 @@ def test_a_short_grace_ends_streams_that_outlive_it(tmp_path: Path, host_url: st
         if process.poll() is None:
             process.kill()
         process.communicate()
+
+
+def test_the_env_file_beside_the_config_provides_the_secrets(tmp_path: Path) -> None:
+    port = free_port()
+    (tmp_path / "config.toml").write_text(
+        f'[server]\nhost = "127.0.0.1"\nport = {port}\n[cloud_api]\nbase_url = "http://127.0.0.1:9/v1"\n'
+        '[timing]\nshutdown_grace_seconds = 0.2\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUMANAGER_", "CLOUD_"))}
+    command = [sys.executable, "-m", "gpumanager", "server", "--config", str(tmp_path / "config.toml")]
+    refused = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == ("gpumanager: error: CLOUD_API_TOKEN is not set: put it in .env or the "
+                                      "environment (needed by the SURF provider 'surf')")
+    (tmp_path / ".env").write_text("CLOUD_API_TOKEN=from-the-env-file\n")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and process.poll() is None, "the server did not start"
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=10)
+        output = process.communicate()[0]
+    assert "listing the hosts of surf failed" in output  # it ran, with the token, and told why SURF is unreachable
+    assert "from-the-env-file" not in output
