@@ -11,7 +11,7 @@ Optional capabilities are separate Protocols, so a provider that lacks them neve
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from enum import StrEnum
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -21,8 +21,8 @@ import msgspec
 from anyio.abc import TaskStatus
 from loguru import logger
 
-from gpumanager.errors import (CapacityError, HostNotFound, ProviderError, ProviderRejected, ProviderTimeout,
-                               ProviderUnavailable)
+from gpumanager.errors import (CapacityError, ConfigError, HostNotFound, ProviderError, ProviderRejected,
+                               ProviderTimeout, ProviderUnavailable)
 
 
 class CloudState(StrEnum):
@@ -161,3 +161,11 @@ def _detail(response: httpx.Response) -> str:
     if isinstance(body, dict):
         return str(body.get("detail") or body.get("error") or body.get("message") or body)[:300]
     return str(body)[:300]
+
+
+def require_secret(environ: Mapping[str, str], variable: str, provider: str) -> str:
+    """A provider's secret from the environment (or `.env`), or a start-up error naming the variable."""
+    value = environ.get(variable, "")
+    if not value:
+        raise ConfigError("", "", f"{variable} is not set: put it in .env or the environment (needed by {provider})")
+    return value

@@ -18,8 +18,8 @@ import httpx
 from anyio.abc import TaskStatus
 
 from gpumanager.config import RunpodProviderConfig
-from gpumanager.errors import ConfigError, HostNotFound, ProviderRejected, WakeFailed
-from gpumanager.providers.base import CloudState, HostInfo, cloud_call, http_json
+from gpumanager.errors import HostNotFound, ProviderRejected, WakeFailed
+from gpumanager.providers.base import CloudState, HostInfo, cloud_call, http_json, require_secret
 from gpumanager.proxy.dialects import model_names
 
 ENDPOINT_FIELDS = "id name gpuIds idleTimeout templateId workersMin workersMax workersStandby"
@@ -31,10 +31,7 @@ MAX_WORKERS_ZERO = ("RunPod set this endpoint's max workers to 0 (it does so aft
 
 class RunpodProvider:
     def __init__(self, config: RunpodProviderConfig, environ: Mapping[str, str]) -> None:
-        key = environ.get("RUNPOD_API_KEY", "")
-        if not key:
-            raise ConfigError("", "", f"RUNPOD_API_KEY is not set: put it in .env or the environment "
-                                      f"(needed by the RunPod provider {config.name!r})")
+        key = require_secret(environ, "RUNPOD_API_KEY", f"the RunPod provider {config.name!r}")
         self.name, self.config, self.poll_seconds = config.name, config, config.poll_seconds
         self._auth = [(b"authorization", b"Bearer " + key.encode())]
         self._http = httpx.AsyncClient(headers={"authorization": f"Bearer {key}"}, timeout=config.api_timeout_seconds,

@@ -17,8 +17,8 @@ import httpx
 from anyio.abc import TaskStatus
 
 from gpumanager.config import SurfProviderConfig
-from gpumanager.errors import ConfigError, ProviderRejected
-from gpumanager.providers.base import CloudState, HostInfo, cloud_call, http_json
+from gpumanager.errors import ProviderRejected
+from gpumanager.providers.base import CloudState, HostInfo, cloud_call, http_json, require_secret
 
 STATES = {
     "running": CloudState.RUNNING,
@@ -34,10 +34,7 @@ MAX_PAGES = 50
 
 class SurfProvider:
     def __init__(self, config: SurfProviderConfig, environ: Mapping[str, str]) -> None:
-        token = environ.get("CLOUD_API_TOKEN", "")
-        if not token:
-            raise ConfigError("", "", f"CLOUD_API_TOKEN is not set: put it in .env or the environment "
-                                      f"(needed by the SURF provider {config.name!r})")
+        token = require_secret(environ, "CLOUD_API_TOKEN", f"the SURF provider {config.name!r}")
         self.name = config.name
         self.config = config
         self.poll_seconds = config.poll_seconds
