@@ -44,12 +44,13 @@ import anyio
 import anyio.lowlevel
 import boto3
 import httpx
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskGroup
 from moto.server import ThreadedMotoServer
 from starlette.types import Receive, Scope, Send
 
 from gpumanager.sim import SimOllama, SimServer, running_server
 from gpumanager.sim.server import free_port_on
+from tests.fakes.machine import SimPower, interrupt, launch
 
 __all__ = ["FakeEC2", "free_port_for_all"]
 
@@ -204,13 +205,15 @@ class _Instance:
     sim: SimOllama
     truth: str  # moto's state, "running" or "stopped"
     overlay: str | None = None  # "pending" or "stopping" while the proxy's transition runs
-    lock: anyio.Lock = field(default_factory=anyio.Lock)
-    want_sim: bool = False
-    serving: tuple[SimServer, anyio.Event] | None = None  # the sim's server and its release
     job: anyio.CancelScope | None = None  # the transition in progress
     next_start: _Failure | None = None
     hang_next_start: bool = False
     stop_failures: list[_Failure] = field(default_factory=list)
+
+    power: SimPower = field(init=False)  # its Ollama, up while the instance runs
+
+    def __post_init__(self) -> None:
+        self.power = SimPower(self.sim)
 
     @property
     def state(self) -> str:
@@ -370,7 +373,7 @@ class FakeEC2:
         instance = _Instance(name, iid, ip, sim, "running" if running else "stopped")
         self._instances[name], self._by_id[iid], self.sims[name] = instance, instance, sim
         if running:
-            instance.want_sim = True
+            instance.power.wanted = True
             self._tg.start_soon(self._ensure_sim, instance)
         return iid
 
@@ -388,13 +391,13 @@ class FakeEC2:
         return self._instances[name].state
 
     def is_serving(self, name: str) -> bool:
-        return self._instances[name].serving is not None
+        return self._instances[name].power.up
 
     async def wait_for(self, name: str, state: str, *, serving: bool | None = None, timeout: float = 5.0) -> None:
         """Wait until the instance reports ``state`` (and its sim is up or down, if ``serving`` says)."""
         instance = self._instances[name]
         with anyio.fail_after(timeout):
-            while instance.state != state or (serving is not None and (instance.serving is not None) != serving):
+            while instance.state != state or (serving is not None and instance.power.up != serving):
                 await anyio.sleep(0.005)
 
     # -- failure knobs and the console ----------------------------------------------------------------
@@ -601,52 +604,18 @@ class FakeEC2:
         instance.overlay = None
 
     def _launch(self, instance: _Instance, job: Callable[[], Awaitable[None]]) -> None:
-        """Run ``job`` as the instance's only transition, interrupting the one before it."""
-        if self._tg is None:
-            raise RuntimeError("FakeEC2 is not running")
-        self._interrupt(instance)  # leaves the overlay alone: the caller set the state the job starts from
-        instance.job = anyio.CancelScope()
-        self._tg.start_soon(self._run, instance.job, job)
+        # The caller set the overlay: the state the job starts from.
+        launch(self._tg, instance, job)
 
-    @staticmethod
-    async def _run(scope: anyio.CancelScope, job: Callable[[], Awaitable[None]]) -> None:
-        with scope:
-            await job()
-
-    @staticmethod
-    def _interrupt(instance: _Instance) -> None:
-        if instance.job is not None:
-            instance.job.cancel()
-            instance.job = None
-
-    # -- the simulated Ollama of each instance ---------------------------------------------------------
+    _interrupt = staticmethod(interrupt)
 
     async def _ensure_sim(self, instance: _Instance) -> None:
         """Start the instance's sim unless it runs; returns once it listens (or is not wanted any more)."""
-        instance.want_sim = True
         if self._tg is None or self._closing.is_set():
+            instance.power.wanted = True
             return
-        with anyio.CancelScope(shield=True):  # a half-started uvicorn must not be abandoned
-            async with instance.lock:
-                if instance.serving is None and instance.want_sim:
-                    await self._tg.start(self._serve, instance)
-
-    async def _serve(self, instance: _Instance, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        release = anyio.Event()
-        async with running_server(instance.sim, host=instance.ip, port=self.ollama_port,
-                                  timeout_graceful_shutdown=1) as server:
-            instance.serving = (server, release)
-            if not instance.want_sim:  # stopped while uvicorn was starting
-                self._stop_sim(instance)
-            task_status.started()
-            await release.wait()
+        await instance.power.start(self._tg, instance.ip, self.ollama_port)
 
     @staticmethod
     def _stop_sim(instance: _Instance) -> None:
-        """Drop the sim at once, open connections included, as when the VM goes away."""
-        instance.want_sim = False
-        if instance.serving is not None:
-            server, release = instance.serving
-            instance.serving = None
-            server.kill()
-            release.set()
+        instance.power.stop()

@@ -89,12 +89,13 @@ from typing import Any
 
 import anyio
 import msgspec
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskGroup
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
 from gpumanager.sim import SimOllama, SimServer, running_server
+from tests.fakes.machine import SimPower, interrupt, launch
 
 __all__ = ["DEFAULT_MODEL", "NO_GPUS", "FakeRunPod"]
 
@@ -206,12 +207,13 @@ class _Pod:
     gpu_count: int = 0
     billed: float = 0.0
     removed: bool = False
-    want_sim: bool = False
-    serving: tuple[SimServer, anyio.Event] | None = None
     job: anyio.CancelScope | None = None
-    lock: anyio.Lock = field(default_factory=anyio.Lock)
     next_start: str | None = None  # "fail", "hang" or "zero_gpus"
     stop_failures: list[int] = field(default_factory=list)
+    power: SimPower = field(init=False)  # its Ollama, up while the container runs
+
+    def __post_init__(self) -> None:
+        self.power = SimPower(self.sim)
 
 
 @dataclass(eq=False)
@@ -297,7 +299,7 @@ class FakeRunPod:
             self._serverless = await stack.enter_async_context(running_server(
                 self._serverless_asgi, interface="asgi3", timeout_graceful_shutdown=1))
             for pod in self._pods.values():
-                if pod.want_sim:
+                if pod.power.wanted:
                     await self._ensure_sim(pod)
             self._stack = stack.pop_all()
         return self
@@ -355,7 +357,7 @@ class FakeRunPod:
         self._pods[name], self._by_id[pod.id], self.sims[name] = pod, pod, sim
         if running:
             self._set_desired(pod, "RUNNING")
-            pod.want_sim = True
+            pod.power.wanted = True
             if self._tg is not None:
                 self._tg.start_soon(self._ensure_sim, pod)
         return pod.id
@@ -372,7 +374,7 @@ class FakeRunPod:
     def is_serving(self, name: str) -> bool:
         """A pod serves while its Ollama listens; an endpoint while it has a ready worker."""
         if name in self._pods:
-            return self._pods[name].serving is not None
+            return self._pods[name].power.up
         ep, now = self._endpoints[name], time.monotonic()
         self._prune(ep, now)
         return any(w.fault is None and now >= w.boot_end for w in ep.workers)
@@ -587,12 +589,12 @@ class FakeRunPod:
                 "runtime": self._runtime(pod, now)}
 
     def _runtime(self, pod: _Pod, now: float) -> dict[str, Any] | None:
-        if pod.serving is None or pod.up_since is None:
+        if pod.power.server is None or pod.up_since is None:
             return None  # RunPod: null until the container is up
         gpus = [{"id": f"GPU-{pod.id}-{i}", "gpuUtilPercent": 100 if pod.sim.active else 0, "memoryUtilPercent": 0}
                 for i in range(pod.gpu_count)]
         port = {"ip": "127.0.0.1", "isIpPublic": True, "privatePort": _OLLAMA_PORT,
-                "publicPort": pod.serving[0].port, "type": "tcp"}
+                "publicPort": pod.power.server.port, "type": "tcp"}
         return {"uptimeInSeconds": int(now - pod.up_since), "ports": [port], "gpus": gpus}
 
     # -- REST v2 --------------------------------------------------------------------------------
@@ -739,54 +741,24 @@ class FakeRunPod:
         await self._boot(pod, False)
 
     def _launch(self, pod: _Pod, job: Callable[[], Awaitable[None]]) -> None:
-        """Run ``job`` as the pod's only transition, interrupting the one before it."""
-        if self._tg is None:
-            raise RuntimeError("FakeRunPod is not running")
-        self._interrupt(pod)
-        pod.job = anyio.CancelScope()
-        self._tg.start_soon(self._run, pod.job, job)
+        launch(self._tg, pod, job)
 
-    @staticmethod
-    async def _run(scope: anyio.CancelScope, job: Callable[[], Awaitable[None]]) -> None:
-        with scope:
-            await job()
-
-    @staticmethod
-    def _interrupt(pod: _Pod) -> None:
-        if pod.job is not None:
-            pod.job.cancel()
-            pod.job = None
+    _interrupt = staticmethod(interrupt)
 
     async def _ensure_sim(self, pod: _Pod) -> None:
-        """Start the pod's sim unless it runs; returns once it listens (or is not wanted any more)."""
-        pod.want_sim = True
+        """Start the pod's sim unless it runs (on its old port while free); returns once it listens."""
         if self._tg is None or self._closing.is_set():
+            pod.power.wanted = True
             return
-        with anyio.CancelScope(shield=True):  # a half-started uvicorn must not be abandoned
-            async with pod.lock:
-                if pod.serving is None and pod.want_sim:
-                    await self._tg.start(self._serve, pod)
-
-    async def _serve(self, pod: _Pod, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        release = anyio.Event()
-        port = pod.port if pod.port and _bindable(pod.port) else 0
-        async with running_server(pod.sim, host="127.0.0.1", port=port, timeout_graceful_shutdown=1) as server:
-            pod.port, pod.serving, pod.up_since = server.port, (server, release), time.monotonic()
-            if not pod.want_sim:  # stopped while uvicorn was starting
-                self._stop_sim(pod)
-            task_status.started()
-            await release.wait()
+        started = pod.power.up
+        await pod.power.start(self._tg, "127.0.0.1", pod.port if pod.port and _bindable(pod.port) else 0)
+        if pod.power.server is not None and not started:
+            pod.port, pod.up_since = pod.power.server.port, time.monotonic()
 
     @staticmethod
     def _stop_sim(pod: _Pod) -> None:
-        """Drop the sim at once, open connections included, as when the container goes away."""
-        pod.want_sim = False
         pod.up_since = None
-        if pod.serving is not None:
-            server, release = pod.serving
-            pod.serving = None
-            server.kill()
-            release.set()
+        pod.power.stop()
 
     # -- endpoint workers -------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskGroup
 from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -35,6 +35,7 @@ from starlette.types import Receive, Scope, Send
 
 from gpumanager.sim import SimOllama, SimServer, running_server
 from gpumanager.sim.server import free_port_on
+from tests.fakes.machine import SimPower, interrupt, launch
 
 __all__ = ["FakeSurf", "free_port_for_all"]
 
@@ -92,14 +93,15 @@ class _Machine:
     pause_s: float
     ollama_delay: float
     deleted: bool
-    lock: anyio.Lock = field(default_factory=anyio.Lock)
-    want_sim: bool = False
-    serving: tuple[SimServer, anyio.Event] | None = None  # the sim's server and its release
     job: anyio.CancelScope | None = None  # the transition in progress
     entry: dict[str, Any] | None = None  # its history entry
     next_resume: _ResumePlan | None = None
     hanging: bool = False
     pause_failures: list[int] = field(default_factory=list)
+    power: SimPower = field(init=False)  # its Ollama, up while the workspace runs
+
+    def __post_init__(self) -> None:
+        self.power = SimPower(self.sim)
 
 
 class FakeSurf:
@@ -136,7 +138,7 @@ class FakeSurf:
                 self._asgi, host="127.0.0.1", port=0, interface="asgi3", timeout_graceful_shutdown=1))
             self._tg = tg
             for m in self._machines.values():
-                if m.want_sim:
+                if m.power.wanted:
                     await self._ensure_sim(m)
             self._stack = stack.pop_all()
         return self
@@ -177,7 +179,7 @@ class FakeSurf:
         self._machines[name], self._by_id[record["id"]], self.sims[name] = m, m, sim
         self._set_status(m, status)
         if status == "running":
-            m.want_sim = True
+            m.power.wanted = True
             if self._tg is not None:
                 self._tg.start_soon(self._ensure_sim, m)
         return record
@@ -198,14 +200,14 @@ class FakeSurf:
         return f"http://{self._machines[name].ip}:{self.ollama_port}"
 
     def is_serving(self, name: str) -> bool:
-        return self._machines[name].serving is not None
+        return self._machines[name].power.up
 
     async def wait_for(self, name: str, status: str, *, serving: bool | None = None, timeout: float = 5.0) -> None:
         """Wait until the workspace has ``status`` (and its sim is up or down, if ``serving`` says)."""
         m = self._machines[name]
         with anyio.fail_after(timeout):
             # Polling memory is cheap and keeps the transitions free of notification plumbing.
-            while m.record["status"] != status or (serving is not None and (m.serving is not None) != serving):
+            while m.record["status"] != status or (serving is not None and m.power.up != serving):
                 await anyio.sleep(0.005)
 
     # -- failure knobs ------------------------------------------------------------------------
@@ -373,21 +375,13 @@ class FakeSurf:
 
     def _launch(self, m: _Machine, entry: dict[str, Any], job: Callable[[], Awaitable[None]]) -> None:
         """Run ``job`` as the workspace's only transition, interrupting the one before it."""
-        if self._tg is None:
-            raise RuntimeError("FakeSurf is not running")
         self._interrupt(m, f"Interrupted by {entry['type']}.")
-        m.entry, m.job = entry, anyio.CancelScope()
-        self._tg.start_soon(self._run, m.job, job)
+        launch(self._tg, m, job)
+        m.entry = entry
 
     @staticmethod
-    async def _run(scope: anyio.CancelScope, job: Callable[[], Awaitable[None]]) -> None:
-        with scope:
-            await job()
-
-    def _interrupt(self, m: _Machine, why: str) -> None:
-        if m.job is not None:
-            m.job.cancel()
-            m.job = None
+    def _interrupt(m: _Machine, why: str) -> None:
+        interrupt(m)
         if m.entry is not None and m.entry["status"] == "running":
             _finish(m.entry, why)
         m.entry, m.hanging = None, False
@@ -411,28 +405,11 @@ class FakeSurf:
 
     async def _ensure_sim(self, m: _Machine) -> None:
         """Start the workspace's sim unless it runs; returns once it listens (or is not wanted any more)."""
-        m.want_sim = True
         if self._tg is None or self._closing.is_set():
+            m.power.wanted = True
             return
-        with anyio.CancelScope(shield=True):  # a half-started uvicorn must not be abandoned
-            async with m.lock:
-                if m.serving is None and m.want_sim:
-                    await self._tg.start(self._serve, m)
+        await m.power.start(self._tg, m.ip, self.ollama_port)
 
-    async def _serve(self, m: _Machine, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        release = anyio.Event()
-        async with running_server(m.sim, host=m.ip, port=self.ollama_port, timeout_graceful_shutdown=1) as server:
-            m.serving = (server, release)
-            if not m.want_sim:  # stopped while uvicorn was starting
-                self._stop_sim(m)
-            task_status.started()
-            await release.wait()
-
-    def _stop_sim(self, m: _Machine) -> None:
-        """Drop the sim at once, open connections included, as when the VM goes away."""
-        m.want_sim = False
-        if m.serving is not None:
-            server, release = m.serving
-            m.serving = None
-            server.kill()
-            release.set()
+    @staticmethod
+    def _stop_sim(m: _Machine) -> None:
+        m.power.stop()
