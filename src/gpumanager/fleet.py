@@ -19,7 +19,7 @@ from gpumanager.config import Config, HostConfig
 from gpumanager.errors import ClientError, ModelNotFound, NoCapacity, TooManyRequests, WakeTimeout
 from gpumanager.hosts import AWAKE, WAKING, Host, HostState
 from gpumanager.proxy.dialects import model_names
-from gpumanager.scheduler import Ask, FairQueue, HostView, Reject, Snapshot, Use, Wait, Wake, Waiter, choose
+from gpumanager.scheduler import Ask, FairQueue, HostView, Reject, Snapshot, Use, Wake, Waiter, choose
 
 if TYPE_CHECKING:
     from gpumanager.lifecycle import Lifecycle
@@ -310,6 +310,3 @@ def _rejection(decision: Reject, ask: Ask) -> ClientError:
     if decision.status == 404:
         return ModelNotFound(f"model '{ask.model}' not found on any host")
     return NoCapacity(decision.reason, retry_after=30)
-
-
-__all__ = ["Fleet", "Lease", "Wait"]
