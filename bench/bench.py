@@ -38,10 +38,21 @@ def expected_text(n: int) -> str:
 
 
 def chat_target(name: str, server: Server, tokens: int, *, stream: bool) -> dict[str, Any]:
-    body = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": stream,
-            "options": {"num_predict": tokens}}
-    return {"name": name, "port": server.port, "path": "/api/chat", "body": body, "key": server.key,
-            "expect": expected_text(tokens), "check": "ndjson" if stream else "contains"}
+    body = {
+        "model": "llama3.2",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": stream,
+        "options": {"num_predict": tokens},
+    }
+    return {
+        "name": name,
+        "port": server.port,
+        "path": "/api/chat",
+        "body": body,
+        "key": server.key,
+        "expect": expected_text(tokens),
+        "check": "ndjson" if stream else "contains",
+    }
 
 
 def pct(values: list[float], q: float) -> float:
@@ -64,10 +75,24 @@ class Rate:
         return f"{self.rps:,.0f} [{self.low:,.0f}-{self.high:,.0f}]"
 
 
-def measure_rate(procs: Procs, target: dict[str, Any], roles: dict[str, int], *, warmup_s: float = 1.5,
-                 windows: int = 3, window_s: float = 2.5) -> Rate:
-    spec = {"mode": "rate", "target": target, "concurrency": CONCURRENCY, "warmup_s": warmup_s,
-            "windows": windows, "window_s": window_s, "pids": list(roles.values())}
+def measure_rate(
+    procs: Procs,
+    target: dict[str, Any],
+    roles: dict[str, int],
+    *,
+    warmup_s: float = 1.5,
+    windows: int = 3,
+    window_s: float = 2.5,
+) -> Rate:
+    spec = {
+        "mode": "rate",
+        "target": target,
+        "concurrency": CONCURRENCY,
+        "warmup_s": warmup_s,
+        "windows": windows,
+        "window_s": window_s,
+        "pids": list(roles.values()),
+    }
     result = procs.loadgen(spec, timeout=warmup_s + windows * window_s + 30)
     if result["errors"]:
         raise RuntimeError(f"{result['errors']} failed requests to {target['name']}: {result['first_error']}")
@@ -80,12 +105,19 @@ def measure_rate(procs: Procs, target: dict[str, Any], roles: dict[str, int], *,
         cpu["client"].append(w["cpu"]["self"] / done * 1e6)
         ours = sum(w["cpu"][str(pid)] for pid in roles.values()) + w["cpu"]["self"]
         other.append(max(0.0, w["cpu"]["machine"] - ours) / w["seconds"])
-    return Rate(statistics.median(rates), min(rates), max(rates),
-                {role: statistics.median(v) for role, v in cpu.items()}, statistics.median(other), 0)
+    return Rate(
+        statistics.median(rates),
+        min(rates),
+        max(rates),
+        {role: statistics.median(v) for role, v in cpu.items()},
+        statistics.median(other),
+        0,
+    )
 
 
-def sequential(procs: Procs, targets: list[dict[str, Any]], *, warmup: int, rounds: int,
-               per_round: int, budget_s: float) -> dict[str, list[dict[str, Any]]]:
+def sequential(
+    procs: Procs, targets: list[dict[str, Any]], *, warmup: int, rounds: int, per_round: int, budget_s: float
+) -> dict[str, list[dict[str, Any]]]:
     spec = {"mode": "sequential", "targets": targets, "warmup": warmup, "rounds": rounds, "per_round": per_round}
     results: dict[str, list[dict[str, Any]]] = procs.loadgen(spec, timeout=budget_s)["results"]
     for name, rows in results.items():
@@ -114,50 +146,86 @@ def phase_throughput(procs: Procs, report: Report) -> None:
     """List items 1-4: sanity of the sim, added latency at c=1, requests/s and CPU at c=32."""
     sim = procs.start_sim("sim-fast", token_delay=0.0, slots=64)
     progress(f"sim alone: {CONCURRENCY} connections, non-streaming chat, 5 tokens")
-    direct = measure_rate(procs, chat_target("direct", sim, 5, stream=False), {"sim": sim.pid},
-                          warmup_s=1.0, windows=3, window_s=2.0)
+    direct = measure_rate(
+        procs, chat_target("direct", sim, 5, stream=False), {"sim": sim.pid}, warmup_s=1.0, windows=3, window_s=2.0
+    )
     proxy = procs.start_proxy("proxy-warning", sim, log_level="WARNING")
     progress("latency at concurrency 1, direct and proxy alternated")
-    seq = sequential(procs, [chat_target("direct", sim, 5, stream=False), chat_target("proxy", proxy, 5, stream=False)],
-                     warmup=300, rounds=4, per_round=750, budget_s=90)
+    seq = sequential(
+        procs,
+        [chat_target("direct", sim, 5, stream=False), chat_target("proxy", proxy, 5, stream=False)],
+        warmup=300,
+        rounds=4,
+        per_round=750,
+        budget_s=90,
+    )
     progress(f"proxy at {CONCURRENCY} connections, --log-level WARNING")
     via = measure_rate(procs, chat_target("proxy", proxy, 5, stream=False), {"proxy": proxy.pid, "sim": sim.pid})
     procs.stop(proxy)
     info_proxy = procs.start_proxy("proxy-info", sim, log_level="INFO")
     progress(f"proxy at {CONCURRENCY} connections, --log-level INFO")
-    info = measure_rate(procs, chat_target("proxy", info_proxy, 5, stream=False),
-                        {"proxy": info_proxy.pid, "sim": sim.pid}, warmup_s=1.0, windows=3, window_s=2.0)
+    info = measure_rate(
+        procs,
+        chat_target("proxy", info_proxy, 5, stream=False),
+        {"proxy": info_proxy.pid, "sim": sim.pid},
+        warmup_s=1.0,
+        windows=3,
+        window_s=2.0,
+    )
     procs.stop(info_proxy)
     procs.stop(sim)
 
     ratio = direct.rps / max(via.rps, 1.0)
     sane = ratio >= TARGETS["sanity_ratio"]
-    report.row("1. Sanity: sim alone, req/s @ c=32", "", direct.cell(), f">= {TARGETS['sanity_ratio']}x proxy",
-               f"{ratio:.1f}x " + verdict(sane, "ok", "WARN"))
+    report.row(
+        "1. Sanity: sim alone, req/s @ c=32",
+        "",
+        direct.cell(),
+        f">= {TARGETS['sanity_ratio']}x proxy",
+        f"{ratio:.1f}x " + verdict(sane, "ok", "WARN"),
+    )
     report.row("   Sanity: sim CPU per request", "", f"{direct.cpu_us['sim']:.0f} us")
     if not sane:
-        report.alarms.append(f"the simulated Ollama alone does only {ratio:.1f}x the proxy's requests/s (want >= "
-                             f"{TARGETS['sanity_ratio']}x): the throughput rows measure the sim or the machine, "
-                             "not the proxy")
+        report.alarms.append(
+            f"the simulated Ollama alone does only {ratio:.1f}x the proxy's requests/s (want >= "
+            f"{TARGETS['sanity_ratio']}x): the throughput rows measure the sim or the machine, "
+            "not the proxy"
+        )
     lat_d = [r["latency"] * 1e3 for r in seq["direct"]]
     lat_p = [r["latency"] * 1e3 for r in seq["proxy"]]
     added50, added99 = pct(lat_p, 0.5) - pct(lat_d, 0.5), pct(lat_p, 0.99) - pct(lat_d, 0.99)
     report.row(f"2. Latency p50, c=1 ({len(lat_p)} req)", f"{pct(lat_p, 0.5):.3f} ms", f"{pct(lat_d, 0.5):.3f} ms")
-    report.row("   Added latency p50 (proxy - direct)", f"+{added50:.3f} ms", "", f"<= {TARGETS['added_p50_ms']:g} ms",
-               verdict(added50 <= TARGETS["added_p50_ms"]))
+    report.row(
+        "   Added latency p50 (proxy - direct)",
+        f"+{added50:.3f} ms",
+        "",
+        f"<= {TARGETS['added_p50_ms']:g} ms",
+        verdict(added50 <= TARGETS["added_p50_ms"]),
+    )
     report.row("   Latency p99, c=1", f"{pct(lat_p, 0.99):.3f} ms", f"{pct(lat_d, 0.99):.3f} ms")
     report.row("   Added latency p99", f"+{added99:.3f} ms")
-    report.row("3. Requests/s @ c=32 [min-max]", via.cell(), direct.cell(), f">= {TARGETS['rps']:,.0f}",
-               verdict(via.rps >= TARGETS["rps"]))
-    report.row("4. Proxy CPU per request", f"{via.cpu_us['proxy']:.0f} us", "", f"<= {TARGETS['cpu_us']:.0f} us",
-               verdict(via.cpu_us["proxy"] <= TARGETS["cpu_us"]))
+    report.row(
+        "3. Requests/s @ c=32 [min-max]",
+        via.cell(),
+        direct.cell(),
+        f">= {TARGETS['rps']:,.0f}",
+        verdict(via.rps >= TARGETS["rps"]),
+    )
+    report.row(
+        "4. Proxy CPU per request",
+        f"{via.cpu_us['proxy']:.0f} us",
+        "",
+        f"<= {TARGETS['cpu_us']:.0f} us",
+        verdict(via.cpu_us["proxy"] <= TARGETS["cpu_us"]),
+    )
     report.row("   Requests/s @ c=32, --log-level INFO", info.cell(), "", "(production default)")
     report.row("   Proxy CPU per request, INFO", f"{info.cpu_us['proxy']:.0f} us")
     report.notes.append(
         f"c=32 through the proxy: per request the sim used {via.cpu_us['sim']:.0f} us and the load generator "
         f"{via.cpu_us['client']:.0f} us of CPU (direct: client {direct.cpu_us['client']:.0f} us); "
         f"background load from other processes: {via.other_cores:.2f} cores (direct run {direct.other_cores:.2f}, "
-        f"INFO run {info.other_cores:.2f})")
+        f"INFO run {info.other_cores:.2f})"
+    )
 
 
 def phase_streams(procs: Procs, report: Report) -> None:
@@ -165,27 +233,47 @@ def phase_streams(procs: Procs, report: Report) -> None:
     sim = procs.start_sim("sim-5ms", token_delay=0.005, slots=64)
     proxy = procs.start_proxy("proxy-ttfb", sim)
     progress("time to first chunk, streaming chat, 5 ms per token")
-    seq = sequential(procs, [chat_target("direct", sim, 3, stream=True), chat_target("proxy", proxy, 3, stream=True)],
-                     warmup=20, rounds=4, per_round=50, budget_s=60)
+    seq = sequential(
+        procs,
+        [chat_target("direct", sim, 3, stream=True), chat_target("proxy", proxy, 3, stream=True)],
+        warmup=20,
+        rounds=4,
+        per_round=50,
+        budget_s=60,
+    )
     procs.stop(proxy)
     procs.stop(sim)
     ttfb = {name: pct([r["ttfb"] * 1e3 for r in rows], 0.5) for name, rows in seq.items()}
     gap = ttfb["proxy"] - ttfb["direct"]
-    report.row(f"5. Time to first chunk p50 (5 ms/token, {len(seq['proxy'])} streams)",
-               f"{ttfb['proxy']:.2f} ms (+{gap:.2f})", f"{ttfb['direct']:.2f} ms")
+    report.row(
+        f"5. Time to first chunk p50 (5 ms/token, {len(seq['proxy'])} streams)",
+        f"{ttfb['proxy']:.2f} ms (+{gap:.2f})",
+        f"{ttfb['direct']:.2f} ms",
+    )
 
     sim = procs.start_sim("sim-10ms", token_delay=0.010, slots=64)
     proxy = procs.start_proxy("proxy-reads", sim)
     progress("socket reads per 50-token stream, 10 ms per token")
-    seq = sequential(procs, [chat_target("direct", sim, 50, stream=True), chat_target("proxy", proxy, 50, stream=True)],
-                     warmup=1, rounds=4, per_round=1, budget_s=60)
+    seq = sequential(
+        procs,
+        [chat_target("direct", sim, 50, stream=True), chat_target("proxy", proxy, 50, stream=True)],
+        warmup=1,
+        rounds=4,
+        per_round=1,
+        budget_s=60,
+    )
     procs.stop(proxy)
     procs.stop(sim)
     reads = {name: statistics.median(r["reads"] for r in rows) for name, rows in seq.items()}
     # 50 token frames + the final frame, plus the head and the chunked terminator when they come apart.
     unbuffered = reads["proxy"] >= 50 and reads["proxy"] >= reads["direct"] - 2
-    report.row("6. Socket reads per 50-token stream", f"{reads['proxy']:.0f}", f"{reads['direct']:.0f}",
-               "~51 (unbuffered)", verdict(unbuffered, "ok", "BUFFERED"))
+    report.row(
+        "6. Socket reads per 50-token stream",
+        f"{reads['proxy']:.0f}",
+        f"{reads['direct']:.0f}",
+        "~51 (unbuffered)",
+        verdict(unbuffered, "ok", "BUFFERED"),
+    )
     if not unbuffered:
         report.alarms.append(f"the proxy delivers a 50-token stream in {reads['proxy']:.0f} reads: it buffers chunks")
 
@@ -203,8 +291,10 @@ def phase_memory(procs: Procs, report: Report) -> None:
     sim = procs.start_sim("sim-slow", token_delay=STREAM_DELAY, slots=1100, tokens=STREAM_TOKENS)
     proxy = procs.start_proxy("proxy-rss", sim)
     progress("warm-up: 50 short streams through the proxy")
-    warm = procs.loadgen({"mode": "hold", "streams": 50, "timeout_s": 30,
-                          "target": chat_target("proxy", proxy, 2, stream=True)}, timeout=60)
+    warm = procs.loadgen(
+        {"mode": "hold", "streams": 50, "timeout_s": 30, "target": chat_target("proxy", proxy, 2, stream=True)},
+        timeout=60,
+    )
     if warm["ok"] != 50:
         raise RuntimeError(f"warm-up streams failed: {warm}")
     baseline = statistics.median(sample_rss(proxy.pid, 10))
@@ -221,25 +311,40 @@ def phase_memory(procs: Procs, report: Report) -> None:
     direct = hold(procs, chat_target("direct", sim, STREAM_TOKENS, stream=True))
     procs.stop(sim)
     complete = held["ok"] == STREAMS
-    report.row(f"7. Streams completed, all {STREAMS} opened at once", hold_cell(held), hold_cell(direct),
-               f"all {STREAMS}", verdict(complete))
+    report.row(
+        f"7. Streams completed, all {STREAMS} opened at once",
+        hold_cell(held),
+        hold_cell(direct),
+        f"all {STREAMS}",
+        verdict(complete),
+    )
     report.row("   Proxy RSS before the streams", f"{baseline / 2**20:.1f} MB")
-    report.row("   Proxy RSS peak, 1000 streams", f"{peak[0] / 2**20:.1f} MB", "", f"<= {TARGETS['rss_mb']:.0f} MB",
-               verdict(peak[0] / 2**20 <= TARGETS["rss_mb"]))
-    report.notes.append(f"RSS: {(peak[0] - baseline) / STREAMS / 1024:.0f} KB per held stream; "
-                        f"{after / 2**20:.1f} MB once they finished; requests all sent "
-                        f"{held['all_sent_after_s'] or 0:.2f} s after the first connect")
+    report.row(
+        "   Proxy RSS peak, 1000 streams",
+        f"{peak[0] / 2**20:.1f} MB",
+        "",
+        f"<= {TARGETS['rss_mb']:.0f} MB",
+        verdict(peak[0] / 2**20 <= TARGETS["rss_mb"]),
+    )
+    report.notes.append(
+        f"RSS: {(peak[0] - baseline) / STREAMS / 1024:.0f} KB per held stream; "
+        f"{after / 2**20:.1f} MB once they finished; requests all sent "
+        f"{held['all_sent_after_s'] or 0:.2f} s after the first connect"
+    )
     for name, result in (("proxy", held), ("direct", direct)):
         if result["ok"] != STREAMS:
-            report.broken.append(f"{name}: only {result['ok']} of {STREAMS} streams completed with the full answer "
-                                 f"(finished {result['finished']}, timed out {result['timed_out']}, errors "
-                                 f"{result['error_count']}: {result['errors']})")
+            report.broken.append(
+                f"{name}: only {result['ok']} of {STREAMS} streams completed with the full answer "
+                f"(finished {result['finished']}, timed out {result['timed_out']}, errors "
+                f"{result['error_count']}: {result['errors']})"
+            )
 
 
 def hold(procs: Procs, target: dict[str, Any], tick: Callable[[], None] | None = None) -> dict[str, Any]:
     wait = STREAM_TOKENS * STREAM_DELAY + 60
-    return procs.loadgen({"mode": "hold", "streams": STREAMS, "timeout_s": wait, "target": target},
-                         timeout=wait + 30, tick=tick)
+    return procs.loadgen(
+        {"mode": "hold", "streams": STREAMS, "timeout_s": wait, "target": target}, timeout=wait + 30, tick=tick
+    )
 
 
 def hold_cell(result: dict[str, Any]) -> str:
@@ -262,8 +367,10 @@ def print_table(report: Report) -> None:
 
 def context_line(nofile: tuple[int, int]) -> str:
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    return (f"machine: {os.cpu_count()} CPUs, Python {platform.python_version()} ({platform.machine()}), "
-            f"{platform.system()} {platform.release()}, load average {load}, open files {nofile[0]}")
+    return (
+        f"machine: {os.cpu_count()} CPUs, Python {platform.python_version()} ({platform.machine()}), "
+        f"{platform.system()} {platform.release()}, load average {load}, open files {nofile[0]}"
+    )
 
 
 def main() -> int:
@@ -282,8 +389,9 @@ def main() -> int:
             for path in procs.logs:
                 count, lines = log_problems(path)
                 if count:
-                    report.alarms.append(f"{count} WARNING+ lines in {path.parent.name}/app.log, first: "
-                                         + " | ".join(lines))
+                    report.alarms.append(
+                        f"{count} WARNING+ lines in {path.parent.name}/app.log, first: " + " | ".join(lines)
+                    )
             if args.keep:
                 print(f"temp folder kept: {procs.root}", flush=True)
     progress("done")

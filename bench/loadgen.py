@@ -34,8 +34,10 @@ def request_bytes(port: int, path: str, body: Any, key: str | None) -> bytes:
     """One POST, encoded once and written as is for every request of a run."""
     data = json.dumps(body, separators=(",", ":")).encode()
     auth = f"Authorization: Bearer {key}\r\n" if key else ""
-    head = (f"POST {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n{auth}Content-Type: application/json\r\n"
-            f"Content-Length: {len(data)}\r\n\r\n")
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n{auth}Content-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    )
     return head.encode("latin-1") + data
 
 
@@ -173,8 +175,9 @@ async def run_rate(spec: dict[str, Any]) -> dict[str, Any]:
         t0, n0, e0, c0 = time.perf_counter(), tally.ok, tally.bad, cpu_seconds(spec["pids"])
         await asyncio.sleep(spec["window_s"])
         t1, n1, e1, c1 = time.perf_counter(), tally.ok, tally.bad, cpu_seconds(spec["pids"])
-        windows.append({"seconds": t1 - t0, "completed": n1 - n0, "errors": e1 - e0,
-                        "cpu": {k: c1[k] - c0[k] for k in c0}})
+        windows.append(
+            {"seconds": t1 - t0, "completed": n1 - n0, "errors": e1 - e0, "cpu": {k: c1[k] - c0[k] for k in c0}}
+        )
     tally.running = False
     _, pending = await asyncio.wait(tasks, timeout=10)
     for task in pending:
@@ -200,10 +203,14 @@ async def run_sequential(spec: dict[str, Any]) -> dict[str, Any]:
             conn, t = conns[i], targets[i]
             for _ in range(spec["per_round"]):
                 await conn.request(payloads[i])
-                results[t["name"]].append({
-                    "latency": conn.done_at - conn.sent_at, "reads": conn.reads,
-                    "ttfb": (conn.first_body_at or conn.done_at) - conn.sent_at,
-                    "ok": answer_ok(conn, t.get("check", "contains"), t["expect"])})
+                results[t["name"]].append(
+                    {
+                        "latency": conn.done_at - conn.sent_at,
+                        "reads": conn.reads,
+                        "ttfb": (conn.first_body_at or conn.done_at) - conn.sent_at,
+                        "ok": answer_ok(conn, t.get("check", "contains"), t["expect"]),
+                    }
+                )
     for conn in conns:
         conn.close()
     return {"results": results}
@@ -215,8 +222,7 @@ async def _hold_one(port: int, payload: bytes, check: str, expect: str, opened: 
         request = asyncio.ensure_future(conn.request(payload))
         opened.append(time.perf_counter())
         await request
-        return {"ok": answer_ok(conn, check, expect), "seconds": conn.done_at - conn.sent_at,
-                "status": conn.status}
+        return {"ok": answer_ok(conn, check, expect), "seconds": conn.done_at - conn.sent_at, "status": conn.status}
     finally:
         conn.close()
 
@@ -226,8 +232,10 @@ async def run_hold(spec: dict[str, Any]) -> dict[str, Any]:
     payload = request_bytes(t["port"], t["path"], t["body"], t.get("key"))
     opened: list[float] = []
     start = time.perf_counter()
-    tasks = [asyncio.create_task(_hold_one(t["port"], payload, t.get("check", "ndjson"), t["expect"], opened))
-             for _ in range(spec["streams"])]
+    tasks = [
+        asyncio.create_task(_hold_one(t["port"], payload, t.get("check", "ndjson"), t["expect"], opened))
+        for _ in range(spec["streams"])
+    ]
     done, pending = await asyncio.wait(tasks, timeout=spec["timeout_s"])
     for task in pending:
         task.cancel()
@@ -237,10 +245,17 @@ async def run_hold(spec: dict[str, Any]) -> dict[str, Any]:
             errors.append(f"{type(task.exception()).__name__}: {task.exception()}")
         else:
             answers.append(task.result())
-    return {"started": len(tasks), "sent": len(opened), "finished": len(answers),
-            "ok": sum(a["ok"] for a in answers), "timed_out": len(pending), "errors": errors[:5],
-            "error_count": len(errors), "all_sent_after_s": (max(opened) - start) if opened else None,
-            "seconds": sorted(a["seconds"] for a in answers)}
+    return {
+        "started": len(tasks),
+        "sent": len(opened),
+        "finished": len(answers),
+        "ok": sum(a["ok"] for a in answers),
+        "timed_out": len(pending),
+        "errors": errors[:5],
+        "error_count": len(errors),
+        "all_sent_after_s": (max(opened) - start) if opened else None,
+        "seconds": sorted(a["seconds"] for a in answers),
+    }
 
 
 def raise_nofile() -> None:

@@ -117,8 +117,15 @@ class Procs:
     def _spawn(self, argv: list[str], folder: Path, **kwargs: Any) -> subprocess.Popen[Any]:
         out = open(folder / "output.log", "ab")  # never a pipe nobody reads: a full pipe would stall the child
         try:
-            proc = subprocess.Popen(argv, cwd=folder, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    preexec_fn=_die_with_parent, **kwargs)
+            proc = subprocess.Popen(
+                argv,
+                cwd=folder,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+                **kwargs,
+            )
         finally:
             out.close()
         self.children.append(proc)
@@ -149,8 +156,9 @@ class Procs:
         tail = (server.folder / "output.log").read_text(errors="replace")[-2000:]
         raise RuntimeError(f"{server.name} did not become ready on port {server.port}:\n{tail}")
 
-    def _launch(self, name: str, folder: Path, argv_for: Callable[[int], list[str]], ready_path: str,
-                key: str | None = None) -> Server:
+    def _launch(
+        self, name: str, folder: Path, argv_for: Callable[[int], list[str]], ready_path: str, key: str | None = None
+    ) -> Server:
         """Start on a free port; if the child exits at once (a port taken meanwhile), retry on another."""
         for attempt in range(3):
             port = free_port()
@@ -170,9 +178,25 @@ class Procs:
         folder.mkdir()
 
         def argv(port: int) -> list[str]:
-            return [sys.executable, "-m", "gpumanager.sim", "--host", HOST, "--port", str(port), "--models",
-                    "llama3.2", "--slots", str(slots), "--token-delay", str(token_delay), "--tokens", str(tokens),
-                    "--name", name]
+            return [
+                sys.executable,
+                "-m",
+                "gpumanager.sim",
+                "--host",
+                HOST,
+                "--port",
+                str(port),
+                "--models",
+                "llama3.2",
+                "--slots",
+                str(slots),
+                "--token-delay",
+                str(token_delay),
+                "--tokens",
+                str(tokens),
+                "--name",
+                name,
+            ]
 
         return self._launch(name, folder, argv, "/api/version")
 
@@ -181,9 +205,24 @@ class Procs:
         folder.mkdir()
         config = folder / "config.toml"
         config.write_text(CONFIG.format(port=0, sim_port=sim.port))
-        key = subprocess.run([str(BIN / "gpumanager"), "generate-key", "--config", str(config), "--name", "bench",
-                              "--email", "bench@example.org", "--quiet"], cwd=folder, capture_output=True, text=True,
-                             timeout=30, check=True).stdout.strip()
+        key = subprocess.run(
+            [
+                str(BIN / "gpumanager"),
+                "generate-key",
+                "--config",
+                str(config),
+                "--name",
+                "bench",
+                "--email",
+                "bench@example.org",
+                "--quiet",
+            ],
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
 
         def argv(port: int) -> list[str]:
             config.write_text(CONFIG.format(port=port, sim_port=sim.port))
@@ -192,12 +231,18 @@ class Procs:
         self.logs.append(folder / "app.log")
         return self._launch(name, folder, argv, "/health", key)
 
-    def loadgen(self, spec: dict[str, Any], *, timeout: float, tick: Callable[[], None] | None = None,
-                tick_s: float = 0.05) -> dict[str, Any]:
+    def loadgen(
+        self, spec: dict[str, Any], *, timeout: float, tick: Callable[[], None] | None = None, tick_s: float = 0.05
+    ) -> dict[str, Any]:
         """Run loadgen.py with `spec`; call `tick` about every `tick_s` while it runs (RSS sampling)."""
-        proc = subprocess.Popen([sys.executable, str(LOADGEN), json.dumps(spec)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-                                preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(
+            [sys.executable, str(LOADGEN), json.dumps(spec)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            preexec_fn=_die_with_parent,
+        )
         self.children.append(proc)
         deadline = time.monotonic() + timeout
         try:
@@ -222,6 +267,9 @@ def log_problems(path: Path, limit: int = 5) -> tuple[int, list[str]]:
     """WARNING-or-worse lines of a proxy's app.log (the per-request INFO lines are expected)."""
     if not path.exists():
         return 0, []
-    bad = [line for line in path.read_text(errors="replace").splitlines()
-           if any(f" {level} " in line[:40] for level in ("WARNING", "ERROR", "CRITICAL"))]
+    bad = [
+        line
+        for line in path.read_text(errors="replace").splitlines()
+        if any(f" {level} " in line[:40] for level in ("WARNING", "ERROR", "CRITICAL"))
+    ]
     return len(bad), bad[:limit]

@@ -62,8 +62,10 @@ async def measure(readiness: float) -> tuple[list[float], list[float]]:
     ctx = app.state.ctx
     first_byte: list[float] = []
     overshoot: list[float] = []
-    async with running_server(app, lifespan="on") as server, \
-            httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
+    async with (
+        running_server(app, lifespan="on") as server,
+        httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client,
+    ):
         provider = ctx.providers["sim"]
         assert isinstance(provider, SimulatedProvider)
         machine, host = provider.machines["gpu"], ctx.fleet.hosts["gpu"]
@@ -94,8 +96,10 @@ def row(label: str, values: list[float]) -> str:
 
 def main() -> int:
     logs.setup("ERROR", None)
-    print(f"wake timings: {CYCLES} wake/answer/idle/pause cycles per setting, simulated cloud, Python "
-          f"{sys.version.split()[0]}")
+    print(
+        f"wake timings: {CYCLES} wake/answer/idle/pause cycles per setting, simulated cloud, Python "
+        f"{sys.version.split()[0]}"
+    )
     print(f"{'measure':<52} {'p50':>11} {'max':>11} {'min':>11}")
     for readiness in (0.5, 0.1):
         first_byte, overshoot = anyio.run(measure, readiness, backend_options={"use_uvloop": True})

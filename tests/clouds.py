@@ -73,8 +73,10 @@ class SimulatedCloud:
     def config(self) -> str:
         hosts = ",\n  ".join(
             f'{{name = "{m.name}", models = {list(m.models)!r}, slots = {m.slots}, cost_per_hour = {m.cost}, '
-            f'boot_seconds = {self.boot}, pause_seconds = {self.pause}, token_delay_seconds = {m.token_delay}, '
-            f'running = {str(m.running).lower()}}}' for m in self.machines)
+            f"boot_seconds = {self.boot}, pause_seconds = {self.pause}, token_delay_seconds = {m.token_delay}, "
+            f"running = {str(m.running).lower()}}}"
+            for m in self.machines
+        )
         return textwrap.dedent(f"""
             [[providers]]
             type = "simulated"
@@ -83,7 +85,8 @@ class SimulatedCloud:
               {hosts}
             ]
             """).replace("'", '"') + "".join(
-            f'\n[[hosts]]\nname = "{m.name}"\nprotected = true\n' for m in self.machines if m.protected)
+            f'\n[[hosts]]\nname = "{m.name}"\nprotected = true\n' for m in self.machines if m.protected
+        )
 
     def attach(self, ctx: Context) -> None:
         provider = ctx.providers[self.provider]
@@ -137,16 +140,22 @@ def overrides(provider: str, machines: list[Machine], models: Callable[[Machine]
     blocks = []
     for m in machines:
         listed = ", ".join(f'"{name}"' for name in (models(m) if m.announce_models else ()))
-        blocks.append(f'\n[[hosts]]\nname = "{m.name}"\nprovider = "{provider}"\nslots = {m.slots}\n'
-                      f'cost_per_hour = {m.cost}\nprotected = {str(m.protected).lower()}\nmodels = [{listed}]\n')
+        blocks.append(
+            f'\n[[hosts]]\nname = "{m.name}"\nprovider = "{provider}"\nslots = {m.slots}\n'
+            f"cost_per_hour = {m.cost}\nprotected = {str(m.protected).lower()}\nmodels = [{listed}]\n"
+        )
     return "".join(blocks)
 
 
 def provider_block(kind: str, name: str, settings: dict[str, object]) -> str:
-    lines = [f'[[providers]]\ntype = "{kind}"\nname = "{name}"',
-             "poll_seconds = 0.05\nretry_seconds = 0.05\napi_timeout_seconds = 5"]
-    lines += [f"{key} = {value}" if isinstance(value, (int, float)) or str(value).startswith("{")
-              else f'{key} = "{value}"' for key, value in settings.items()]
+    lines = [
+        f'[[providers]]\ntype = "{kind}"\nname = "{name}"',
+        "poll_seconds = 0.05\nretry_seconds = 0.05\napi_timeout_seconds = 5",
+    ]
+    lines += [
+        f"{key} = {value}" if isinstance(value, (int, float)) or str(value).startswith("{") else f'{key} = "{value}"'
+        for key, value in settings.items()
+    ]
     return "\n" + "\n".join(lines) + "\n"
 
 
@@ -195,8 +204,13 @@ class SurfCloud(FakeCloud):
         super().__init__(fake, machines)
         self.environ = {"CLOUD_API_TOKEN": fake.token}
         for m in machines:
-            fake.add_workspace(m.name, status="running" if m.running else "paused", models=m.models,
-                               slots=m.slots, token_delay=m.token_delay)
+            fake.add_workspace(
+                m.name,
+                status="running" if m.running else "paused",
+                models=m.models,
+                slots=m.slots,
+                token_delay=m.token_delay,
+            )
         fake.add_workspace("someone-elses-box", status="running")  # not matched by machine_name_filter
 
     def calls(self) -> list[tuple[str, str]]:
@@ -204,8 +218,9 @@ class SurfCloud(FakeCloud):
 
     def config(self) -> str:
         settings = {"base_url": self.fake.base_url, "machine_name_filter": "gpu-", "ollama_port": self.fake.ollama_port}
-        return provider_block("surf", self.provider, settings) + overrides(self.provider, self.machines,
-                                                                            lambda m: m.models)
+        return provider_block("surf", self.provider, settings) + overrides(
+            self.provider, self.machines, lambda m: m.models
+        )
 
     def fail_next_resume(self, name: str) -> None:
         self.fake.fail_next_resume(name)
@@ -245,7 +260,6 @@ class StartStopCloud(FakeCloud):
         await self.fake.set_running(name, running)
 
 
-
 class Ec2Cloud(StartStopCloud):
     """AWS EC2 on moto, behind the fake's proxy that adds boot and stop times and failures. Models are
     told through the `gpumanager:models` tag; cost, slots and protection through `[[hosts]]`."""
@@ -257,13 +271,18 @@ class Ec2Cloud(StartStopCloud):
         self.environ = dict(fake.credentials)
         for m in machines:
             tags = {"gpumanager": "true"} | ({"gpumanager:models": ",".join(m.models)} if m.announce_models else {})
-            fake.add_instance(m.name, running=m.running, models=m.models, slots=m.slots, token_delay=m.token_delay,
-                              tags=tags)
+            fake.add_instance(
+                m.name, running=m.running, models=m.models, slots=m.slots, token_delay=m.token_delay, tags=tags
+            )
         fake.add_instance("not-ours", running=True, tags={"team": "other"})  # outside the tag filter
 
     def config(self) -> str:
-        settings = {"region": self.fake.region, "endpoint_url": self.fake.endpoint_url,
-                    "tag_filter": '{ gpumanager = "true" }', "ollama_port": self.fake.ollama_port}
+        settings = {
+            "region": self.fake.region,
+            "endpoint_url": self.fake.endpoint_url,
+            "tag_filter": '{ gpumanager = "true" }',
+            "ollama_port": self.fake.ollama_port,
+        }
         return provider_block("ec2", self.provider, settings) + overrides(self.provider, self.machines, lambda m: ())
 
     def host_id(self, name: str) -> str:
@@ -290,18 +309,25 @@ class RunpodCloud(StartStopCloud):
         self.ids: dict[str, str] = {}
         for m in machines:
             if kind == "endpoint":
-                self.ids[m.name] = fake.add_endpoint(m.name, model=m.models[0], workers_min=int(m.running),
-                                                     idle_timeout=0.1, token_delay=m.token_delay)
+                self.ids[m.name] = fake.add_endpoint(
+                    m.name, model=m.models[0], workers_min=int(m.running), idle_timeout=0.1, token_delay=m.token_delay
+                )
             else:
-                self.ids[m.name] = fake.add_pod(m.name, running=m.running, models=m.models, token_delay=m.token_delay,
-                                                cost_per_hour=m.cost)
+                self.ids[m.name] = fake.add_pod(
+                    m.name, running=m.running, models=m.models, token_delay=m.token_delay, cost_per_hour=m.cost
+                )
         fake.add_pod("another-team", running=True)  # not matched by name_filter
 
     def config(self) -> str:
-        settings = {"api_url": self.fake.api_url, "serverless_url": self.fake.serverless_url, "name_filter": "gpu-",
-                    "pod_address": "direct"}
-        models: Callable[[Machine], tuple[str, ...]] = (lambda m: m.models[:1]) if self.kind == "endpoint" \
-            else (lambda m: m.models)
+        settings = {
+            "api_url": self.fake.api_url,
+            "serverless_url": self.fake.serverless_url,
+            "name_filter": "gpu-",
+            "pod_address": "direct",
+        }
+        models: Callable[[Machine], tuple[str, ...]] = (
+            (lambda m: m.models[:1]) if self.kind == "endpoint" else (lambda m: m.models)
+        )
         return provider_block("runpod", self.provider, settings) + overrides(self.provider, self.machines, models)
 
     def host_id(self, name: str) -> str:

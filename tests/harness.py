@@ -55,9 +55,11 @@ class Stack:
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn` in the server's event loop (to read or change fleet state safely)."""
+
         async def run() -> Any:
             result = fn(*args)
             return await result if inspect.isawaitable(result) else result
+
         return self.portal.call(run)
 
     def serve(self, app: Any, **options: Any) -> SimServer:
@@ -89,15 +91,17 @@ shutdown_grace_seconds = 1
 
 
 @contextlib.contextmanager
-def running_stack(tmp_path: Path, hosts: list[SimHost], *, extra: str = FAST_TIMING,
-                  environ: dict[str, str] | None = None) -> Iterator[Stack]:
+def running_stack(
+    tmp_path: Path, hosts: list[SimHost], *, extra: str = FAST_TIMING, environ: dict[str, str] | None = None
+) -> Iterator[Stack]:
     """gpumanager in front of static simulated hosts."""
     with start_blocking_portal() as portal, contextlib.ExitStack() as stack:
         sims: dict[str, SimOllama] = {}
         servers: dict[str, SimServer] = {}
         for spec in hosts:
-            sim = SimOllama(name=spec.name, models=spec.models, slots=spec.sim_slots or spec.slots,
-                            token_delay=spec.token_delay)
+            sim = SimOllama(
+                name=spec.name, models=spec.models, slots=spec.sim_slots or spec.slots, token_delay=spec.token_delay
+            )
             server = stack.enter_context(portal.wrap_async_context_manager(running_server(sim)))
             sims[spec.name], servers[spec.name] = sim, server
         config_path = write_config(tmp_path, [(s.name, servers[s.name].url, s) for s in hosts], extra)
@@ -105,25 +109,39 @@ def running_stack(tmp_path: Path, hosts: list[SimHost], *, extra: str = FAST_TIM
 
 
 @contextlib.contextmanager
-def running_cloud_stack(tmp_path: Path, kind: str, machines: list[Machine], *, extra: str = FAST_TIMING,
-                        static: Sequence[SimHost] = (), boot_seconds: float | None = None,
-                        ) -> Iterator[tuple[Stack, Cloud]]:
+def running_cloud_stack(
+    tmp_path: Path,
+    kind: str,
+    machines: list[Machine],
+    *,
+    extra: str = FAST_TIMING,
+    static: Sequence[SimHost] = (),
+    boot_seconds: float | None = None,
+) -> Iterator[tuple[Stack, Cloud]]:
     """gpumanager in front of a cloud of one kind (see tests/clouds.py), and optionally static hosts."""
-    with running_mixed_stack(tmp_path, {kind: machines}, extra=extra, static=static,
-                             boot_seconds=boot_seconds) as (stack, clouds):
+    with running_mixed_stack(tmp_path, {kind: machines}, extra=extra, static=static, boot_seconds=boot_seconds) as (
+        stack,
+        clouds,
+    ):
         yield stack, clouds[kind]
 
 
 @contextlib.contextmanager
-def running_mixed_stack(tmp_path: Path, fleet: dict[str, list[Machine]], *, extra: str = FAST_TIMING,
-                        static: Sequence[SimHost] = (), boot_seconds: float | None = None,
-                        ) -> Iterator[tuple[Stack, dict[str, Cloud]]]:
+def running_mixed_stack(
+    tmp_path: Path,
+    fleet: dict[str, list[Machine]],
+    *,
+    extra: str = FAST_TIMING,
+    static: Sequence[SimHost] = (),
+    boot_seconds: float | None = None,
+) -> Iterator[tuple[Stack, dict[str, Cloud]]]:
     """gpumanager in front of clouds of several kinds at once, and optionally static hosts."""
     with start_blocking_portal() as portal, contextlib.ExitStack() as stack:
         options = {} if boot_seconds is None else {"boot_seconds": boot_seconds}
         clouds: dict[str, Cloud] = {
             kind: stack.enter_context(portal.wrap_async_context_manager(CLOUDS[kind](machines, **options)))
-            for kind, machines in fleet.items()}
+            for kind, machines in fleet.items()
+        }
         sims: dict[str, SimOllama] = {}
         servers: dict[str, SimServer] = {}
         for spec in static:
@@ -139,17 +157,23 @@ def running_mixed_stack(tmp_path: Path, fleet: dict[str, list[Machine]], *, extr
         yield running, clouds
 
 
-def _serve(portal: BlockingPortal, stack: contextlib.ExitStack, config_path: Path, environ: dict[str, str],
-           sims: dict[str, SimOllama], servers: dict[str, SimServer]) -> Stack:
+def _serve(
+    portal: BlockingPortal,
+    stack: contextlib.ExitStack,
+    config_path: Path,
+    environ: dict[str, str],
+    sims: dict[str, SimOllama],
+    servers: dict[str, SimServer],
+) -> Stack:
     config = load(config_path)
     keys = KeyStore(config.paths.api_keys_file)
     admin_key = keys.generate("admin", "admin@example.org", admin=True)[1]
     user_key = keys.generate("user", "user@example.org")[1]
     app = build_app(config, environ=environ)
-    proxy = stack.enter_context(portal.wrap_async_context_manager(
-        running_server(app, lifespan="on", timeout_graceful_shutdown=1)))
-    return Stack(portal, proxy.url, app.state.ctx, sims, servers, admin_key, user_key, keys, config_path,
-                 exits=stack)
+    proxy = stack.enter_context(
+        portal.wrap_async_context_manager(running_server(app, lifespan="on", timeout_graceful_shutdown=1))
+    )
+    return Stack(portal, proxy.url, app.state.ctx, sims, servers, admin_key, user_key, keys, config_path, exits=stack)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> None:

@@ -36,18 +36,21 @@ def openai_error(response: httpx.Response) -> dict[str, object]:
     return error
 
 
-@pytest.mark.parametrize(("body", "says"), [
-    (b"{not json", "not valid JSON"),
-    (b"", "missing request body"),
-    (b"[1, 2]", "must be a JSON object"),
-    (b'"text"', "must be a JSON object"),
-    (b'{"messages": []}', "model is required"),
-    (b'{"model": ""}', "model is required"),
-    (b'{"model": 42}', "`model` must be a string"),
-    (b'{"model": "llama3.2", "stream": "yes"}', "`stream` must be a boolean"),
-    (b'{"model": "llama3.2", "options": {"num_ctx": "big"}}', "`options.num_ctx` must be an integer"),
-    (b'{"model": "llama3.2", "options": [1]}', "`options` must be an object"),
-])
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"", "missing request body"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b'"text"', "must be a JSON object"),
+        (b'{"messages": []}', "model is required"),
+        (b'{"model": ""}', "model is required"),
+        (b'{"model": 42}', "`model` must be a string"),
+        (b'{"model": "llama3.2", "stream": "yes"}', "`stream` must be a boolean"),
+        (b'{"model": "llama3.2", "options": {"num_ctx": "big"}}', "`options.num_ctx` must be an integer"),
+        (b'{"model": "llama3.2", "options": [1]}', "`options` must be an object"),
+    ],
+)
 def test_malformed_bodies_get_400_in_both_dialects(client: httpx.Client, body: bytes, says: str) -> None:
     answer = client.post("/api/chat", content=body)
     assert answer.status_code == 400 and says in ollama_error(answer)
@@ -87,9 +90,17 @@ def test_unknown_paths_get_404(client: httpx.Client, path: str) -> None:
         assert "no route" in ollama_error(answer)
 
 
-@pytest.mark.parametrize(("method", "path"), [("GET", "/api/chat"), ("PUT", "/api/generate"),
-                                              ("GET", "/v1/chat/completions"), ("POST", "/api/tags"),
-                                              ("DELETE", "/v1/models"), ("GET", "/api/delete")])
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/api/chat"),
+        ("PUT", "/api/generate"),
+        ("GET", "/v1/chat/completions"),
+        ("POST", "/api/tags"),
+        ("DELETE", "/v1/models"),
+        ("GET", "/api/delete"),
+    ],
+)
 def test_wrong_methods_get_405(client: httpx.Client, method: str, path: str) -> None:
     answer = client.request(method, path)
     assert answer.status_code == 405

@@ -47,23 +47,26 @@ def test_the_seed_cloud_api_section_is_a_surf_provider() -> None:
     assert (provider.name, provider.machine_name_filter) == ("surf", "Lab")  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("[server]\nbogus = 1\n", "c.toml: server.bogus: unknown key"),
-    ("[server]\nport = \"eighty\"\n", "c.toml: server.port: wrong type: expected int, got str"),
-    ("[server]\nport = 70000\n", "c.toml: server.port: expected `int` <= 65535"),
-    ("[[hosts]]\nurl = \"http://x\"\n", "c.toml: hosts[0].name: missing value"),
-    ("[timing]\nqueue_timeout_seconds = -1\n", "c.toml: timing.queue_timeout_seconds: expected `float` > 0"),
-    ("[scheduler]\ndefault_slots = 0\n", "c.toml: scheduler.default_slots: expected `int` >= 1"),
-    ("[[hosts]]\nname = \"a\"\nurl = \"ftp://x\"\n", "c.toml: hosts[0].url: must start with http:// or https://"),
-    ("[[hosts]]\nname = \"a\"\n[[hosts]]\nname = \"a\"\n", "c.toml: hosts[1].name: duplicate host name 'a'"),
-    ("[[hosts]]\nname = \"a\"\nprovider = \"aws\"\n", "c.toml: hosts[0].provider: no provider named 'aws'"),
-    ("[[providers]]\ntype = \"azure\"\nname = \"x\"\n", "c.toml: providers[0].type: invalid value 'azure'"),
-    ("[server\nport = 1\n", "c.toml: not valid TOML"),
-    ("nonsense = true\n", "c.toml: nonsense: unknown key"),
-    ("[[providers]]\ntype = \"surf\"\nname = \"s\"\n", "c.toml: providers[0].machine_name_filter: must not be empty"),
-    ("[[providers]]\ntype = \"runpod\"\nname = \"r\"\n", "c.toml: providers[0]: a runpod provider needs"),
-    ("[[providers]]\ntype = \"ec2\"\nname = \"e\"\n", "c.toml: providers[0]: an ec2 provider needs"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[server]\nbogus = 1\n", "c.toml: server.bogus: unknown key"),
+        ('[server]\nport = "eighty"\n', "c.toml: server.port: wrong type: expected int, got str"),
+        ("[server]\nport = 70000\n", "c.toml: server.port: expected `int` <= 65535"),
+        ('[[hosts]]\nurl = "http://x"\n', "c.toml: hosts[0].name: missing value"),
+        ("[timing]\nqueue_timeout_seconds = -1\n", "c.toml: timing.queue_timeout_seconds: expected `float` > 0"),
+        ("[scheduler]\ndefault_slots = 0\n", "c.toml: scheduler.default_slots: expected `int` >= 1"),
+        ('[[hosts]]\nname = "a"\nurl = "ftp://x"\n', "c.toml: hosts[0].url: must start with http:// or https://"),
+        ('[[hosts]]\nname = "a"\n[[hosts]]\nname = "a"\n', "c.toml: hosts[1].name: duplicate host name 'a'"),
+        ('[[hosts]]\nname = "a"\nprovider = "aws"\n', "c.toml: hosts[0].provider: no provider named 'aws'"),
+        ('[[providers]]\ntype = "azure"\nname = "x"\n', "c.toml: providers[0].type: invalid value 'azure'"),
+        ("[server\nport = 1\n", "c.toml: not valid TOML"),
+        ("nonsense = true\n", "c.toml: nonsense: unknown key"),
+        ('[[providers]]\ntype = "surf"\nname = "s"\n', "c.toml: providers[0].machine_name_filter: must not be empty"),
+        ('[[providers]]\ntype = "runpod"\nname = "r"\n', "c.toml: providers[0]: a runpod provider needs"),
+        ('[[providers]]\ntype = "ec2"\nname = "e"\n', "c.toml: providers[0]: an ec2 provider needs"),
+    ],
+)
 def test_a_bad_file_fails_with_the_file_the_key_and_the_problem(tmp_path: Path, text: str, message: str) -> None:
     (tmp_path / "c.toml").write_text(text)
     with pytest.raises(ConfigError) as error:
@@ -79,11 +82,16 @@ def test_a_missing_file_says_so(tmp_path: Path) -> None:
 
 def test_the_server_refuses_a_bad_file_in_one_line_without_a_traceback(tmp_path: Path) -> None:
     (tmp_path / "config.toml").write_text("[server]\nport = 'x'\n")
-    done = subprocess.run([sys.executable, "-m", "gpumanager", "server", "--config", str(tmp_path / "config.toml")],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "gpumanager", "server", "--config", str(tmp_path / "config.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        f"gpumanager: error: {tmp_path / 'config.toml'}: server.port: wrong type: expected int, got str"]
+        f"gpumanager: error: {tmp_path / 'config.toml'}: server.port: wrong type: expected int, got str"
+    ]
 
 
 def test_config_structs_are_frozen() -> None:

@@ -23,13 +23,24 @@ def free_port() -> int:
 
 def test_the_demo_shows_wake_answer_idle_and_pause_in_under_a_minute(tmp_path: Path) -> None:
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "gpumanager", "demo", "--once", "--port", str(free_port()),
-                           "--dir", str(tmp_path)], capture_output=True, text=True, timeout=90)
+    done = subprocess.run(
+        [sys.executable, "-m", "gpumanager", "demo", "--once", "--port", str(free_port()), "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     elapsed = time.monotonic() - started
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    for step in ("gpu-a: paused -> resuming", "-> ready", "First token after", "A GPU that sleeps costs nothing",
-                 "gpu-a: ready -> pausing", "pausing -> paused", "The whole cycle is done"):
+    for step in (
+        "gpu-a: paused -> resuming",
+        "-> ready",
+        "First token after",
+        "A GPU that sleeps costs nothing",
+        "gpu-a: ready -> pausing",
+        "pausing -> paused",
+        "The whole cycle is done",
+    ):
         assert step in out, f"{step!r} missing from:\n{out}"
     key = next(line.split()[-1] for line in out.splitlines() if "Admin API key" in line)
     assert key.startswith("gm_") and f"Bearer {key}" in out  # copy-paste examples carry the key
@@ -42,15 +53,19 @@ def test_the_demo_refuses_a_busy_port_clearly(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        done = subprocess.run([sys.executable, "-m", "gpumanager", "demo", "--once", "--port", str(port),
-                               "--dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [sys.executable, "-m", "gpumanager", "demo", "--once", "--port", str(port), "--dir", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert done.returncode == 2 and "is in use" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_hosts_prints_the_fleet_of_a_running_server(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    with running_cloud_stack(tmp_path, "simulated", [Machine("gpu-1"), Machine("gpu-2", running=True)]) \
-            as (stack, _):
+def test_hosts_prints_the_fleet_of_a_running_server(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with running_cloud_stack(tmp_path, "simulated", [Machine("gpu-1"), Machine("gpu-2", running=True)]) as (stack, _):
         monkeypatch.setenv("GPUMANAGER_API_KEY", stack.admin_key)
         assert main(["hosts", "--url", stack.url]) == 0
         out = capsys.readouterr().out

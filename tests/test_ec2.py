@@ -17,10 +17,17 @@ pytestmark = pytest.mark.anyio
 
 
 def provider_for(fake: FakeEC2, environ: dict[str, str] | None = None, **options: object) -> Ec2Provider:
-    settings: dict[str, object] = {"name": "aws", "region": fake.region, "endpoint_url": fake.endpoint_url,
-                                   "tag_filter": {"gpumanager": "true"}, "ollama_port": fake.ollama_port,
-                                   "poll_seconds": 0.02, "retry_seconds": 0.01, "api_timeout_seconds": 5,
-                                   **options}
+    settings: dict[str, object] = {
+        "name": "aws",
+        "region": fake.region,
+        "endpoint_url": fake.endpoint_url,
+        "tag_filter": {"gpumanager": "true"},
+        "ollama_port": fake.ollama_port,
+        "poll_seconds": 0.02,
+        "retry_seconds": 0.01,
+        "api_timeout_seconds": 5,
+        **options,
+    }
     return Ec2Provider(Ec2ProviderConfig(**settings), {**fake.credentials, **(environ or {})})  # type: ignore[arg-type]
 
 
@@ -103,7 +110,9 @@ async def test_the_public_address_is_read_again_after_every_start(fake: FakeEC2)
 
 async def test_config_wins_over_the_environment(fake: FakeEC2) -> None:
     fake.add_instance("gpu-a", tags={"gpumanager": "true"})
-    provider = provider_for(fake, environ={"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_DEFAULT_REGION": "xx-nowhere-1"})
+    provider = provider_for(
+        fake, environ={"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_DEFAULT_REGION": "xx-nowhere-1"}
+    )
     assert [h.name for h in await provider.list()] == ["gpu-a"]
 
 

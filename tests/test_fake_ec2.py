@@ -35,14 +35,19 @@ def session() -> boto3.session.Session:
 
 
 @contextmanager
-def client(session: boto3.session.Session, fake: FakeEC2, retries: dict[str, Any] | None = None,
-           **config: Any) -> Iterator[Any]:
+def client(
+    session: boto3.session.Session, fake: FakeEC2, retries: dict[str, Any] | None = None, **config: Any
+) -> Iterator[Any]:
     """A client of the proxy; by default ``total_max_attempts=1``, no retries, so every injected error shows."""
     creds = fake.credentials
-    ec2 = session.client("ec2", endpoint_url=fake.endpoint_url, region_name=creds["AWS_DEFAULT_REGION"],
-                         aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
-                         aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"],
-                         config=Config(retries=retries or {"total_max_attempts": 1}, **config))
+    ec2 = session.client(
+        "ec2",
+        endpoint_url=fake.endpoint_url,
+        region_name=creds["AWS_DEFAULT_REGION"],
+        aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"],
+        config=Config(retries=retries or {"total_max_attempts": 1}, **config),
+    )
     try:
         yield ec2
     finally:
@@ -93,15 +98,20 @@ async def test_instances_are_listed_by_tag_on_loopback_addresses(session: boto3.
         fake.add_instance("gpu-2", running=True, tags={"gpumanager": "true"})
         fake.add_instance("web", running=True)
         reply = await call(c, "describe_instances", Filters=TAGGED)
-        found = {i["Tags"][0]["Value"] if i["Tags"][0]["Key"] == "Name" else "?": i
-                 for r in reply["Reservations"] for i in r["Instances"]}
+        found = {
+            i["Tags"][0]["Value"] if i["Tags"][0]["Key"] == "Name" else "?": i
+            for r in reply["Reservations"]
+            for i in r["Instances"]
+        }
         assert sorted(found) == ["gpu-1", "gpu-2"]
         assert found["gpu-1"]["InstanceId"] == iid == fake.instance_id("gpu-1")
         assert {t["Key"]: t["Value"] for t in found["gpu-1"]["Tags"]} == {"Name": "gpu-1", "gpumanager": "true"}
         assert found["gpu-1"]["PrivateIpAddress"] == fake.private_ip("gpu-1") == "127.0.1.2"
         assert found["gpu-2"]["PrivateIpAddress"] == "127.0.1.3"
         assert (found["gpu-1"]["State"], found["gpu-2"]["State"]) == (
-            {"Code": 80, "Name": "stopped"}, {"Code": 16, "Name": "running"})
+            {"Code": 80, "Name": "stopped"},
+            {"Code": 16, "Name": "running"},
+        )
         assert found["gpu-1"]["InstanceType"] == "g6.xlarge" and "PublicIpAddress" not in found["gpu-2"]
         assert found["gpu-1"]["Placement"]["AvailabilityZone"].startswith("eu-central-1")
         assert fake.endpoint_url != fake.moto_url and fake.credentials["AWS_DEFAULT_REGION"] == "eu-central-1"
@@ -113,8 +123,13 @@ async def test_start_goes_through_pending_then_serves_ollama(session: boto3.sess
     async with ec2(session, boot_seconds=SEEN) as (fake, c):
         iid = fake.add_instance("gpu-1", models=["llama3.2:latest", "qwen2.5:7b"], slots=2)
         started = await call(c, "start_instances", InstanceIds=[iid])
-        assert started["StartingInstances"] == [{"InstanceId": iid, "CurrentState": {"Code": 0, "Name": "pending"},
-                                                 "PreviousState": {"Code": 80, "Name": "stopped"}}]
+        assert started["StartingInstances"] == [
+            {
+                "InstanceId": iid,
+                "CurrentState": {"Code": 0, "Name": "pending"},
+                "PreviousState": {"Code": 80, "Name": "stopped"},
+            }
+        ]
         assert await state(c, fake, "gpu-1") == "pending"
         assert await ollama_tags(fake, "gpu-1") is None
         # What a provider would do: boto's own waiter, polling DescribeInstances through the proxy.
@@ -137,8 +152,9 @@ async def test_stop_goes_through_stopping_then_ollama_is_gone(session: boto3.ses
         assert stopped["StoppingInstances"][0]["PreviousState"] == {"Code": 16, "Name": "running"}
         assert await state(c, fake, "gpu-1") == "stopping"
         assert await ollama_tags(fake, "gpu-1") is not None  # the VM is still shutting down
-        await call(c.get_waiter("instance_stopped"), "wait", InstanceIds=[iid],
-                   WaiterConfig={"Delay": T, "MaxAttempts": 100})
+        await call(
+            c.get_waiter("instance_stopped"), "wait", InstanceIds=[iid], WaiterConfig={"Delay": T, "MaxAttempts": 100}
+        )
         assert not fake.is_serving("gpu-1") and await ollama_tags(fake, "gpu-1") is None
         assert (await describe(c, fake, "gpu-1"))["PrivateIpAddress"] == "127.0.1.2"
         await call(c, "stop_instances", InstanceIds=[iid])
@@ -260,8 +276,10 @@ async def test_unchanged_answers_pass_through_byte_for_byte(session: boto3.sessi
         iid = fake.add_instance("gpu-1")
         form = {"Action": "DescribeInstances", "Version": "2016-11-15", "InstanceId.1": iid}
         # moto picks the service from the credential scope; it does not check the signature.
-        auth = {"authorization": f"AWS4-HMAC-SHA256 Credential=testing/20260101/{fake.region}/ec2/aws4_request, "
-                                 "SignedHeaders=host, Signature=0"}
+        auth = {
+            "authorization": f"AWS4-HMAC-SHA256 Credential=testing/20260101/{fake.region}/ec2/aws4_request, "
+            "SignedHeaders=host, Signature=0"
+        }
         via_proxy = await http.post(fake.endpoint_url, data=form, headers=auth)
         direct = await http.post(fake.moto_url, data=form, headers={**auth, "x-moto-account-id": fake.account_id})
         assert via_proxy.status_code == direct.status_code == 200

@@ -26,12 +26,16 @@ T = 0.05  # boot_seconds and stop_seconds: short, so the file runs in a few seco
 SEEN = 0.2  # for a phase a test looks at midway, so a slow machine cannot skip past it
 Q = 0.1  # queue_timeout: how long a request waits when no worker can come
 
-MYSELF = ("query { myself { endpoints { id name gpuIds idleTimeout scalerType scalerValue templateId workersMin "
-          "workersMax workersStandby pods { desiredStatus } } pods { id name desiredStatus costPerHr runtime { "
-          "uptimeInSeconds ports { ip isIpPublic privatePort publicPort type } } } } }")
-POD = ('query {{ pod(input: {{podId: "{}"}}) {{ id name desiredStatus lastStatusChange uptimeSeconds costPerHr '
-       "runtime {{ uptimeInSeconds ports {{ ip isIpPublic privatePort publicPort type }} "
-       "gpus {{ id gpuUtilPercent memoryUtilPercent }} }} }} }}")
+MYSELF = (
+    "query { myself { endpoints { id name gpuIds idleTimeout scalerType scalerValue templateId workersMin "
+    "workersMax workersStandby pods { desiredStatus } } pods { id name desiredStatus costPerHr runtime { "
+    "uptimeInSeconds ports { ip isIpPublic privatePort publicPort type } } } } }"
+)
+POD = (
+    'query {{ pod(input: {{podId: "{}"}}) {{ id name desiredStatus lastStatusChange uptimeSeconds costPerHr '
+    "runtime {{ uptimeInSeconds ports {{ ip isIpPublic privatePort publicPort type }} "
+    "gpus {{ id gpuUtilPercent memoryUtilPercent }} }} }} }}"
+)
 RESUME = 'mutation {{ podResume(input: {{podId: "{}", gpuCount: 1}}) {{ id desiredStatus }} }}'
 STOP = 'mutation {{ podStop(input: {{podId: "{}"}}) {{ id desiredStatus }} }}'
 CHAT = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
@@ -41,23 +45,30 @@ CHAT = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "hi"}],
 async def runpod(boot: float = T, **options: Any) -> AsyncIterator[tuple[FakeRunPod, httpx.AsyncClient]]:
     """A running fake and a management-API client holding the full key."""
     with anyio.fail_after(10):  # bounds every wait of the test that uses it
-        async with FakeRunPod(api_key=KEY, read_only_key=READ_ONLY, boot_seconds=boot, stop_seconds=T,
-                              queue_timeout=Q, **options) as fake, httpx.AsyncClient(
-                base_url=fake.api_url, headers={"authorization": f"Bearer {KEY}"}, timeout=5, trust_env=False) as api:
+        async with (
+            FakeRunPod(
+                api_key=KEY, read_only_key=READ_ONLY, boot_seconds=boot, stop_seconds=T, queue_timeout=Q, **options
+            ) as fake,
+            httpx.AsyncClient(
+                base_url=fake.api_url, headers={"authorization": f"Bearer {KEY}"}, timeout=5, trust_env=False
+            ) as api,
+        ):
             yield fake, api
 
 
 @asynccontextmanager
 async def serverless(fake: FakeRunPod, key: str = KEY) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=fake.serverless_url, headers={"authorization": f"Bearer {key}"},
-                                 timeout=5, trust_env=False) as client:
+    async with httpx.AsyncClient(
+        base_url=fake.serverless_url, headers={"authorization": f"Bearer {key}"}, timeout=5, trust_env=False
+    ) as client:
         yield client
 
 
 @asynccontextmanager
 async def oai(fake: FakeRunPod, eid: str) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with openai.AsyncOpenAI(base_url=f"{fake.serverless_url}/{eid}/openai/v1", api_key=KEY,
-                                  max_retries=0) as client:
+    async with openai.AsyncOpenAI(
+        base_url=f"{fake.serverless_url}/{eid}/openai/v1", api_key=KEY, max_retries=0
+    ) as client:
         yield client
 
 
@@ -104,14 +115,17 @@ async def test_management_auth_and_the_read_only_key() -> None:
             assert refused.status_code == 401 and refused.json()["errors"][0]["message"] == "Unauthorized"
             assert (await api.get(f"/v2/pods/{pid}", headers=headers)).status_code == 401
         await gql(api, MYSELF, params={"api_key": KEY}, headers={"authorization": ""})  # the docs' way
-        assert (await api.get(f"/v2/pods/{pid}", params={"api_key": KEY}, headers={"authorization": ""})
-                ).status_code == 401  # REST takes the header only
+        assert (
+            await api.get(f"/v2/pods/{pid}", params={"api_key": KEY}, headers={"authorization": ""})
+        ).status_code == 401  # REST takes the header only
         ro = {"authorization": f"Bearer {READ_ONLY}"}
         await gql(api, MYSELF, headers=ro)
         denied = await api.post("/graphql", json={"query": RESUME.format(pid)}, headers=ro)
         assert denied.status_code == 403 and denied.json()["data"] == {"podResume": None}
-        save = (f'mutation {{ saveEndpoint(input: {{id: "{eid}", gpuIds: "AMPERE_24", name: "gpu-ep", '
-                f'templateId: "t", workersMin: 1}}) {{ id }} }}')
+        save = (
+            f'mutation {{ saveEndpoint(input: {{id: "{eid}", gpuIds: "AMPERE_24", name: "gpu-ep", '
+            f'templateId: "t", workersMin: 1}}) {{ id }} }}'
+        )
         assert (await api.post("/graphql", json={"query": save}, headers=ro)).status_code == 403
         assert (await api.get(f"/v2/serverless/{eid}", headers=ro)).status_code == 200
         assert (await patch(api, eid, {"workers": {"min": 1}}, key=READ_ONLY)).status_code == 403
@@ -132,12 +146,27 @@ async def test_myself_lists_every_endpoint_and_pod_in_full() -> None:
         [ep] = me["endpoints"]
         template = ep.pop("templateId")
         assert isinstance(template, str) and template
-        assert ep == {"id": eid, "name": "gpu-ep", "gpuIds": "AMPERE_24", "gpuCount": 1, "idleTimeout": 5,
-                      "scalerType": "QUEUE_DELAY", "scalerValue": 4, "workersMin": 0, "workersMax": 3,
-                      "workersStandby": 0, "pods": []}
+        assert ep == {
+            "id": eid,
+            "name": "gpu-ep",
+            "gpuIds": "AMPERE_24",
+            "gpuCount": 1,
+            "idleTimeout": 5,
+            "scalerType": "QUEUE_DELAY",
+            "scalerValue": 4,
+            "workersMin": 0,
+            "workersMax": 3,
+            "workersStandby": 0,
+            "pods": [],
+        }
         [found] = me["pods"]
         assert {k: found[k] for k in ("id", "name", "desiredStatus", "costPerHr", "runtime")} == {
-            "id": pid, "name": "gpu-pod", "desiredStatus": "EXITED", "costPerHr": 0.44, "runtime": None}
+            "id": pid,
+            "name": "gpu-pod",
+            "desiredStatus": "EXITED",
+            "costPerHr": 0.44,
+            "runtime": None,
+        }
         assert found["lastStatusChange"].startswith("Created by User: ")
 
 
@@ -151,8 +180,13 @@ async def test_pod_resume_and_stop_over_graphql() -> None:
         await fake.wait_for("gpu-pod")
         up = await pod(api, pid)
         [port] = up["runtime"]["ports"]
-        assert port == {"ip": "127.0.0.1", "isIpPublic": True, "privatePort": 11434,
-                        "publicPort": port["publicPort"], "type": "tcp"}
+        assert port == {
+            "ip": "127.0.0.1",
+            "isIpPublic": True,
+            "privatePort": 11434,
+            "publicPort": port["publicPort"],
+            "type": "tcp",
+        }
         assert len(up["runtime"]["gpus"]) == 1 and isinstance(up["uptimeSeconds"], int)
         assert await ollama_tags(port["publicPort"]) == ["llama3.2:latest", "qwen2.5:7b"]
         stopped = (await gql(api, STOP.format(pid)))["podStop"]
@@ -215,13 +249,22 @@ async def test_save_endpoint_needs_the_repeated_fields_and_warms_and_cools() -> 
 async def test_rest_patch_validates_and_answers_the_endpoint() -> None:
     async with runpod() as (fake, api):
         eid = fake.add_endpoint("gpu-ep", gpu_ids="AMPERE_24,ADA_24")
-        for bad in ({"workers": {"idleTimeout": 0}}, {"workers": {"idleTimeout": 3601}},
-                    {"workers": {"idleTimeout": 2.5}}, {"workers": {"idleTimeout": "5"}}, {"workers": {"min": -1}},
-                    {"workers": {"min": 4}}, {"workers": "x"}, {"scaling": {"type": "FASTEST"}}, [1]):
+        for bad in (
+            {"workers": {"idleTimeout": 0}},
+            {"workers": {"idleTimeout": 3601}},
+            {"workers": {"idleTimeout": 2.5}},
+            {"workers": {"idleTimeout": "5"}},
+            {"workers": {"min": -1}},
+            {"workers": {"min": 4}},
+            {"workers": "x"},
+            {"scaling": {"type": "FASTEST"}},
+            [1],
+        ):
             refused = await patch(api, eid, bad)
             assert (refused.status_code, refused.json()["status"]) == (400, 400), bad
-        changed = await patch(api, eid, {"workers": {"max": 2, "idleTimeout": 60},
-                                         "scaling": {"type": "REQUEST_COUNT", "value": 2}})
+        changed = await patch(
+            api, eid, {"workers": {"max": 2, "idleTimeout": 60}, "scaling": {"type": "REQUEST_COUNT", "value": 2}}
+        )
         assert changed.status_code == 200
         body = changed.json()
         assert body["workers"] == {"min": 0, "max": 2, "idleTimeout": 60, "standby": 0}
@@ -260,8 +303,12 @@ async def test_rest_pod_actions() -> None:
         assert not fake.is_serving("gpu-pod")
         assert (await api.get(f"/v2/pods/{pid}")).status_code == 404
         assert (await gql(api, MYSELF))["myself"]["pods"] == []
-        assert fake.calls == [("start", "gpu-pod"), ("stop", "gpu-pod"), ("restart", "gpu-pod"),
-                              ("terminate", "gpu-pod")]
+        assert fake.calls == [
+            ("start", "gpu-pod"),
+            ("stop", "gpu-pod"),
+            ("restart", "gpu-pod"),
+            ("terminate", "gpu-pod"),
+        ]
 
 
 async def test_a_warm_endpoint_serves_the_openai_routes() -> None:
@@ -272,15 +319,18 @@ async def test_a_warm_endpoint_serves_the_openai_routes() -> None:
         await fake.wait_for("gpu-ep")
         assert (await health(fake, eid))["workers"] == {"idle": 1, "running": 0}
         async with oai(fake, eid) as client:
-            reply = await client.chat.completions.create(model=DEFAULT_MODEL, max_tokens=3,
-                                                         messages=[{"role": "user", "content": "hi"}])
+            reply = await client.chat.completions.create(
+                model=DEFAULT_MODEL, max_tokens=3, messages=[{"role": "user", "content": "hi"}]
+            )
             assert reply.choices[0].message.content == expected_text(3) and reply.model == DEFAULT_MODEL
-            stream = await client.chat.completions.create(model=DEFAULT_MODEL, max_tokens=4, stream=True,
-                                                          messages=[{"role": "user", "content": "hi"}])
+            stream = await client.chat.completions.create(
+                model=DEFAULT_MODEL, max_tokens=4, stream=True, messages=[{"role": "user", "content": "hi"}]
+            )
             pieces = [chunk.choices[0].delta.content async for chunk in stream if chunk.choices]
             assert "".join(p or "" for p in pieces) == expected_text(4)
-            assert (await client.completions.create(model=DEFAULT_MODEL, prompt="hi", max_tokens=2)
-                    ).choices[0].text == expected_text(2)
+            assert (await client.completions.create(model=DEFAULT_MODEL, prompt="hi", max_tokens=2)).choices[
+                0
+            ].text == expected_text(2)
             embedded = await client.embeddings.create(model=DEFAULT_MODEL, input="hi")
             assert len(embedded.data[0].embedding) == 8
             [listed] = (await client.models.list()).data

@@ -28,8 +28,12 @@ FILTERS = {"application_type": "Compute", "deleted": "false", "by_owner": "true"
 async def surf(**options: Any) -> AsyncIterator[tuple[FakeSurf, httpx.AsyncClient]]:
     """A running fake and a client that authenticates as SURF wants: the raw token, no `Bearer`."""
     with anyio.fail_after(10):  # bounds every wait of the test that uses it
-        async with FakeSurf(token="tok", transition_seconds=T, **options) as fake, httpx.AsyncClient(
-                base_url=fake.base_url, headers={"authorization": "tok"}, timeout=5, trust_env=False) as client:
+        async with (
+            FakeSurf(token="tok", transition_seconds=T, **options) as fake,
+            httpx.AsyncClient(
+                base_url=fake.base_url, headers={"authorization": "tok"}, timeout=5, trust_env=False
+            ) as client,
+        ):
             yield fake, client
 
 
@@ -305,8 +309,12 @@ async def test_fail_requests_then_recover_and_everything_is_counted() -> None:
         await get(client, ws)
         await post(client, ws, "resume")
         await client.get("/workspace/elsewhere/")
-        assert fake.requests == {("GET", "list"): 3, ("GET", "workspace"): 1, ("POST", "action"): 1,
-                                 ("GET", "unknown"): 1}
+        assert fake.requests == {
+            ("GET", "list"): 3,
+            ("GET", "workspace"): 1,
+            ("POST", "action"): 1,
+            ("GET", "unknown"): 1,
+        }
 
 
 async def test_slow_requests_trip_client_timeouts() -> None:

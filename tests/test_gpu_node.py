@@ -79,7 +79,7 @@ def live_group_members(pgid: int) -> list[str]:
             stat = stat_path.read_text()
         except OSError:
             continue
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
         state, _ppid, group = stat.rsplit(")", 1)[1].split()[:3]
         if int(group) == pgid and state not in ("Z", "X"):
             members.append(f"{stat_path.parent.name} {name}")
@@ -159,8 +159,11 @@ class Node:
 
     def assert_nothing_left(self) -> None:
         """Once the entrypoint has exited, none of its children may still run."""
-        wait_until(lambda: not live_group_members(self.proc.pid), 2,
-                   f"the entrypoint's children to exit: {live_group_members(self.proc.pid)}")
+        wait_until(
+            lambda: not live_group_members(self.proc.pid),
+            2,
+            f"the entrypoint's children to exit: {live_group_members(self.proc.pid)}",
+        )
 
 
 @pytest.fixture
@@ -183,8 +186,13 @@ def run_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
         }
         with open(stderr_path, "wb") as err:
             proc = subprocess.Popen(
-                [str(ENTRYPOINT)], env=full_env, stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+                [str(ENTRYPOINT)],
+                env=full_env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                start_new_session=True,
+            )
         node = Node(tmp_path, proc, stderr_path)
         started.append(node)
         return node
@@ -209,15 +217,13 @@ def test_entrypoint_is_posix_sh_and_executable() -> None:
         subprocess.run([dash, "-n", str(ENTRYPOINT)], check=True, timeout=5)
 
 
-def test_entrypoint_waits_then_pulls_each_model_and_survives_a_failed_pull(
-        run_node: Callable[..., Node]) -> None:
+def test_entrypoint_waits_then_pulls_each_model_and_survives_a_failed_pull(run_node: Callable[..., Node]) -> None:
     node = run_node(
         PULL_MODELS=" llama3.2, qwen2.5:7b ,,nomic-embed-text",
         STANDIN_LIST_FAILS="2",
         STANDIN_PULL_FAIL="qwen2.5:7b",
     )
-    wait_until(lambda: "all models pulled" in node.stderr() or "not pulled" in node.stderr(),
-               5, "the pulls to end")
+    wait_until(lambda: "all models pulled" in node.stderr() or "not pulled" in node.stderr(), 5, "the pulls to end")
 
     # Trimmed, empties skipped, in order, and past the failing one.
     assert node.pulls() == ["llama3.2", "qwen2.5:7b", "nomic-embed-text"]
@@ -242,8 +248,7 @@ def test_entrypoint_waits_then_pulls_each_model_and_survives_a_failed_pull(
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_during_a_pull_stops_the_pull_and_the_server(
-        run_node: Callable[..., Node], signum: int) -> None:
+def test_a_signal_during_a_pull_stops_the_pull_and_the_server(run_node: Callable[..., Node], signum: int) -> None:
     node = run_node(PULL_MODELS="huge-model,next-model", STANDIN_PULL_HANG="huge-model")
     wait_until(lambda: "pull huge-model" in node.calls(), 5, "the pull to start")
     serve_pid = node.serve_pid()
@@ -253,15 +258,15 @@ def test_a_signal_during_a_pull_stops_the_pull_and_the_server(
     assert took < 2, f"the entrypoint took {took:.2f} s to exit after {signum!r}"
     calls = node.calls()
     assert "serve stopped by TERM" in calls  # SIGINT is passed on as SIGTERM
-    wait_until(lambda: "pull huge-model stopped by TERM" in node.calls(), 2,
-               "the hanging pull to be stopped")
+    wait_until(lambda: "pull huge-model stopped by TERM" in node.calls(), 2, "the hanging pull to be stopped")
     assert "pull next-model" not in node.calls()
     assert process_gone(serve_pid)
     assert status == 0
 
 
 def test_when_ollama_never_answers_nothing_is_pulled_and_the_server_keeps_running(
-        run_node: Callable[..., Node]) -> None:
+    run_node: Callable[..., Node],
+) -> None:
     node = run_node(PULL_MODELS="llama3.2", STANDIN_LIST_FAILS="1000", PULL_WAIT_TRIES="5")
     wait_until(lambda: "did not answer" in node.stderr(), 5, "the wait for Ollama to give up")
 
@@ -276,16 +281,13 @@ def test_when_ollama_never_answers_nothing_is_pulled_and_the_server_keeps_runnin
     assert status == 0
 
 
-def test_when_the_server_dies_the_entrypoint_exits_with_its_status(
-        run_node: Callable[..., Node]) -> None:
-    node = run_node(PULL_MODELS="huge-model", STANDIN_PULL_HANG="huge-model",
-                    STANDIN_SERVE_EXIT="3")
+def test_when_the_server_dies_the_entrypoint_exits_with_its_status(run_node: Callable[..., Node]) -> None:
+    node = run_node(PULL_MODELS="huge-model", STANDIN_PULL_HANG="huge-model", STANDIN_SERVE_EXIT="3")
     status = node.proc.wait(timeout=5)
 
     assert status == 3  # so `restart: unless-stopped` starts the container again
     node.assert_nothing_left()
-    wait_until(lambda: "pull huge-model stopped by TERM" in node.calls(), 2,
-               "the pull to be stopped")
+    wait_until(lambda: "pull huge-model stopped by TERM" in node.calls(), 2, "the pull to be stopped")
     assert "ollama exited with status 3" in node.stderr()
 
 
@@ -430,8 +432,13 @@ def test_compose_door_service(compose: dict) -> None:
 
 def test_env_example() -> None:
     example = read_env_file(ENV_EXAMPLE)
-    assert {"OLLAMA_MODELS", "OLLAMA_NUM_PARALLEL", "OLLAMA_KEEP_ALIVE",
-            "GPUMANAGER_UPSTREAM_TOKEN", "OLLAMA_PORT"} <= set(example)
+    assert {
+        "OLLAMA_MODELS",
+        "OLLAMA_NUM_PARALLEL",
+        "OLLAMA_KEEP_ALIVE",
+        "GPUMANAGER_UPSTREAM_TOKEN",
+        "OLLAMA_PORT",
+    } <= set(example)
     assert example["GPUMANAGER_UPSTREAM_TOKEN"] == ""  # no token is ever committed
     assert example["OLLAMA_NUM_PARALLEL"] == "4"
     assert "openssl rand -hex 32" in ENV_EXAMPLE.read_text()
@@ -455,13 +462,15 @@ class StandInOllama:
 def stand_in_app(seen: list[dict]) -> Starlette:
     async def record(request: Request) -> bytes:
         body = await request.body()
-        seen.append({
-            "path": request.url.path,
-            "host": request.headers.get("host"),
-            "authorization": request.headers.get("authorization"),
-            "body": body,
-            "peer_port": request.client.port if request.client else None,
-        })
+        seen.append(
+            {
+                "path": request.url.path,
+                "host": request.headers.get("host"),
+                "authorization": request.headers.get("authorization"),
+                "body": body,
+                "peer_port": request.client.port if request.client else None,
+            }
+        )
         return body
 
     async def tags(request: Request) -> Response:
@@ -481,10 +490,12 @@ def stand_in_app(seen: list[dict]) -> Starlette:
 
         return StreamingResponse(chunks(), media_type="application/x-ndjson")
 
-    return Starlette(routes=[
-        Route("/api/tags", tags),
-        Route("/api/chat", chat, methods=["POST"]),
-    ])
+    return Starlette(
+        routes=[
+            Route("/api/tags", tags),
+            Route("/api/chat", chat, methods=["POST"]),
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -492,8 +503,9 @@ def stand_in_ollama() -> Iterator[StandInOllama]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     stand_in = StandInOllama(port=sock.getsockname()[1])
-    config = uvicorn.Config(stand_in_app(stand_in.seen), lifespan="off", ws="none", http="h11",
-                            log_level="warning", access_log=False)
+    config = uvicorn.Config(
+        stand_in_app(stand_in.seen), lifespan="off", ws="none", http="h11", log_level="warning", access_log=False
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -512,18 +524,19 @@ NGINX_INSTALL_HINT = (
     "    sudo apt-get install -y --no-install-recommends nginx     # Debian, Ubuntu\n"
     "    sudo dnf install -y nginx                                  # Fedora, RHEL\n"
     "    brew install nginx                                         # macOS\n"
-    "(it only has to be on PATH or in /usr/sbin; the test starts its own instance)")
+    "(it only has to be on PATH or in /usr/sbin; the test starts its own instance)"
+)
 
 
 def find_nginx() -> str:
     """The nginx binary: $GPUMANAGER_TEST_NGINX, else `nginx` on PATH or in the usual sbin dirs."""
     if override := os.environ.get("GPUMANAGER_TEST_NGINX"):
         if not os.access(override, os.X_OK):
-            pytest.fail(f"GPUMANAGER_TEST_NGINX={override} is not an executable.\n"
-                        + NGINX_INSTALL_HINT, pytrace=False)
+            pytest.fail(f"GPUMANAGER_TEST_NGINX={override} is not an executable.\n" + NGINX_INSTALL_HINT, pytrace=False)
         return override
-    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin",
-                            "/usr/local/nginx/sbin", "/opt/homebrew/bin"])
+    path = os.pathsep.join(
+        [os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin", "/usr/local/nginx/sbin", "/opt/homebrew/bin"]
+    )
     nginx = shutil.which("nginx", path=path)
     if nginx is None:
         pytest.fail(NGINX_INSTALL_HINT, pytrace=False)
@@ -563,11 +576,14 @@ def door(stand_in_ollama: StandInOllama, tmp_path_factory: pytest.TempPathFactor
     port = free_port()
     conf_d = prefix / "conf.d"
     conf_d.mkdir()
-    rendered = render_template(TEMPLATE.read_text(), {
-        "GPUMANAGER_UPSTREAM_TOKEN": TOKEN,
-        "OLLAMA_UPSTREAM": f"127.0.0.1:{stand_in_ollama.port}",
-        "DOOR_LISTEN": f"127.0.0.1:{port}",
-    })
+    rendered = render_template(
+        TEMPLATE.read_text(),
+        {
+            "GPUMANAGER_UPSTREAM_TOKEN": TOKEN,
+            "OLLAMA_UPSTREAM": f"127.0.0.1:{stand_in_ollama.port}",
+            "DOOR_LISTEN": f"127.0.0.1:{port}",
+        },
+    )
     assert "${" not in rendered
     (conf_d / "default.conf").write_text(rendered)
     # Around it, the parts of the image's /etc/nginx/nginx.conf that matter, in the temp dir.
@@ -592,14 +608,12 @@ http {{
     include {conf_d}/*.conf;
 }}
 """)
-    command = [nginx, "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf"),
-               "-e", str(prefix / "error.log")]
+    command = [nginx, "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf"), "-e", str(prefix / "error.log")]
     with open(prefix / "stderr.log", "wb") as err:
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
 
     def error_log() -> str:
-        return "\n".join(p.read_text() for p in (prefix / "stderr.log", prefix / "error.log")
-                         if p.exists())
+        return "\n".join(p.read_text() for p in (prefix / "stderr.log", prefix / "error.log") if p.exists())
 
     def listening() -> bool:
         if proc.poll() is not None:
@@ -631,19 +645,21 @@ def client(door: Door) -> Iterator[httpx.Client]:
         yield c
 
 
-@pytest.mark.parametrize("authorization", [
-    None,
-    "Bearer wrong",
-    f"Bearer {TOKEN}x",
-    f"Bearer {TOKEN.upper()}",  # the comparison is case-sensitive (an nginx `map` is not)
-    f"bearer {TOKEN.upper()}",
-    f"Basic {TOKEN}",
-    TOKEN,
-    "Bearer",
-    "",
-])
-def test_door_refuses_without_the_token(
-        client: httpx.Client, door: Door, authorization: str | None) -> None:
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        None,
+        "Bearer wrong",
+        f"Bearer {TOKEN}x",
+        f"Bearer {TOKEN.upper()}",  # the comparison is case-sensitive (an nginx `map` is not)
+        f"bearer {TOKEN.upper()}",
+        f"Basic {TOKEN}",
+        TOKEN,
+        "Bearer",
+        "",
+    ],
+)
+def test_door_refuses_without_the_token(client: httpx.Client, door: Door, authorization: str | None) -> None:
     headers = {"Authorization": authorization} if authorization is not None else {}
     for method, path in (("GET", "/api/tags"), ("POST", "/api/chat")):
         response = client.request(method, path, headers=headers, content=b"{}" if method == "POST" else None)
@@ -654,8 +670,7 @@ def test_door_refuses_without_the_token(
     assert door.upstream.seen == []  # nothing reached Ollama
 
 
-def test_door_passes_the_token_holder_through_without_the_token(
-        client: httpx.Client, door: Door) -> None:
+def test_door_passes_the_token_holder_through_without_the_token(client: httpx.Client, door: Door) -> None:
     response = client.get("/api/tags", headers={"Authorization": f"Bearer {TOKEN}"})
 
     assert response.status_code == 200
@@ -672,8 +687,7 @@ def test_door_streams_chunk_by_chunk(client: httpx.Client, door: Door) -> None:
     arrivals: list[float] = []
     lines: list[dict] = []
     start = time.monotonic()
-    with client.stream("POST", "/api/chat", content=body,
-                       headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+    with client.stream("POST", "/api/chat", content=body, headers={"Authorization": f"Bearer {TOKEN}"}) as response:
         assert response.status_code == 200
         assert response.headers["content-type"] == "application/x-ndjson"
         for line in response.iter_lines():
@@ -695,8 +709,7 @@ def test_door_streams_chunk_by_chunk(client: httpx.Client, door: Door) -> None:
 def test_door_takes_large_bodies(client: httpx.Client, door: Door) -> None:
     image = "A" * (8 * 1024 * 1024)  # a base64 image in a chat: far above nginx's 1 MB default
     body = json.dumps({"model": "llava", "messages": [{"role": "user", "images": [image]}]}).encode()
-    with client.stream("POST", "/api/chat", content=body,
-                       headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+    with client.stream("POST", "/api/chat", content=body, headers={"Authorization": f"Bearer {TOKEN}"}) as response:
         assert response.status_code == 200
         assert len(list(response.iter_lines())) == CHAT_CHUNKS
     (seen,) = door.upstream.seen
@@ -712,8 +725,7 @@ def test_door_keeps_upstream_connections_alive(client: httpx.Client, door: Door)
     assert len(ports) == 1, f"nginx opened a new upstream connection per request: {ports}"
 
 
-def test_door_health_needs_no_token_and_leaves_ollama_alone(
-        client: httpx.Client, door: Door) -> None:
+def test_door_health_needs_no_token_and_leaves_ollama_alone(client: httpx.Client, door: Door) -> None:
     response = client.get("/door-health")
     assert response.status_code == 200
     assert response.text == "ok\n"
@@ -747,15 +759,17 @@ def test_dockerfile() -> None:
     instructions = dockerfile_instructions(DOCKERFILE.read_text())
     stage_starts = [i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM"]
     assert stage_starts and stage_starts[0] == 0
-    final = instructions[stage_starts[-1]:]
-    assert all(args.split()[0].startswith("python:3.11-slim")
-               for keyword, args in instructions if keyword == "FROM")
+    final = instructions[stage_starts[-1] :]
+    assert all(args.split()[0].startswith("python:3.11-slim") for keyword, args in instructions if keyword == "FROM")
 
     # Installed from the source tree.
-    assert any(keyword == "RUN" and re.search(r"pip install --no-cache-dir (\S+ )*\.($|\s)", args)
-               for keyword, args in instructions)
-    copied = [args.split()[:-1] for keyword, args in instructions
-              if keyword == "COPY" and not args.startswith("--from")]
+    assert any(
+        keyword == "RUN" and re.search(r"pip install --no-cache-dir (\S+ )*\.($|\s)", args)
+        for keyword, args in instructions
+    )
+    copied = [
+        args.split()[:-1] for keyword, args in instructions if keyword == "COPY" and not args.startswith("--from")
+    ]
     sources = {source.rstrip("/") for sources in copied for source in sources}
     assert {"pyproject.toml", "src"} <= sources
     for source in sources:
@@ -780,7 +794,7 @@ def test_dockerfile() -> None:
     healthcheck = last("HEALTHCHECK")
     assert "http://127.0.0.1:8000/health" in healthcheck
     assert "curl" not in healthcheck  # python:3.11-slim has none
-    code = json.loads(healthcheck[healthcheck.index("CMD") + 3:].strip())
+    code = json.loads(healthcheck[healthcheck.index("CMD") + 3 :].strip())
     assert code[:2] == ["python", "-c"]
     compile(code[2], "HEALTHCHECK", "exec")
     assert json.loads(last("CMD")) == ["gpumanager", "server"]
@@ -789,8 +803,11 @@ def test_dockerfile() -> None:
 
 
 def test_dockerignore() -> None:
-    patterns = {line.strip().rstrip("/") for line in DOCKERIGNORE.read_text().splitlines()
-                if line.strip() and not line.startswith("#")}
+    patterns = {
+        line.strip().rstrip("/")
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     assert {".venv", ".git", ".env", "api_keys.json", "state", "logs"} <= patterns
     assert ".pytest_cache" in patterns
     # What the build copies is not ignored.

@@ -21,8 +21,9 @@ def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_generate_key_quiet_prints_only_the_key_and_stores_only_its_hash(tmp_path: Path,
-                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_generate_key_quiet_prints_only_the_key_and_stores_only_its_hash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = tmp_path / "config.toml"
     config.write_text("")
     code, out, _ = cli(capsys, "generate-key", "--config", str(config), "--name", "Ada", "--email", "ada@x.org", "-q")
@@ -32,14 +33,16 @@ def test_generate_key_quiet_prints_only_the_key_and_stores_only_its_hash(tmp_pat
     text = path.read_text()
     assert key not in text and hash_key(key) in text
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert [p.name for p in tmp_path.iterdir()] == ["config.toml", "api_keys.json"] or \
-        sorted(p.name for p in tmp_path.iterdir()) == ["api_keys.json", "config.toml"]  # no temp file left
+    assert [p.name for p in tmp_path.iterdir()] == ["config.toml", "api_keys.json"] or sorted(
+        p.name for p in tmp_path.iterdir()
+    ) == ["api_keys.json", "config.toml"]  # no temp file left
     record = json.loads(text)["keys"][0]
     assert record["name"] == "Ada" and record["key_hash"].startswith("sha256:") and not record.get("admin")
 
 
-def test_generate_key_without_quiet_explains(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_generate_key_without_quiet_explains(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)  # no config.toml here: the defaults apply
     code, out, _ = cli(capsys, "generate-key", "--name", "Bo", "--email", "bo@x.org", "--admin")
     assert code == 0 and "admin key" in out and "shown only this once" in out
@@ -94,8 +97,9 @@ def test_a_broken_key_file_fails_clearly(tmp_path: Path) -> None:
 
 def test_a_running_server_picks_up_new_and_revoked_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with running_stack(tmp_path, [SimHost("h")]) as stack:
-        code, out, _ = cli(capsys, "generate-key", "--config", str(stack.config_path), "--name", "n", "--email",
-                           "n@x", "--quiet")
+        code, out, _ = cli(
+            capsys, "generate-key", "--config", str(stack.config_path), "--name", "n", "--email", "n@x", "--quiet"
+        )
         key = out.strip()
         headers = {"Authorization": f"Bearer {key}"}
         assert httpx.get(stack.url + "/api/tags", headers=headers).status_code == 200  # at once, no restart
@@ -113,8 +117,9 @@ def test_help_explains_every_command(capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_check_config_prints_the_hosts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "config.toml").write_text('[[hosts]]\nname = "box"\nurl = "http://10.1.2.3:11434"\nslots = 3\n'
-                                          'models = ["llama3.2"]\n')
+    (tmp_path / "config.toml").write_text(
+        '[[hosts]]\nname = "box"\nurl = "http://10.1.2.3:11434"\nslots = 3\nmodels = ["llama3.2"]\n'
+    )
     code, out, _ = cli(capsys, "check-config", "--config", str(tmp_path / "config.toml"))
     assert code == 0 and "box" in out and "http://10.1.2.3:11434" in out and "llama3.2" in out
 

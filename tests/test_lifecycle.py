@@ -42,8 +42,12 @@ def kind(request: pytest.FixtureRequest) -> str:
 
 
 def chat(tokens: int, *, stream: bool = False, model: str = "llama3.2") -> dict[str, object]:
-    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream,
-            "options": {"num_predict": tokens}}
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": stream,
+        "options": {"num_predict": tokens},
+    }
 
 
 def state(stack: Stack, name: str) -> HostState:
@@ -60,8 +64,12 @@ def test_a_request_wakes_a_paused_host_and_streams_the_whole_answer(one_paused: 
     stack, cloud = one_paused
     assert state(stack, "gpu-1") is HostState.PAUSED and not cloud.running("gpu-1")
     with ollama.Client(host=stack.url, headers=stack.headers(), timeout=30) as client:
-        chunks = [c.message.content for c in client.chat(model="llama3.2", stream=True, options={"num_predict": 10},
-                                                         messages=[{"role": "user", "content": "x"}])]
+        chunks = [
+            c.message.content
+            for c in client.chat(
+                model="llama3.2", stream=True, options={"num_predict": 10}, messages=[{"role": "user", "content": "x"}]
+            )
+        ]
     assert "".join(chunks) == expected_text(10) and len([c for c in chunks if c]) == 10
     assert cloud.resumes("gpu-1") == 1 and state(stack, "gpu-1") is HostState.READY
 
@@ -78,8 +86,10 @@ def test_50_concurrent_requests_during_one_wake_cause_exactly_one_resume(one_pau
         answers.append(text)
 
     async def main() -> None:
-        async with httpx.AsyncClient(base_url=stack.url, headers=stack.headers(), timeout=30) as client, \
-                anyio.create_task_group() as tg:
+        async with (
+            httpx.AsyncClient(base_url=stack.url, headers=stack.headers(), timeout=30) as client,
+            anyio.create_task_group() as tg,
+        ):
             for i in range(50):
                 tg.start_soon(one, client, i)
 
@@ -90,7 +100,8 @@ def test_50_concurrent_requests_during_one_wake_cause_exactly_one_resume(one_pau
 
 
 def test_an_idle_host_is_paused_after_its_window_and_one_with_an_open_stream_is_not(
-        one_paused: tuple[Stack, Cloud]) -> None:
+    one_paused: tuple[Stack, Cloud],
+) -> None:
     stack, cloud = one_paused
     with httpx.Client(base_url=stack.url, headers=stack.headers(), timeout=30) as client:
         with client.stream("POST", "/api/chat", json=chat(400, stream=True)) as response:  # 400 x 5 ms: 2 s
@@ -117,8 +128,7 @@ def test_a_protected_host_is_never_auto_paused(tmp_path: Path, kind: str) -> Non
         wait_until(lambda: cloud.pauses("gpu-1") == 1, timeout=5)
 
 
-def test_a_failed_resume_moves_the_request_to_another_host_and_pauses_the_failed_one(tmp_path: Path,
-                                                                                     kind: str) -> None:
+def test_a_failed_resume_moves_the_request_to_another_host_and_pauses_the_failed_one(tmp_path: Path, kind: str) -> None:
     machines = [Machine("gpu-cheap", cost=1.0), Machine("gpu-dear", cost=2.0)]
     with running_cloud_stack(tmp_path, kind, machines, extra=LIFE) as (stack, cloud):
         stack.call(cloud.fail_next_resume, "gpu-cheap")
@@ -132,8 +142,12 @@ def test_a_failed_resume_moves_the_request_to_another_host_and_pauses_the_failed
 def test_a_failed_resume_with_no_other_host_answers_504_in_each_dialect(one_paused: tuple[Stack, Cloud]) -> None:
     stack, cloud = one_paused
     stack.call(cloud.fail_next_resume, "gpu-1")
-    answer = httpx.post(stack.url + "/v1/chat/completions", headers=stack.headers(), timeout=30,
-                        json={"model": "llama3.2", "messages": [{"role": "user", "content": "x"}]})
+    answer = httpx.post(
+        stack.url + "/v1/chat/completions",
+        headers=stack.headers(),
+        timeout=30,
+        json={"model": "llama3.2", "messages": [{"role": "user", "content": "x"}]},
+    )
     assert answer.status_code == 504 and "gpu-1" in answer.json()["error"]["message"]
     wait_until(lambda: cloud.pauses("gpu-1") >= 1, timeout=5)
     answer = httpx.post(stack.url + "/api/chat", json=chat(2), headers=stack.headers(), timeout=30)
@@ -143,8 +157,10 @@ def test_a_failed_resume_with_no_other_host_answers_504_in_each_dialect(one_paus
 
 def test_a_hanging_resume_times_out_with_504_and_is_paused(tmp_path: Path, kind: str) -> None:
     extra = LIFE.replace("startup_timeout_seconds = 5", "startup_timeout_seconds = 1")
-    with running_cloud_stack(tmp_path, kind, [Machine("gpu-1")], extra=extra) as (stack, cloud), \
-            ollama.Client(host=stack.url, headers=stack.headers(), timeout=30) as client:
+    with (
+        running_cloud_stack(tmp_path, kind, [Machine("gpu-1")], extra=extra) as (stack, cloud),
+        ollama.Client(host=stack.url, headers=stack.headers(), timeout=30) as client,
+    ):
         stack.call(cloud.hang_next_resume, "gpu-1")
         with pytest.raises(ollama.ResponseError) as error:
             client.chat(model="llama3.2", messages=[{"role": "user", "content": "x"}])
@@ -157,8 +173,11 @@ def test_a_streaming_request_whose_wake_fails_gets_an_in_band_error(one_paused: 
     stack.call(cloud.fail_next_resume, "gpu-1")
     with openai.OpenAI(base_url=stack.v1, api_key=stack.user_key, max_retries=0) as client:
         with pytest.raises(openai.APIError) as error:  # heartbeats sent 200 first: the failure comes in-band
-            list(client.chat.completions.create(model="llama3.2", stream=True,
-                                                messages=[{"role": "user", "content": "x"}]))
+            list(
+                client.chat.completions.create(
+                    model="llama3.2", stream=True, messages=[{"role": "user", "content": "x"}]
+                )
+            )
     assert "gpu-1" in error.value.message
 
 
@@ -185,8 +204,10 @@ def test_a_host_paused_from_outside_is_noticed_by_reconcile(one_paused: tuple[St
 
 def test_emergency_off_pauses_everything_and_refuses_wakes_until_emergency_on(tmp_path: Path, kind: str) -> None:
     machines = [Machine("gpu-1"), Machine("gpu-2", models=("qwen2.5:7b",), protected=True)]
-    with running_cloud_stack(tmp_path, kind, machines, extra=LIFE) as (stack, cloud), \
-            httpx.Client(base_url=stack.url, headers=stack.headers(), timeout=30) as client:
+    with (
+        running_cloud_stack(tmp_path, kind, machines, extra=LIFE) as (stack, cloud),
+        httpx.Client(base_url=stack.url, headers=stack.headers(), timeout=30) as client,
+    ):
         admin = stack.headers(stack.admin_key)
         assert client.post("/api/chat", json=chat(1, model="qwen2.5:7b")).status_code == 200
         with client.stream("POST", "/api/chat", json=chat(2000, stream=True)) as response:
@@ -206,8 +227,9 @@ def test_emergency_off_pauses_everything_and_refuses_wakes_until_emergency_on(tm
 def test_an_admin_pause_drains_open_streams_first(one_paused: tuple[Stack, Cloud]) -> None:
     stack, cloud = one_paused
     with httpx.Client(base_url=stack.url, headers=stack.headers(), timeout=30) as client:
-        with client.stream("POST", "/api/generate", json={"model": "llama3.2", "prompt": "x",
-                                                          "options": {"num_predict": 100}}) as response:
+        with client.stream(
+            "POST", "/api/generate", json={"model": "llama3.2", "prompt": "x", "options": {"num_predict": 100}}
+        ) as response:
             lines = response.iter_lines()
             first = next(lines)
             pause = client.post("/gpu/gpu-1/pause", headers=stack.headers(stack.admin_key))
@@ -225,7 +247,7 @@ def test_an_admin_pause_drains_open_streams_first(one_paused: tuple[Stack, Cloud
 def test_a_pause_that_fails_is_retried_until_it_succeeds(one_paused: tuple[Stack, Cloud]) -> None:
     stack, cloud = one_paused
     errors: list[str] = []
-    sink = logger.add(lambda m: errors.append(f'{m.record["level"].name} {m.record["message"]}'), level="WARNING")
+    sink = logger.add(lambda m: errors.append(f"{m.record['level'].name} {m.record['message']}"), level="WARNING")
     try:
         assert httpx.post(stack.url + "/api/chat", json=chat(1), headers=stack.headers(), timeout=30).status_code == 200
         stack.call(cloud.fail_pauses, "gpu-1", 3)
@@ -249,8 +271,9 @@ def test_the_admin_api_needs_an_admin_key_and_shows_the_fleet(one_paused: tuple[
     assert (gpu["name"], gpu["status"], gpu["can_resume"]) == ("gpu-1", "paused", True)
     host_id = cloud.host_id("gpu-1")
     assert httpx.post(stack.url + f"/gpu/{host_id}/resume", headers=admin).status_code == 202
-    wait_until(lambda: httpx.get(stack.url + f"/gpu/{host_id}/status", headers=admin).json()["status"] == "ready",
-               timeout=5)
+    wait_until(
+        lambda: httpx.get(stack.url + f"/gpu/{host_id}/status", headers=admin).json()["status"] == "ready", timeout=5
+    )
     assert cloud.resumes("gpu-1") == 1
     assert httpx.get(stack.url + "/gpu/nope/status", headers=admin).status_code == 404
 
@@ -279,12 +302,15 @@ def test_a_deep_queue_wakes_a_second_host(tmp_path: Path, kind: str) -> None:
     extra = LIFE + "\n[scheduler]\nscale_up_queue_depth = 3\n"
     machines = [Machine("gpu-1", slots=1, token_delay=0.02), Machine("gpu-2", slots=1, cost=2.0, token_delay=0.02)]
     with running_cloud_stack(tmp_path, kind, machines, extra=extra) as (stack, cloud):
+
         async def one(client: httpx.AsyncClient) -> None:
             assert (await client.post("/api/chat", json=chat(10))).status_code == 200
 
         async def main() -> None:
-            async with httpx.AsyncClient(base_url=stack.url, headers=stack.headers(), timeout=30) as client, \
-                    anyio.create_task_group() as tg:
+            async with (
+                httpx.AsyncClient(base_url=stack.url, headers=stack.headers(), timeout=30) as client,
+                anyio.create_task_group() as tg,
+            ):
                 for _ in range(12):
                     tg.start_soon(one, client)
 
@@ -299,19 +325,23 @@ def test_max_awake_hosts_makes_a_request_wait_for_another_host_to_pause(tmp_path
     machines = [Machine("gpu-1"), Machine("gpu-2", models=("qwen2.5:7b",))]
     with running_cloud_stack(tmp_path, kind, machines, extra=extra) as (stack, cloud):
         assert httpx.post(stack.url + "/api/chat", json=chat(1), headers=stack.headers(), timeout=30).status_code == 200
-        answer = httpx.post(stack.url + "/api/chat", json=chat(1, model="qwen2.5:7b"), headers=stack.headers(),
-                            timeout=30)
+        answer = httpx.post(
+            stack.url + "/api/chat", json=chat(1, model="qwen2.5:7b"), headers=stack.headers(), timeout=30
+        )
         assert answer.status_code == 200 and answer.headers["x-gpumanager-host"] == "gpu-2"
         assert int(answer.headers["x-gpumanager-wait-ms"]) >= WINDOW * 1000 * 0.9  # gpu-1 had to pause first
         assert cloud.pauses("gpu-1") == 1 and not cloud.running("gpu-1")
 
 
 def test_an_admin_pause_during_a_wake_stops_it_and_the_fleet_goes_on(tmp_path: Path, kind: str) -> None:
-    with running_cloud_stack(tmp_path, kind, [Machine("gpu-1")], extra=LIFE, boot_seconds=1) as (stack, cloud), \
-            httpx.Client(base_url=stack.url, headers=stack.headers(), timeout=30) as client:
+    with (
+        running_cloud_stack(tmp_path, kind, [Machine("gpu-1")], extra=LIFE, boot_seconds=1) as (stack, cloud),
+        httpx.Client(base_url=stack.url, headers=stack.headers(), timeout=30) as client,
+    ):
         errors: list[str] = []
         sink = logger.add(lambda m: errors.append(m.record["message"]), level="ERROR")
         try:
+
             async def request() -> httpx.Response:
                 async with httpx.AsyncClient(base_url=stack.url, headers=stack.headers(), timeout=30) as c:
                     return await c.post("/api/chat", json=chat(2))
@@ -322,13 +352,15 @@ def test_an_admin_pause_during_a_wake_stops_it_and_the_fleet_goes_on(tmp_path: P
 
                     async def go() -> None:
                         result.append(await request())
+
                     tg.start_soon(go)
                     with anyio.fail_after(5):
                         while state(stack, "gpu-1") not in (HostState.RESUMING, HostState.STARTING):
                             await anyio.sleep(0.005)
                     async with httpx.AsyncClient(base_url=stack.url, timeout=30) as admin:
-                        paused = await admin.post(f"/gpu/{cloud.host_id('gpu-1')}/pause",
-                                                  headers=stack.headers(stack.admin_key))
+                        paused = await admin.post(
+                            f"/gpu/{cloud.host_id('gpu-1')}/pause", headers=stack.headers(stack.admin_key)
+                        )
                         assert paused.status_code == 202
                 return result[0]
 
@@ -355,8 +387,10 @@ def test_a_long_wake_does_not_use_up_the_time_its_requests_may_wait_for_a_slot(t
             answers.append(0 if any('"error"' in line for line in lines) else 1)
 
         async def main() -> None:
-            async with httpx.AsyncClient(base_url=stack.url, headers=stack.headers(), timeout=30) as client, \
-                    anyio.create_task_group() as tg:
+            async with (
+                httpx.AsyncClient(base_url=stack.url, headers=stack.headers(), timeout=30) as client,
+                anyio.create_task_group() as tg,
+            ):
                 for _ in range(3):
                     tg.start_soon(one, client)
 

@@ -13,8 +13,10 @@ import pytest
 from gpumanager.sim import expected_text
 from tests.harness import SimHost, Stack, running_stack
 
-HOSTS = [SimHost("gpu-a", models=("llama3.2:latest", "all-minilm:latest"), slots=2, token_delay=0.002),
-         SimHost("gpu-b", models=("qwen2.5:7b",), slots=2, token_delay=0.002)]
+HOSTS = [
+    SimHost("gpu-a", models=("llama3.2:latest", "all-minilm:latest"), slots=2, token_delay=0.002),
+    SimHost("gpu-b", models=("qwen2.5:7b",), slots=2, token_delay=0.002),
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +44,22 @@ def test_openai_chat_non_streaming(stack: Stack, oai: openai.OpenAI) -> None:
 
 
 def test_openai_chat_streams_in_chunks(stack: Stack, oai: openai.OpenAI) -> None:
-    stream = oai.chat.completions.create(model="qwen2.5:7b", messages=[{"role": "user", "content": "hi"}],
-                                         max_tokens=12, stream=True, stream_options={"include_usage": True})
+    stream = oai.chat.completions.create(
+        model="qwen2.5:7b",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
     assert len(pieces) == 12
     assert "".join(pieces) == expected_text(12)
 
 
 def test_openai_raw_response_names_the_host(stack: Stack, oai: openai.OpenAI) -> None:
-    raw = oai.chat.completions.with_raw_response.create(model="qwen2.5:7b", max_tokens=2,
-                                                       messages=[{"role": "user", "content": "hi"}])
+    raw = oai.chat.completions.with_raw_response.create(
+        model="qwen2.5:7b", max_tokens=2, messages=[{"role": "user", "content": "hi"}]
+    )
     assert raw.headers["x-gpumanager-host"] == "gpu-b"
     assert int(raw.headers["x-gpumanager-wait-ms"]) >= 0
 
@@ -75,10 +83,12 @@ def test_openai_async_client_streams(stack: Stack) -> None:
     async def main() -> tuple[str, int]:
         async with openai.AsyncOpenAI(base_url=stack.v1, api_key=stack.user_key, max_retries=0) as client:
             answer = await client.chat.completions.create(
-                model="llama3.2", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+                model="llama3.2", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+            )
             assert answer.choices[0].message.content == expected_text(3)
             stream = await client.chat.completions.create(
-                model="llama3.2", messages=[{"role": "user", "content": "hi"}], max_tokens=9, stream=True)
+                model="llama3.2", messages=[{"role": "user", "content": "hi"}], max_tokens=9, stream=True
+            )
             pieces = [c.choices[0].delta.content async for c in stream if c.choices and c.choices[0].delta.content]
             return "".join(pieces), len(pieces)
 
@@ -132,12 +142,16 @@ def test_requests_go_to_the_host_that_has_the_model(stack: Stack, oll: ollama.Cl
 
 
 def test_bad_key_gets_401_in_each_dialect(stack: Stack) -> None:
-    with openai.OpenAI(base_url=stack.v1, api_key="gm_not-a-key", max_retries=0) as client, \
-            pytest.raises(openai.AuthenticationError) as oai_error:
+    with (
+        openai.OpenAI(base_url=stack.v1, api_key="gm_not-a-key", max_retries=0) as client,
+        pytest.raises(openai.AuthenticationError) as oai_error,
+    ):
         client.models.list()
     assert oai_error.value.status_code == 401 and oai_error.value.code == "invalid_api_key"
-    with ollama.Client(host=stack.url, headers={"Authorization": "Bearer nope"}) as client, \
-            pytest.raises(ollama.ResponseError) as oll_error:
+    with (
+        ollama.Client(host=stack.url, headers={"Authorization": "Bearer nope"}) as client,
+        pytest.raises(ollama.ResponseError) as oll_error,
+    ):
         client.list()
     assert oll_error.value.status_code == 401 and "API key" in oll_error.value.error
     assert httpx.post(stack.url + "/api/chat", json={"model": "llama3.2"}).status_code == 401
@@ -161,8 +175,10 @@ def test_the_client_key_never_reaches_the_host(stack: Stack, oll: ollama.Client)
 
 
 def test_request_bodies_are_forwarded_byte_for_byte(stack: Stack) -> None:
-    body = (b'{"model": "llama3.2",  "prompt": "x\\u00e9",\n "stream": false, "options": {"num_predict": 2},'
-            b' "x-extra": [1, 2.50]}')
+    body = (
+        b'{"model": "llama3.2",  "prompt": "x\\u00e9",\n "stream": false, "options": {"num_predict": 2},'
+        b' "x-extra": [1, 2.50]}'
+    )
     answer = httpx.post(stack.url + "/api/generate", content=body, headers=stack.headers())
     assert answer.status_code == 200 and answer.json()["response"] == expected_text(2)
     assert stack.sims["gpu-a"].last_body == body  # spacing, escapes and unknown fields intact

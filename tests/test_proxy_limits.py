@@ -30,8 +30,10 @@ async def fire(client: httpx.AsyncClient, path: str, body: dict[str, object]) ->
 
 @pytest.fixture
 def two_hosts(tmp_path: Path) -> Iterator[Stack]:
-    hosts = [SimHost("a", slots=2, sim_slots=10, token_delay=0.01),
-             SimHost("b", slots=2, sim_slots=10, token_delay=0.01)]
+    hosts = [
+        SimHost("a", slots=2, sim_slots=10, token_delay=0.01),
+        SimHost("b", slots=2, sim_slots=10, token_delay=0.01),
+    ]
     with running_stack(tmp_path, hosts, extra=FAST_TIMING + "[scheduler]\nmax_queue = 100\n") as stack:
         yield stack
 
@@ -62,8 +64,10 @@ def one_slot(tmp_path: Path) -> Iterator[Stack]:
 
 async def test_a_full_queue_answers_429_in_each_dialect(one_slot: Stack) -> None:
     fleet = one_slot.ctx.fleet
-    async with httpx.AsyncClient(base_url=one_slot.url, timeout=30, headers=one_slot.headers()) as client, \
-            anyio.create_task_group() as tg:
+    async with (
+        httpx.AsyncClient(base_url=one_slot.url, timeout=30, headers=one_slot.headers()) as client,
+        anyio.create_task_group() as tg,
+    ):
         for _ in range(3):  # one holds the slot, two wait
             tg.start_soon(fire, client, "/api/chat", chat(20))
         await async_wait_until(lambda: len(fleet.queue) == 2)
@@ -76,8 +80,10 @@ async def test_a_full_queue_answers_429_in_each_dialect(one_slot: Stack) -> None
 
 async def test_a_queued_client_that_disconnects_leaves_the_queue(one_slot: Stack) -> None:
     fleet, sim = one_slot.ctx.fleet, one_slot.sims["solo"]
-    async with httpx.AsyncClient(base_url=one_slot.url, timeout=30, headers=one_slot.headers()) as client, \
-            anyio.create_task_group() as tg:
+    async with (
+        httpx.AsyncClient(base_url=one_slot.url, timeout=30, headers=one_slot.headers()) as client,
+        anyio.create_task_group() as tg,
+    ):
         tg.start_soon(fire, client, "/api/chat", chat(100))  # holds the only slot for ~5 s
         await async_wait_until(lambda: sim.active == 1)
         for stream in (False, True):  # held without bytes, or with heartbeats: both leave when they go
@@ -104,8 +110,10 @@ async def test_a_client_that_disconnects_mid_stream_frees_its_slot(one_slot: Sta
 async def test_a_queue_wait_that_times_out_gets_503_with_retry_after(tmp_path: Path) -> None:
     extra = FAST_TIMING.replace("queue_timeout_seconds = 5", "queue_timeout_seconds = 0.3")
     with running_stack(tmp_path, [SimHost("solo", slots=1, token_delay=0.05)], extra=extra) as stack:
-        async with httpx.AsyncClient(base_url=stack.url, timeout=30, headers=stack.headers()) as client, \
-                anyio.create_task_group() as tg:
+        async with (
+            httpx.AsyncClient(base_url=stack.url, timeout=30, headers=stack.headers()) as client,
+            anyio.create_task_group() as tg,
+        ):
             tg.start_soon(fire, client, "/api/chat", chat(20))
             await async_wait_until(lambda: stack.sims["solo"].active == 1)
             late = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 1})
@@ -117,8 +125,10 @@ async def test_one_key_cannot_take_more_than_max_per_key(tmp_path: Path) -> None
     extra = FAST_TIMING + "[scheduler]\nmax_per_key = 2\n"
     with running_stack(tmp_path, [SimHost("big", slots=8, token_delay=0.05)], extra=extra) as stack:
         other = stack.new_key("other")
-        async with httpx.AsyncClient(base_url=stack.url, timeout=30, headers=stack.headers()) as client, \
-                anyio.create_task_group() as tg:
+        async with (
+            httpx.AsyncClient(base_url=stack.url, timeout=30, headers=stack.headers()) as client,
+            anyio.create_task_group() as tg,
+        ):
             for _ in range(2):
                 tg.start_soon(fire, client, "/api/chat", chat(20))
             await async_wait_until(lambda: stack.sims["big"].active == 2)
@@ -130,31 +140,40 @@ async def test_one_key_cannot_take_more_than_max_per_key(tmp_path: Path) -> None
 
 def test_a_host_killed_mid_stream_ends_the_stream_with_an_in_band_error(tmp_path: Path) -> None:
     hosts = [SimHost("doomed", models=("llama3.2:latest",), token_delay=0.02)]
-    with running_stack(tmp_path, hosts) as stack, \
-            ollama.Client(host=stack.url, headers=stack.headers()) as oll, \
-            openai.OpenAI(base_url=stack.v1, api_key=stack.user_key, max_retries=0) as oai:
+    with (
+        running_stack(tmp_path, hosts) as stack,
+        ollama.Client(host=stack.url, headers=stack.headers()) as oll,
+        openai.OpenAI(base_url=stack.v1, api_key=stack.user_key, max_retries=0) as oai,
+    ):
         got: list[str] = []
         with pytest.raises(ollama.ResponseError) as oll_error:
-            for chunk in oll.chat(model="llama3.2", messages=[{"role": "user", "content": "x"}], stream=True,
-                                  options={"num_predict": 500}):
+            for chunk in oll.chat(
+                model="llama3.2", messages=[{"role": "user", "content": "x"}], stream=True, options={"num_predict": 500}
+            ):
                 got.append(chunk.message.content or "")
                 if len(got) == 3:
                     stack.call(stack.servers["doomed"].kill)
         assert "".join(got).startswith("tok0 tok1 tok2") and "doomed" in oll_error.value.error
         wait_until(lambda: stack.ctx.fleet.hosts["doomed"].leases == 0)
         with pytest.raises((openai.APIError, openai.APIConnectionError)):
-            list(oai.chat.completions.create(model="llama3.2", messages=[{"role": "user", "content": "x"}],
-                                             stream=True, max_tokens=5))
+            list(
+                oai.chat.completions.create(
+                    model="llama3.2", messages=[{"role": "user", "content": "x"}], stream=True, max_tokens=5
+                )
+            )
 
 
 def test_openai_stream_from_a_host_that_dies_gets_an_in_band_error(tmp_path: Path) -> None:
-    with running_stack(tmp_path, [SimHost("flaky", token_delay=0.01)]) as stack, \
-            openai.OpenAI(base_url=stack.v1, api_key=stack.user_key, max_retries=0) as oai:
+    with (
+        running_stack(tmp_path, [SimHost("flaky", token_delay=0.01)]) as stack,
+        openai.OpenAI(base_url=stack.v1, api_key=stack.user_key, max_retries=0) as oai,
+    ):
         stack.sims["flaky"].fail_after_tokens = 2
         pieces: list[str] = []
         with pytest.raises(openai.APIError) as error:
-            for chunk in oai.chat.completions.create(model="llama3.2", stream=True, max_tokens=50,
-                                                      messages=[{"role": "user", "content": "x"}]):
+            for chunk in oai.chat.completions.create(
+                model="llama3.2", stream=True, max_tokens=50, messages=[{"role": "user", "content": "x"}]
+            ):
                 pieces.extend(c.delta.content or "" for c in chunk.choices)
         assert "".join(pieces) == expected_text(2)
         assert "flaky" in error.value.message
@@ -196,8 +215,13 @@ def test_the_upstream_token_is_sent_and_the_client_key_never_is(tmp_path: Path) 
 
 async def refuse(scope: dict[str, object], receive: object, send: object) -> None:
     """A GPU node's door that does not know gpumanager's token."""
-    await send({"type": "http.response.start", "status": 401,  # type: ignore[operator]
-                "headers": [(b"content-type", b"application/json")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 401,  # type: ignore[operator]
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
     await send({"type": "http.response.body", "body": b'{"error":"unauthorized"}'})  # type: ignore[operator]
 
 
@@ -205,6 +229,10 @@ def test_a_host_refusing_gpumanagers_credentials_is_a_502_not_the_clients_fault(
     with running_stack(tmp_path, [SimHost("locked")]) as stack:
         door = stack.serve(refuse)
         stack.call(setattr, stack.ctx.fleet.hosts["locked"], "url", door.url)
-        answer = httpx.post(stack.url + "/v1/chat/completions", headers=stack.headers(), timeout=10,
-                            json={"model": "llama3.2", "messages": [{"role": "user", "content": "x"}]})
+        answer = httpx.post(
+            stack.url + "/v1/chat/completions",
+            headers=stack.headers(),
+            timeout=10,
+            json={"model": "llama3.2", "messages": [{"role": "user", "content": "x"}]},
+        )
         assert answer.status_code == 502 and "GPUMANAGER_UPSTREAM_TOKEN" in answer.json()["error"]["message"]

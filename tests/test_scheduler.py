@@ -10,52 +10,79 @@ from gpumanager.scheduler import Ask, FairQueue, HostView, Reject, Snapshot, Use
 S = HostState
 
 
-def host(name: str, state: HostState = S.READY, *, leases: int = 0, slots: int = 2, cost: float = 1.0,
-         loaded: bool = False, ctx_match: bool = True, reserved: str | None = None, until: float = 100.0,
-         healthy: bool = True, draining: bool = False) -> HostView:
+def host(
+    name: str,
+    state: HostState = S.READY,
+    *,
+    leases: int = 0,
+    slots: int = 2,
+    cost: float = 1.0,
+    loaded: bool = False,
+    ctx_match: bool = True,
+    reserved: str | None = None,
+    until: float = 100.0,
+    healthy: bool = True,
+    draining: bool = False,
+) -> HostView:
     return HostView(name, state, healthy, draining, leases, slots, cost, loaded, ctx_match, reserved, until)
 
 
 ASK = Ask("m", "k1")
 
 
-@pytest.mark.parametrize(("hosts", "extra", "expected"), [
-    # 4. no candidate at all
-    ((), {}, Reject(404, "model 'm' not found")),
-    # 1. ready hosts with a free slot
-    ((host("a"),), {}, Use("a")),
-    ((host("a", leases=1), host("b")), {}, Use("b")),  # lower leases/slots
-    ((host("a", cost=2.0), host("b", cost=1.0)), {}, Use("b")),  # then cheaper
-    ((host("a", cost=2.0), host("b", loaded=True, cost=3.0)), {}, Use("b")),  # loaded beats cheaper
-    ((host("a", loaded=True, ctx_match=False), host("b", loaded=True)), {}, Use("b")),  # same num_ctx first
-    ((host("a", reserved="k1"), host("b", loaded=True)), {}, Use("a")),  # my reservation first
-    ((host("a", reserved="k2"), host("b", leases=1)), {}, Use("b")),  # another key's host last...
-    ((host("a", reserved="k2"), host("b", leases=2)), {}, Use("a")),  # ...unless nothing else is free
-    ((host("a", reserved="k2", until=5.0), host("b", leases=1)), {}, Use("a")),  # an expired reservation is none
-    ((host("a", healthy=False), host("b", leases=1)), {}, Use("b")),
-    ((host("a", draining=True), host("b", S.PAUSED)), {}, Wake("b")),  # a draining host pauses first...
-    ((host("a", draining=True),), {}, Wake("a")),  # ...and is woken again after, when it is the only one
-    # 2. busy or waking: wait, and scale up past the queue depth
-    ((host("a", leases=2),), {}, Wait("every host with the model is busy or waking")),
-    ((host("a", S.RESUMING),), {}, Wait("every host with the model is busy or waking")),
-    ((host("a", leases=2), host("b", S.PAUSED)), {"queued": 7}, Wait("every host with the model is busy or waking")),
-    ((host("a", leases=2), host("b", S.PAUSED)), {"queued": 8}, Wake("b")),
-    ((host("a", S.STARTING), host("b", S.PAUSED)), {"queued": 8, "emergency": True},
-     Wait("every host with the model is busy or waking")),
-    # 3. wake the cheapest paused candidate
-    ((host("a", S.PAUSED, cost=2.0), host("b", S.PAUSED, cost=1.0)), {}, Wake("b")),
-    ((host("a", S.PAUSED), host("b", S.PAUSED, loaded=True)), {}, Wake("b")),  # ties: loaded last time
-    ((host("b", S.PAUSED), host("a", S.PAUSED)), {}, Wake("a")),  # then by name
-    ((host("a", S.PAUSING),), {}, Wake("a")),  # woken again once its pause is done
-    ((host("a", S.PAUSED),), {"awake": 2, "max_awake": 2},
-     Wait("2 hosts are awake (max_awake_hosts); waiting for one to pause")),
-    ((host("a", S.PAUSED),), {"emergency": True},
-     Reject(503, "emergency-off is on: no host is woken until an admin turns it off")),
-    # failed hosts are no candidates
-    ((host("a", S.FAILED),), {}, Reject(503, "every host with model 'm' failed to wake; try again later")),
-    ((host("a", S.FAILED), host("b", S.PAUSED)), {}, Wake("b")),
-    ((host("a", healthy=False),), {}, Reject(503, "no host with model 'm' is answering now")),
-])
+@pytest.mark.parametrize(
+    ("hosts", "extra", "expected"),
+    [
+        # 4. no candidate at all
+        ((), {}, Reject(404, "model 'm' not found")),
+        # 1. ready hosts with a free slot
+        ((host("a"),), {}, Use("a")),
+        ((host("a", leases=1), host("b")), {}, Use("b")),  # lower leases/slots
+        ((host("a", cost=2.0), host("b", cost=1.0)), {}, Use("b")),  # then cheaper
+        ((host("a", cost=2.0), host("b", loaded=True, cost=3.0)), {}, Use("b")),  # loaded beats cheaper
+        ((host("a", loaded=True, ctx_match=False), host("b", loaded=True)), {}, Use("b")),  # same num_ctx first
+        ((host("a", reserved="k1"), host("b", loaded=True)), {}, Use("a")),  # my reservation first
+        ((host("a", reserved="k2"), host("b", leases=1)), {}, Use("b")),  # another key's host last...
+        ((host("a", reserved="k2"), host("b", leases=2)), {}, Use("a")),  # ...unless nothing else is free
+        ((host("a", reserved="k2", until=5.0), host("b", leases=1)), {}, Use("a")),  # an expired reservation is none
+        ((host("a", healthy=False), host("b", leases=1)), {}, Use("b")),
+        ((host("a", draining=True), host("b", S.PAUSED)), {}, Wake("b")),  # a draining host pauses first...
+        ((host("a", draining=True),), {}, Wake("a")),  # ...and is woken again after, when it is the only one
+        # 2. busy or waking: wait, and scale up past the queue depth
+        ((host("a", leases=2),), {}, Wait("every host with the model is busy or waking")),
+        ((host("a", S.RESUMING),), {}, Wait("every host with the model is busy or waking")),
+        (
+            (host("a", leases=2), host("b", S.PAUSED)),
+            {"queued": 7},
+            Wait("every host with the model is busy or waking"),
+        ),
+        ((host("a", leases=2), host("b", S.PAUSED)), {"queued": 8}, Wake("b")),
+        (
+            (host("a", S.STARTING), host("b", S.PAUSED)),
+            {"queued": 8, "emergency": True},
+            Wait("every host with the model is busy or waking"),
+        ),
+        # 3. wake the cheapest paused candidate
+        ((host("a", S.PAUSED, cost=2.0), host("b", S.PAUSED, cost=1.0)), {}, Wake("b")),
+        ((host("a", S.PAUSED), host("b", S.PAUSED, loaded=True)), {}, Wake("b")),  # ties: loaded last time
+        ((host("b", S.PAUSED), host("a", S.PAUSED)), {}, Wake("a")),  # then by name
+        ((host("a", S.PAUSING),), {}, Wake("a")),  # woken again once its pause is done
+        (
+            (host("a", S.PAUSED),),
+            {"awake": 2, "max_awake": 2},
+            Wait("2 hosts are awake (max_awake_hosts); waiting for one to pause"),
+        ),
+        (
+            (host("a", S.PAUSED),),
+            {"emergency": True},
+            Reject(503, "emergency-off is on: no host is woken until an admin turns it off"),
+        ),
+        # failed hosts are no candidates
+        ((host("a", S.FAILED),), {}, Reject(503, "every host with model 'm' failed to wake; try again later")),
+        ((host("a", S.FAILED), host("b", S.PAUSED)), {}, Wake("b")),
+        ((host("a", healthy=False),), {}, Reject(503, "no host with model 'm' is answering now")),
+    ],
+)
 def test_choose(hosts: tuple[HostView, ...], extra: dict[str, object], expected: object) -> None:
     snapshot = Snapshot(hosts, now=10.0, **extra)  # type: ignore[arg-type]
     assert choose(snapshot, ASK) == expected
@@ -88,13 +115,16 @@ def test_every_listed_transition(state: HostState, event: HostEvent, after: Host
     assert transition(state, event) is after
 
 
-@pytest.mark.parametrize(("state", "event"), [
-    (S.PAUSED, HostEvent.OLLAMA_READY),  # Ollama cannot answer on a paused machine
-    (S.READY, HostEvent.RESUME),  # a ready host is never resumed
-    (S.RESUMING, HostEvent.OLLAMA_READY),  # the cloud must say running first
-    (S.PAUSING, HostEvent.RESUME),  # a wake waits for the pause to end
-    (S.FAILED, HostEvent.RESUME),  # not before the cooldown is over
-])
+@pytest.mark.parametrize(
+    ("state", "event"),
+    [
+        (S.PAUSED, HostEvent.OLLAMA_READY),  # Ollama cannot answer on a paused machine
+        (S.READY, HostEvent.RESUME),  # a ready host is never resumed
+        (S.RESUMING, HostEvent.OLLAMA_READY),  # the cloud must say running first
+        (S.PAUSING, HostEvent.RESUME),  # a wake waits for the pause to end
+        (S.FAILED, HostEvent.RESUME),  # not before the cooldown is over
+    ],
+)
 def test_forbidden_transitions(state: HostState, event: HostEvent) -> None:
     with pytest.raises(InvalidTransition):
         transition(state, event)
@@ -102,7 +132,13 @@ def test_forbidden_transitions(state: HostState, event: HostEvent) -> None:
 
 def test_the_lifecycle_path_of_one_wake_and_pause() -> None:
     state = S.UNKNOWN
-    for event in (HostEvent.CLOUD_PAUSED, HostEvent.RESUME, HostEvent.CLOUD_RUNNING, HostEvent.OLLAMA_READY,
-                  HostEvent.PAUSE, HostEvent.CLOUD_PAUSED):
+    for event in (
+        HostEvent.CLOUD_PAUSED,
+        HostEvent.RESUME,
+        HostEvent.CLOUD_RUNNING,
+        HostEvent.OLLAMA_READY,
+        HostEvent.PAUSE,
+        HostEvent.CLOUD_PAUSED,
+    ):
         state = transition(state, event)
     assert state is S.PAUSED

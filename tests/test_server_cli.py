@@ -27,8 +27,10 @@ def free_port() -> int:
 
 @pytest.fixture
 def host_url() -> Iterator[str]:
-    with start_blocking_portal() as portal, \
-            portal.wrap_async_context_manager(running_server(SimOllama(token_delay=0.05))) as server:
+    with (
+        start_blocking_portal() as portal,
+        portal.wrap_async_context_manager(running_server(SimOllama(token_delay=0.05))) as server,
+    ):
         yield server.url
 
 
@@ -36,11 +38,17 @@ def start_server(tmp_path: Path, host_url: str, grace: float) -> tuple[subproces
     port = free_port()
     (tmp_path / "config.toml").write_text(
         f'[server]\nhost = "127.0.0.1"\nport = {port}\n[timing]\nshutdown_grace_seconds = {grace}\n'
-        f'[[hosts]]\nname = "box"\nurl = "{host_url}"\n')
+        f'[[hosts]]\nname = "box"\nurl = "{host_url}"\n'
+    )
     key = KeyStore(tmp_path / "api_keys.json").generate("cli", "cli@example.org")[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUMANAGER_")}
-    process = subprocess.Popen([sys.executable, "-m", "gpumanager", "--config", str(tmp_path / "config.toml")],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gpumanager", "--config", str(tmp_path / "config.toml")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
@@ -59,8 +67,9 @@ def test_the_server_lets_running_streams_finish_on_shutdown(tmp_path: Path, host
     process, url, key = start_server(tmp_path, host_url, grace=5)
     try:
         body = {"model": "llama3.2", "prompt": "x", "options": {"num_predict": 30}}  # about 1.5 s
-        with httpx.stream("POST", url + "/api/generate", json=body, timeout=30,
-                          headers={"Authorization": f"Bearer {key}"}) as response:
+        with httpx.stream(
+            "POST", url + "/api/generate", json=body, timeout=30, headers={"Authorization": f"Bearer {key}"}
+        ) as response:
             lines = response.iter_lines()
             first = next(lines)
             process.send_signal(signal.SIGTERM)  # Ctrl-C, `docker stop`
@@ -81,8 +90,12 @@ def test_a_short_grace_ends_streams_that_outlive_it(tmp_path: Path, host_url: st
     try:
         body = {"model": "llama3.2", "prompt": "x", "options": {"num_predict": 400}}  # about 20 s
         started = time.monotonic()
-        with pytest.raises(httpx.HTTPError), httpx.stream("POST", url + "/api/generate", json=body, timeout=30,
-                                                          headers={"Authorization": f"Bearer {key}"}) as response:
+        with (
+            pytest.raises(httpx.HTTPError),
+            httpx.stream(
+                "POST", url + "/api/generate", json=body, timeout=30, headers={"Authorization": f"Bearer {key}"}
+            ) as response,
+        ):
             lines = response.iter_lines()
             next(lines)
             process.send_signal(signal.SIGTERM)
@@ -98,13 +111,16 @@ def test_the_env_file_beside_the_config_provides_the_secrets(tmp_path: Path) -> 
     port = free_port()
     (tmp_path / "config.toml").write_text(
         f'[server]\nhost = "127.0.0.1"\nport = {port}\n[cloud_api]\nbase_url = "http://127.0.0.1:9/v1"\n'
-        '[timing]\nshutdown_grace_seconds = 0.2\n')
+        "[timing]\nshutdown_grace_seconds = 0.2\n"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUMANAGER_", "CLOUD_"))}
     command = [sys.executable, "-m", "gpumanager", "server", "--config", str(tmp_path / "config.toml")]
     refused = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
     assert refused.returncode == 2
-    assert refused.stderr.strip() == ("gpumanager: error: CLOUD_API_TOKEN is not set: put it in .env or the "
-                                      "environment (needed by the SURF provider 'surf')")
+    assert refused.stderr.strip() == (
+        "gpumanager: error: CLOUD_API_TOKEN is not set: put it in .env or the "
+        "environment (needed by the SURF provider 'surf')"
+    )
     (tmp_path / ".env").write_text("CLOUD_API_TOKEN=from-the-env-file\n")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:

@@ -110,8 +110,9 @@ def test_openai_client_chat_and_completions(threaded_sim: tuple[SimOllama, str])
         assert reply.choices[0].finish_reason == "stop" and reply.usage is not None
         assert reply.usage.completion_tokens == 6 and reply.system_fingerprint == "fp_ollama"
 
-        stream = client.chat.completions.create(model="llama3.2", messages=messages, max_tokens=5, stream=True,
-                                                stream_options={"include_usage": True})
+        stream = client.chat.completions.create(
+            model="llama3.2", messages=messages, max_tokens=5, stream=True, stream_options={"include_usage": True}
+        )
         chunks = list(stream)
         content = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
         assert content == [f"tok{i} " for i in range(5)]
@@ -152,8 +153,11 @@ def test_openai_client_models_embeddings_errors(threaded_sim: tuple[SimOllama, s
 async def test_routes_and_errors(served: tuple[SimOllama, SimServer, httpx.AsyncClient]) -> None:
     _, _, client = served
     root = await client.get("/")
-    assert (root.status_code, root.text, root.headers["content-type"]) == (200, "Ollama is running",
-                                                                             "text/plain; charset=utf-8")
+    assert (root.status_code, root.text, root.headers["content-type"]) == (
+        200,
+        "Ollama is running",
+        "text/plain; charset=utf-8",
+    )
     assert (await client.head("/api/version")).status_code == 200
     assert (await client.get("/api/version")).json() == {"version": "0.12.6"}
     assert (await client.get("/api/chat")).status_code == 405
@@ -168,14 +172,19 @@ async def test_routes_and_errors(served: tuple[SimOllama, SimServer, httpx.Async
     not_chat = await client.post("/api/chat", json={"model": "all-minilm", "messages": [{"content": "x"}]})
     assert (not_chat.status_code, not_chat.json()) == (400, {"error": '"all-minilm" does not support chat'})
     empty = await client.post("/v1/chat/completions", json={"model": "llama3.2", "messages": []})
-    assert empty.json()["error"] == {"message": "[] is too short - 'messages'", "type": "invalid_request_error",
-                                     "param": None, "code": None}
+    assert empty.json()["error"] == {
+        "message": "[] is too short - 'messages'",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
 
 
 async def test_stream_default_and_load_answer(served: tuple[SimOllama, SimServer, httpx.AsyncClient]) -> None:
     _, _, client = served
-    streamed = await client.post("/api/generate", json={"model": "llama3.2", "prompt": "hi",
-                                                        "options": {"num_predict": 2}})
+    streamed = await client.post(
+        "/api/generate", json={"model": "llama3.2", "prompt": "hi", "options": {"num_predict": 2}}
+    )
     assert streamed.headers["content-type"] == "application/x-ndjson"
     assert [line["done"] for line in map(json.loads, streamed.text.splitlines())] == [False, False, True]
 
@@ -224,8 +233,12 @@ async def test_slots_are_never_exceeded(served: tuple[SimOllama, SimServer, http
     seen: list[int] = []
 
     async def one(i: int) -> None:
-        body = {"model": "llama3.2", "messages": [{"content": "hi"}], "options": {"num_predict": 3},
-                "stream": i % 2 == 0}
+        body = {
+            "model": "llama3.2",
+            "messages": [{"content": "hi"}],
+            "options": {"num_predict": 3},
+            "stream": i % 2 == 0,
+        }
         response = await client.post("/api/chat", json=body)
         seen.append(sim.active)
         frames = [json.loads(line) for line in response.text.splitlines()]
@@ -258,8 +271,11 @@ async def test_kill_breaks_open_streams_and_refuses_connections() -> None:
     sim = SimOllama(token_delay=0.005, default_tokens=10_000)
     async with running_server(sim) as server, httpx.AsyncClient(base_url=server.url, timeout=5) as client:
         with pytest.raises(httpx.TransportError):
-            async with client.stream("POST", "/v1/chat/completions",
-                                     json={"model": "llama3.2", "messages": [{"content": "x"}], "stream": True}) as r:
+            async with client.stream(
+                "POST",
+                "/v1/chat/completions",
+                json={"model": "llama3.2", "messages": [{"content": "x"}], "stream": True},
+            ) as r:
                 async for line in r.aiter_lines():
                     if line.startswith("data: "):
                         server.kill()
@@ -267,8 +283,7 @@ async def test_kill_breaks_open_streams_and_refuses_connections() -> None:
             await client.get("/")
 
 
-async def test_fail_after_tokens_drops_the_connection(
-        served: tuple[SimOllama, SimServer, httpx.AsyncClient]) -> None:
+async def test_fail_after_tokens_drops_the_connection(served: tuple[SimOllama, SimServer, httpx.AsyncClient]) -> None:
     sim, _, client = served
     sim.fail_after_tokens = 3
     lines: list[str] = []
@@ -278,8 +293,9 @@ async def test_fail_after_tokens_drops_the_connection(
                 lines.append(line)
     assert [json.loads(line)["message"]["content"] for line in lines] == ["tok0 ", "tok1 ", "tok2 "]
     sim.fail_after_tokens = None
-    assert (await client.post("/api/chat", json={"model": "llama3.2", "messages": [{"content": "x"}],
-                                                 "stream": False})).status_code == 200
+    assert (
+        await client.post("/api/chat", json={"model": "llama3.2", "messages": [{"content": "x"}], "stream": False})
+    ).status_code == 200
 
 
 async def test_load_delay_is_paid_once_by_concurrent_first_users() -> None:
@@ -305,4 +321,3 @@ def test_servers_in_several_event_loops() -> None:
             return (await client.get("/")).text
 
     assert [anyio.run(serve_once) for _ in range(2)] == ["Ollama is running"] * 2
-

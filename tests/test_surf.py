@@ -22,12 +22,21 @@ pytestmark = pytest.mark.anyio
 
 
 def provider_for(fake: FakeSurf, **options: object) -> SurfProvider:
-    settings: dict[str, object] = {"name": "surf", "base_url": fake.base_url, "machine_name_filter": "gpu",
-                                   "ollama_port": fake.ollama_port, "poll_seconds": 0.02, "retry_seconds": 0.01,
-                                   "api_timeout_seconds": 3, **options}
+    settings: dict[str, object] = {
+        "name": "surf",
+        "base_url": fake.base_url,
+        "machine_name_filter": "gpu",
+        "ollama_port": fake.ollama_port,
+        "poll_seconds": 0.02,
+        "retry_seconds": 0.01,
+        "api_timeout_seconds": 3,
+        **options,
+    }
     config = SurfProviderConfig(**settings)  # type: ignore[arg-type]
-    return SurfProvider(config, {"CLOUD_API_TOKEN": fake.token, **({"CLOUD_CSRF_TOKEN": fake.require_csrf}
-                                                                   if fake.require_csrf else {})})
+    return SurfProvider(
+        config,
+        {"CLOUD_API_TOKEN": fake.token, **({"CLOUD_CSRF_TOKEN": fake.require_csrf} if fake.require_csrf else {})},
+    )
 
 
 @pytest.fixture
@@ -41,7 +50,8 @@ async def running(request: pytest.FixtureRequest) -> AsyncIterator[tuple[FakeSur
 
 
 async def test_list_pages_through_every_workspace_and_keeps_the_matching_ones(
-        running: tuple[FakeSurf, SurfProvider]) -> None:
+    running: tuple[FakeSurf, SurfProvider],
+) -> None:
     fake, provider = running
     for i in range(130):  # more than one page of 100
         fake.add_workspace(f"gpu-{i:03d}")
@@ -159,8 +169,12 @@ def test_polling_a_wake_is_rate_limit_friendly(tmp_path: Path) -> None:
     with running_cloud_stack(tmp_path, "surf", [Machine("gpu-1")], extra=extra, boot_seconds=1) as (stack, cloud):
         fake = cloud.fake  # type: ignore[attr-defined]
         before = sum(fake.requests.values())
-        answer = httpx.post(stack.url + "/api/chat", headers=stack.headers(), timeout=30,
-                            json={"model": "llama3.2", "messages": [{"role": "user", "content": "x"}], "stream": False})
+        answer = httpx.post(
+            stack.url + "/api/chat",
+            headers=stack.headers(),
+            timeout=30,
+            json={"model": "llama3.2", "messages": [{"role": "user", "content": "x"}], "stream": False},
+        )
         assert answer.status_code == 200
         # A 1 s resume polled every poll_seconds (0.05 s): about 20 reads, far under 1000 a minute.
         assert sum(fake.requests.values()) - before <= 40
@@ -168,15 +182,25 @@ def test_polling_a_wake_is_rate_limit_friendly(tmp_path: Path) -> None:
 
 def test_models_seen_once_are_routable_after_a_restart_while_paused(tmp_path: Path) -> None:
     running = [Machine("gpu-1", running=True, models=("phi3:latest",))]
-    with running_cloud_stack(tmp_path, "surf", running, extra="[timing]\nfallback_reservation_minutes = 0.005\n"
-                             "ollama_readiness_wait_seconds = 0.05\n") as (stack, cloud):
+    with running_cloud_stack(
+        tmp_path,
+        "surf",
+        running,
+        extra="[timing]\nfallback_reservation_minutes = 0.005\nollama_readiness_wait_seconds = 0.05\n",
+    ) as (stack, cloud):
         wait_until(lambda: stack.ctx.fleet.hosts["gpu-1"].state == "paused", timeout=10)
     (tmp_path / "api_keys.json").unlink()
     paused = [Machine("gpu-1", models=("phi3:latest",), announce_models=False)]
-    with running_cloud_stack(tmp_path, "surf", paused, extra="[timing]\nollama_readiness_wait_seconds = 0.05\n") \
-            as (stack, cloud):
+    with running_cloud_stack(tmp_path, "surf", paused, extra="[timing]\nollama_readiness_wait_seconds = 0.05\n") as (
+        stack,
+        cloud,
+    ):
         tags = httpx.get(stack.url + "/api/tags", headers=stack.headers()).json()["models"]
         assert [t["name"] for t in tags] == ["phi3:latest"] and tags[0]["size"] > 0  # from the cache, in full
-        answer = httpx.post(stack.url + "/api/generate", headers=stack.headers(), timeout=30,
-                            json={"model": "phi3", "prompt": "x", "stream": False})
+        answer = httpx.post(
+            stack.url + "/api/generate",
+            headers=stack.headers(),
+            timeout=30,
+            json={"model": "phi3", "prompt": "x", "stream": False},
+        )
         assert answer.status_code == 200 and cloud.resumes("gpu-1") == 1

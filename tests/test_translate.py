@@ -11,39 +11,59 @@ from gpumanager.proxy.translate import Answer, openai_request
 
 
 def test_chat_becomes_a_streaming_chat_completion_with_usage() -> None:
-    path, body, stream = openai_request("chat", {
-        "model": "meta-llama/Llama-3.1-8B-Instruct", "messages": [{"role": "user", "content": "hi"}],
-        "options": {"temperature": 0.2, "num_predict": 64, "num_ctx": 8192, "stop": ["\n"]}, "format": "json"})
+    path, body, stream = openai_request(
+        "chat",
+        {
+            "model": "meta-llama/Llama-3.1-8B-Instruct",
+            "messages": [{"role": "user", "content": "hi"}],
+            "options": {"temperature": 0.2, "num_predict": 64, "num_ctx": 8192, "stop": ["\n"]},
+            "format": "json",
+        },
+    )
     assert path == "/v1/chat/completions" and stream
-    assert body == {"model": "meta-llama/Llama-3.1-8B-Instruct", "stream": True,
-                    "stream_options": {"include_usage": True}, "messages": [{"role": "user", "content": "hi"}],
-                    "temperature": 0.2, "max_tokens": 64, "stop": ["\n"], "response_format": {"type": "json_object"}}
+    assert body == {
+        "model": "meta-llama/Llama-3.1-8B-Instruct",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": "hi"}],
+        "temperature": 0.2,
+        "max_tokens": 64,
+        "stop": ["\n"],
+        "response_format": {"type": "json_object"},
+    }
 
 
 def test_generate_becomes_a_completion_with_the_system_prompt_first() -> None:
-    path, body, stream = openai_request("generate", {"model": "m", "prompt": "Hello", "system": "Be brief.",
-                                                      "stream": False, "format": {"type": "object"}})
+    path, body, stream = openai_request(
+        "generate",
+        {"model": "m", "prompt": "Hello", "system": "Be brief.", "stream": False, "format": {"type": "object"}},
+    )
     assert (path, stream) == ("/v1/completions", False)
     assert body["prompt"] == "Be brief.\n\nHello" and body["response_format"]["type"] == "json_schema"
 
 
-@pytest.mark.parametrize(("route", "request_body", "field"), [
-    ("generate", {"model": "m", "prompt": "x", "raw": True}, "raw"),
-    ("generate", {"model": "m", "prompt": "x", "context": [1, 2]}, "context"),
-    ("generate", {"model": "m", "prompt": "x", "images": ["aGk="]}, "images"),
-    ("chat", {"model": "m", "messages": [{"role": "user", "content": "x", "images": ["aGk="]}]}, "images"),
-    ("chat", {"model": "m", "messages": [], "tools": [{"type": "function"}]}, "tools"),
-    ("show", {"model": "m"}, "/api/show"),
-])
-def test_what_cannot_be_translated_is_refused_by_name(route: str, request_body: dict[str, object],
-                                                       field: str) -> None:
+@pytest.mark.parametrize(
+    ("route", "request_body", "field"),
+    [
+        ("generate", {"model": "m", "prompt": "x", "raw": True}, "raw"),
+        ("generate", {"model": "m", "prompt": "x", "context": [1, 2]}, "context"),
+        ("generate", {"model": "m", "prompt": "x", "images": ["aGk="]}, "images"),
+        ("chat", {"model": "m", "messages": [{"role": "user", "content": "x", "images": ["aGk="]}]}, "images"),
+        ("chat", {"model": "m", "messages": [], "tools": [{"type": "function"}]}, "tools"),
+        ("show", {"model": "m"}, "/api/show"),
+    ],
+)
+def test_what_cannot_be_translated_is_refused_by_name(route: str, request_body: dict[str, object], field: str) -> None:
     with pytest.raises(BadRequest, match=field.replace("/", "/")):
         openai_request(route, request_body)
 
 
 def test_embeddings_both_ways() -> None:
     assert openai_request("embed", {"model": "e", "input": ["a", "b"]}) == (
-        "/v1/embeddings", {"model": "e", "input": ["a", "b"]}, False)
+        "/v1/embeddings",
+        {"model": "e", "input": ["a", "b"]},
+        False,
+    )
     assert openai_request("embeddings", {"model": "e", "prompt": "a"})[1] == {"model": "e", "input": "a"}
     answer = {"data": [{"embedding": [0.1, 0.2]}, {"embedding": [0.3, 0.4]}], "usage": {"prompt_tokens": 3}}
     embed = json.loads(Answer("embed", "e").embeddings(answer))

@@ -46,8 +46,9 @@ def admin_routes(ctx: Context) -> list[BaseRoute]:
         require_admin(request.scope)
         await lifecycle.watch.reconcile()  # fresh from the clouds, as the name promises
         gpus = [gpu(h) for h in fleet.hosts.values()]
-        return JSONResponse({"discovered_gpus": len(gpus), "gpus": gpus, "emergency": fleet.emergency,
-                             "queued": len(fleet.queue)})
+        return JSONResponse(
+            {"discovered_gpus": len(gpus), "gpus": gpus, "emergency": fleet.emergency, "queued": len(fleet.queue)}
+        )
 
     async def status(request: Request) -> Response:
         return JSONResponse(gpu(find(request)))
@@ -79,9 +80,14 @@ def admin_routes(ctx: Context) -> list[BaseRoute]:
     async def emergency_off(request: Request) -> Response:
         require_admin(request.scope)
         await lifecycle.emergency_off()
-        return JSONResponse({"emergency": True, "message": "pausing every host; wakes are refused until "
-                                                           "POST /gpu/emergency-on",
-                             "gpus": [gpu(h) for h in fleet.hosts.values()]}, status_code=202)
+        return JSONResponse(
+            {
+                "emergency": True,
+                "message": "pausing every host; wakes are refused until POST /gpu/emergency-on",
+                "gpus": [gpu(h) for h in fleet.hosts.values()],
+            },
+            status_code=202,
+        )
 
     async def emergency_on(request: Request) -> Response:
         require_admin(request.scope)

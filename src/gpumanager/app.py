@@ -41,8 +41,12 @@ class Context:
         token = environ.get(UPSTREAM_TOKEN_ENV, "")
         self.upstream_auth = [(b"authorization", b"Bearer " + token.encode())] if token else []
         self.upstream = Upstream(read_timeout=config.timing.upstream_read_timeout_seconds)
-        self.inventory = Inventory(config.paths.state_dir, self.upstream.client, probe_timeout=config.timing.probe_timeout_seconds,
-                                   upstream_headers={"authorization": f"Bearer {token}"} if token else None)
+        self.inventory = Inventory(
+            config.paths.state_dir,
+            self.upstream.client,
+            probe_timeout=config.timing.probe_timeout_seconds,
+            upstream_headers={"authorization": f"Bearer {token}"} if token else None,
+        )
         self.fleet = Fleet(config)
         self.providers = build_providers(config, environ, self.upstream.client)
         self.lifecycle = Lifecycle(config, self.fleet, self.providers, self.inventory)
@@ -53,8 +57,11 @@ class Context:
             await tg.start(self.lifecycle.run)
             if not self.keys.records():
                 logger.warning("no API keys in {}: make one with `gpumanager generate-key`", self.keys.path)
-            logger.info("gpumanager is ready: {} hosts, models: {}", len(self.fleet.hosts),
-                        ", ".join(self.fleet.models()) or "none yet")
+            logger.info(
+                "gpumanager is ready: {} hosts, models: {}",
+                len(self.fleet.hosts),
+                ", ".join(self.fleet.models()) or "none yet",
+            )
             yield
             tg.cancel_scope.cancel()
 
@@ -62,14 +69,23 @@ class Context:
 async def _health(request: Request) -> Response:
     ctx: Context = request.app.state.ctx
     hosts = ctx.fleet.hosts.values()
-    return JSONResponse({"status": "ok", "hosts": len(hosts), "ready": sum(h.state == "ready" for h in hosts),
-                         "emergency": ctx.fleet.emergency})
+    return JSONResponse(
+        {
+            "status": "ok",
+            "hosts": len(hosts),
+            "ready": sum(h.state == "ready" for h in hosts),
+            "emergency": ctx.fleet.emergency,
+        }
+    )
 
 
 async def _client_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ClientError)
-    return Response(error_body(dialect_for(request.url.path), exc), status_code=exc.status,
-                    headers={k.decode(): v.decode() for k, v in error_headers(exc)})
+    return Response(
+        error_body(dialect_for(request.url.path), exc),
+        status_code=exc.status,
+        headers={k.decode(): v.decode() for k, v in error_headers(exc)},
+    )
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -94,9 +110,11 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 def build_app(config: Config, *, environ: Mapping[str, str] | None = None) -> Starlette:
     ctx = Context(config, os.environ if environ is None else environ)
     routes = [Route("/health", _health, methods=["GET", "HEAD"]), *proxy_routes(ctx), *admin_routes(ctx)]
-    app = Starlette(routes=routes, lifespan=ctx.lifespan,
-                    middleware=[Middleware(AuthMiddleware, keys=ctx.keys)],
-                    exception_handlers={ClientError: _client_error, HTTPException: _http_error,
-                                        Exception: _server_error})
+    app = Starlette(
+        routes=routes,
+        lifespan=ctx.lifespan,
+        middleware=[Middleware(AuthMiddleware, keys=ctx.keys)],
+        exception_handlers={ClientError: _client_error, HTTPException: _http_error, Exception: _server_error},
+    )
     app.state.ctx = ctx
     return app

@@ -22,38 +22,51 @@ COMMANDS = ("server", "demo", "generate-key", "list-keys", "revoke-key", "check-
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="PATH",
-                        help=f"config file (default: ${CONFIG_ENV}, else ./config.toml)")
+    parser.add_argument("--config", metavar="PATH", help=f"config file (default: ${CONFIG_ENV}, else ./config.toml)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpumanager",
         description="A streaming OpenAI/Ollama proxy that shares GPU hosts among API keys, "
-                    "wakes paused hosts on demand and pauses them when idle.",
-        epilog="Run `gpumanager COMMAND --help` for a command's options. With no command, `server` runs.")
+        "wakes paused hosts on demand and pauses them when idle.",
+        epilog="Run `gpumanager COMMAND --help` for a command's options. With no command, `server` runs.",
+    )
     parser.add_argument("--version", action="version", version=f"gpumanager {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    server = sub.add_parser("server", help="serve the proxy (the default command)",
-                            description="Serve the proxy on [server] host/port of the config.")
+    server = sub.add_parser(
+        "server",
+        help="serve the proxy (the default command)",
+        description="Serve the proxy on [server] host/port of the config.",
+    )
     _config_arg(server)
     server.add_argument("--host", help="address to listen on (overrides [server] host)")
     server.add_argument("--port", type=int, help="port to listen on (overrides [server] port)")
-    server.add_argument("--log-level", default=os.environ.get("GPUMANAGER_LOG_LEVEL", "INFO"),
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default INFO)")
+    server.add_argument(
+        "--log-level",
+        default=os.environ.get("GPUMANAGER_LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level (default INFO)",
+    )
 
-    demo = sub.add_parser("demo", help="run a demo with simulated GPU hosts (no cloud account needed)",
-                          description="Start the proxy in front of a simulated cloud of two paused GPU hosts, "
-                                      "make an admin key, send one request and narrate the wake, the answer, "
-                                      "the idle window and the pause. Stays up for your own requests.")
+    demo = sub.add_parser(
+        "demo",
+        help="run a demo with simulated GPU hosts (no cloud account needed)",
+        description="Start the proxy in front of a simulated cloud of two paused GPU hosts, "
+        "make an admin key, send one request and narrate the wake, the answer, "
+        "the idle window and the pause. Stays up for your own requests.",
+    )
     demo.add_argument("--port", type=int, default=8000, help="port to serve on (default 8000)")
     demo.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
     demo.add_argument("--dir", help="folder for the demo's keys, state and log (default: a temporary one)")
     demo.add_argument("--once", action="store_true", help="exit after the narrated cycle (for scripts)")
 
-    gen = sub.add_parser("generate-key", help="make an API key (printed once, stored hashed)",
-                         description="Make an API key. The key is printed once; only its sha256 is stored.")
+    gen = sub.add_parser(
+        "generate-key",
+        help="make an API key (printed once, stored hashed)",
+        description="Make an API key. The key is printed once; only its sha256 is stored.",
+    )
     _config_arg(gen)
     gen.add_argument("--name", required=True, help="who the key is for")
     gen.add_argument("--email", required=True, help="their email address")
@@ -63,8 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list-keys", help="list API keys (never the keys or their hashes)")
     _config_arg(lst)
 
-    rev = sub.add_parser("revoke-key", help="revoke an API key by id or prefix",
-                         description="Revoke a key; a running server stops accepting it within a second.")
+    rev = sub.add_parser(
+        "revoke-key",
+        help="revoke an API key by id or prefix",
+        description="Revoke a key; a running server stops accepting it within a second.",
+    )
     _config_arg(rev)
     rev.add_argument("key_id", metavar="ID_OR_PREFIX", help="the key's id, or the start of the key (gm_...)")
 
@@ -101,6 +117,7 @@ def load_config(args: argparse.Namespace, *, required: bool = True) -> tuple[Con
     load_dotenv(path.resolve().parent / ".env", override=False)
     if not path.exists() and not required and not explicit:
         from gpumanager.config import loads
+
         return loads(b"", path), path
     return load(path), path
 
@@ -114,11 +131,18 @@ def _server(args: argparse.Namespace) -> int:
     config, _ = load_config(args)
     logs.setup(args.log_level, config.paths.log_file)
     app = build_app(config)
-    uv = uvicorn.Config(app, host=args.host or config.server.host, port=args.port or config.server.port,
-                        log_config=None, access_log=False, server_header=False, lifespan="on",
-                        # uvicorn waits this long for open streams (it takes fractions too).
-                        timeout_graceful_shutdown=config.timing.shutdown_grace_seconds,  # type: ignore[arg-type]
-                        timeout_keep_alive=75)
+    uv = uvicorn.Config(
+        app,
+        host=args.host or config.server.host,
+        port=args.port or config.server.port,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        lifespan="on",
+        # uvicorn waits this long for open streams (it takes fractions too).
+        timeout_graceful_shutdown=config.timing.shutdown_grace_seconds,  # type: ignore[arg-type]
+        timeout_keep_alive=75,
+    )
     uvicorn.Server(uv).run()
     return 0
 
@@ -150,8 +174,17 @@ def _list_keys(args: argparse.Namespace) -> int:
         return 0
     rows = [("ID", "PREFIX", "NAME", "EMAIL", "ADMIN", "STATUS", "CREATED")]
     for r in records:
-        rows.append((r.id, r.prefix or "(plaintext)", r.name, r.email, "yes" if r.admin else "",
-                     "revoked" if r.revoked else "active", r.created))
+        rows.append(
+            (
+                r.id,
+                r.prefix or "(plaintext)",
+                r.name,
+                r.email,
+                "yes" if r.admin else "",
+                "revoked" if r.revoked else "active",
+                r.created,
+            )
+        )
     _print_table(rows)
     return 0
 
@@ -171,8 +204,16 @@ def _check_config(args: argparse.Namespace) -> int:
     config, path = load_config(args)
     rows = [("NAME", "PROVIDER", "URL", "SLOTS", "MODELS", "PROTECTED")]
     for row in describe(config):
-        rows.append((row["name"], row["provider"], row["url"], str(row["slots"]), ", ".join(row["models"]),
-                     "yes" if row["protected"] else ""))
+        rows.append(
+            (
+                row["name"],
+                row["provider"],
+                row["url"],
+                str(row["slots"]),
+                ", ".join(row["models"]),
+                "yes" if row["protected"] else "",
+            )
+        )
     print(f"{path}: ok")
     _print_table(rows)
     return 0
@@ -197,9 +238,16 @@ def _hosts(args: argparse.Namespace) -> int:
     rows = [("NAME", "STATE", "PROVIDER", "LEASES", "IDLE LEFT", "MODELS")]
     for gpu in response.json()["gpus"]:
         idle = gpu.get("idle_seconds_left")
-        rows.append((gpu["name"], gpu["status"] + ("" if gpu.get("healthy", True) else " (not answering)"),
-                     gpu.get("provider", ""), f"{gpu.get('leases', 0)}/{gpu.get('slots', '?')}",
-                     "" if idle is None else f"{idle:.0f}s", ", ".join(gpu.get("models", []))))
+        rows.append(
+            (
+                gpu["name"],
+                gpu["status"] + ("" if gpu.get("healthy", True) else " (not answering)"),
+                gpu.get("provider", ""),
+                f"{gpu.get('leases', 0)}/{gpu.get('slots', '?')}",
+                "" if idle is None else f"{idle:.0f}s",
+                ", ".join(gpu.get("models", [])),
+            )
+        )
     _print_table(rows)
     return 0
 
@@ -222,8 +270,13 @@ def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
 
 
 _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "server": _server, "demo": _demo, "generate-key": _generate_key, "list-keys": _list_keys,
-    "revoke-key": _revoke_key, "check-config": _check_config, "hosts": _hosts,
+    "server": _server,
+    "demo": _demo,
+    "generate-key": _generate_key,
+    "list-keys": _list_keys,
+    "revoke-key": _revoke_key,
+    "check-config": _check_config,
+    "hosts": _hosts,
 }
 
 if __name__ == "__main__":

@@ -166,9 +166,15 @@ class Config(_Section):
         providers = list(self.providers)
         if self.cloud_api is not None:
             api = self.cloud_api
-            providers.insert(0, SurfProviderConfig(
-                name="surf", base_url=api.base_url, machine_name_filter=api.machine_name_filter,
-                ollama_port=api.ollama_port))
+            providers.insert(
+                0,
+                SurfProviderConfig(
+                    name="surf",
+                    base_url=api.base_url,
+                    machine_name_filter=api.machine_name_filter,
+                    ollama_port=api.ollama_port,
+                ),
+            )
         return providers
 
 
@@ -249,8 +255,9 @@ def _check(config: Config, path: str) -> None:
         _check_scope(provider, where, path)
     for i, host in enumerate(config.hosts):
         if host.provider is not None and host.provider not in names:
-            raise ConfigError(path, f"hosts[{i}].provider",
-                              f"no provider named {host.provider!r} (known: {', '.join(sorted(names))})")
+            raise ConfigError(
+                path, f"hosts[{i}].provider", f"no provider named {host.provider!r} (known: {', '.join(sorted(names))})"
+            )
         if host.url is not None and host.provider not in (None, "static"):
             raise ConfigError(path, f"hosts[{i}].url", "a host with a url is static; drop `provider` or `url`")
 
@@ -259,15 +266,24 @@ def _check_scope(provider: ProviderConfig, where: str, path: str) -> None:
     """A cloud provider must be told which machines are its own: gpumanager pauses what it manages,
     and must never adopt (and stop) every machine of an account."""
     if isinstance(provider, SurfProviderConfig) and not provider.machine_name_filter:
-        raise ConfigError(path, f"{where}.machine_name_filter", "must not be empty: the workspaces whose name "
-                          "contains it are managed (woken and paused) by gpumanager")
-    if isinstance(provider, RunpodProviderConfig) and not (provider.endpoints or provider.pods
-                                                           or provider.name_filter):
-        raise ConfigError(path, where, "a runpod provider needs `endpoints`, `pods` or a non-empty `name_filter`: "
-                          "what it finds is woken and paused by gpumanager")
+        raise ConfigError(
+            path,
+            f"{where}.machine_name_filter",
+            "must not be empty: the workspaces whose name contains it are managed (woken and paused) by gpumanager",
+        )
+    if isinstance(provider, RunpodProviderConfig) and not (provider.endpoints or provider.pods or provider.name_filter):
+        raise ConfigError(
+            path,
+            where,
+            "a runpod provider needs `endpoints`, `pods` or a non-empty `name_filter`: "
+            "what it finds is woken and paused by gpumanager",
+        )
     if isinstance(provider, Ec2ProviderConfig) and not (provider.tag_filter or provider.instance_ids):
-        raise ConfigError(path, where, "an ec2 provider needs `tag_filter` or `instance_ids`: what it finds is "
-                          "started and stopped by gpumanager")
+        raise ConfigError(
+            path,
+            where,
+            "an ec2 provider needs `tag_filter` or `instance_ids`: what it finds is started and stopped by gpumanager",
+        )
 
 
 def _resolve_paths(config: Config, base: Path) -> Config:
@@ -276,8 +292,11 @@ def _resolve_paths(config: Config, base: Path) -> Config:
 
     paths = config.paths
     resolved = msgspec.structs.replace(
-        paths, api_keys_file=resolve(paths.api_keys_file), state_dir=resolve(paths.state_dir),
-        log_file=resolve(paths.log_file) if paths.log_file else "")
+        paths,
+        api_keys_file=resolve(paths.api_keys_file),
+        state_dir=resolve(paths.state_dir),
+        log_file=resolve(paths.log_file) if paths.log_file else "",
+    )
     return msgspec.structs.replace(config, paths=resolved)
 
 
@@ -285,10 +304,25 @@ def describe(config: Config) -> list[dict[str, Any]]:
     """What `check-config` prints: the hosts gpumanager would manage, known before any discovery."""
     rows: list[dict[str, Any]] = []
     for host in config.hosts:
-        rows.append({"name": host.name, "provider": host.provider or ("static" if host.url else "(discovered)"),
-                     "url": host.url or "", "slots": host.slots or config.scheduler.default_slots,
-                     "models": host.models, "protected": host.protected})
+        rows.append(
+            {
+                "name": host.name,
+                "provider": host.provider or ("static" if host.url else "(discovered)"),
+                "url": host.url or "",
+                "slots": host.slots or config.scheduler.default_slots,
+                "models": host.models,
+                "protected": host.protected,
+            }
+        )
     for provider in config.all_providers():
-        rows.append({"name": f"(hosts found by {provider.name})", "provider": provider.name, "url": "",
-                     "slots": config.scheduler.default_slots, "models": [], "protected": False})
+        rows.append(
+            {
+                "name": f"(hosts found by {provider.name})",
+                "provider": provider.name,
+                "url": "",
+                "slots": config.scheduler.default_slots,
+                "models": [],
+                "protected": False,
+            }
+        )
     return rows

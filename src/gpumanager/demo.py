@@ -25,9 +25,11 @@ from gpumanager.hosts import HostState
 from gpumanager.keys import KeyStore
 from gpumanager.sim.server import port_is_free
 
-ANSWER = ("A GPU that sleeps costs nothing. gpumanager woke this simulated host for your request, "
-          "streamed the answer token by token, and will pause the host again once it has been idle "
-          "for its reservation window.")
+ANSWER = (
+    "A GPU that sleeps costs nothing. gpumanager woke this simulated host for your request, "
+    "streamed the answer token by token, and will pause the host again once it has been idle "
+    "for its reservation window."
+)
 
 CONFIG = """\
 # The demo's fleet: a simulated cloud of two paused GPU hosts (no cloud account needed).
@@ -79,8 +81,10 @@ def run_demo(args: argparse.Namespace) -> int:
     folder = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="gpumanager-demo-"))
     folder.mkdir(parents=True, exist_ok=True)
     if not port_is_free(args.host, args.port):
-        print(f"gpumanager: error: port {args.port} on {args.host} is in use; try `gpumanager demo --port 8001`",
-              file=sys.stderr)
+        print(
+            f"gpumanager: error: port {args.port} on {args.host} is in use; try `gpumanager demo --port 8001`",
+            file=sys.stderr,
+        )
         return 2
     config_path = folder / "config.toml"
     config_path.write_text(CONFIG.format(host=args.host, port=args.port, answer=ANSWER))
@@ -89,8 +93,18 @@ def run_demo(args: argparse.Namespace) -> int:
     key = KeyStore(config.paths.api_keys_file).generate("demo", "demo@localhost", admin=True)[1]
     app = build_app(config, environ={})
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}"
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
-                                           server_header=False, lifespan="on", timeout_graceful_shutdown=2))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            lifespan="on",
+            timeout_graceful_shutdown=2,
+        )
+    )
     _banner(url, key, folder)
     try:
         anyio.run(_main, server, app.state.ctx, url, key, args.once)
@@ -132,16 +146,19 @@ async def _watch(ctx: Context) -> None:
 
 
 def _why(state: HostState) -> str:
-    return {HostState.RESUMING: "  the cloud was asked to resume it",
-            HostState.STARTING: "  the machine runs; waiting for Ollama to answer and list the model",
-            HostState.READY: "  Ollama answers: requests flow",
-            HostState.PAUSING: "  idle past its window: pausing it, so it costs nothing",
-            HostState.PAUSED: "  paused: no cost until the next request"}.get(state, "")
+    return {
+        HostState.RESUMING: "  the cloud was asked to resume it",
+        HostState.STARTING: "  the machine runs; waiting for Ollama to answer and list the model",
+        HostState.READY: "  Ollama answers: requests flow",
+        HostState.PAUSING: "  idle past its window: pausing it, so it costs nothing",
+        HostState.PAUSED: "  paused: no cost until the next request",
+    }.get(state, "")
 
 
 async def _narrate(ctx: Context, url: str, key: str) -> None:
-    hosts = ", ".join(f"{h.name} ({h.state}, {', '.join(sorted(h.models))}, {h.cost_per_hour}/h)"
-                      for h in ctx.fleet.hosts.values())
+    hosts = ", ".join(
+        f"{h.name} ({h.state}, {', '.join(sorted(h.models))}, {h.cost_per_hour}/h)" for h in ctx.fleet.hosts.values()
+    )
     say(f"The fleet: {hosts}.")
     say("Asking for llama3.2: its only host, gpu-a, is paused, so gpumanager wakes it and holds the request.")
     started = time.monotonic()
@@ -158,8 +175,10 @@ async def _narrate(ctx: Context, url: str, key: str) -> None:
                 print(word, end="", flush=True)
     print(flush=True)
     window = ctx.config.timing.reservation_minutes * 60
-    say(f"Answered in {time.monotonic() - started:.1f}s. gpu-a stays reserved for {window:.0f}s, "
-        "then pauses if nobody uses it.")
+    say(
+        f"Answered in {time.monotonic() - started:.1f}s. gpu-a stays reserved for {window:.0f}s, "
+        "then pauses if nobody uses it."
+    )
     with anyio.fail_after(window + 30):
         while ctx.fleet.hosts["gpu-a"].state is not HostState.PAUSED:
             await anyio.sleep(0.1)
@@ -178,9 +197,10 @@ def _response_text(line: str) -> str:
 
 def _banner(url: str, key: str, folder: Path) -> None:
     python = sys.executable  # the interpreter that runs gpumanager has the openai and ollama clients
-    print(textwrap.dedent(f"""
+    print(
+        textwrap.dedent(f"""
         gpumanager demo: a proxy at {url} in front of a simulated cloud of two paused GPU hosts.
-        Its config, keys and log are in {folder} (log: {folder / 'gpumanager.log'}).
+        Its config, keys and log are in {folder} (log: {folder / "gpumanager.log"}).
 
         Admin API key (made for this demo):  {key}
 
@@ -194,4 +214,5 @@ def _banner(url: str, key: str, folder: Path) -> None:
 
           {python} -c 'import ollama; c = ollama.Client(host="{url}", headers={{"Authorization": "Bearer {key}"}})
           print(c.generate(model="qwen2.5:7b", prompt="hi").response)'
-        """))
+        """)
+    )

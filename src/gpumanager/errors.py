@@ -123,9 +123,15 @@ class ProviderError(GpuManagerError):
 
     def __init__(self, message: str, *, provider: str = "", host: str = "", action: str = "") -> None:
         self.provider, self.host, self.action = provider, host, action
-        context = " ".join(p for p in (f"provider={provider}" if provider else "",
-                                        f"host={host}" if host else "",
-                                        f"action={action}" if action else "") if p)
+        context = " ".join(
+            p
+            for p in (
+                f"provider={provider}" if provider else "",
+                f"host={host}" if host else "",
+                f"action={action}" if action else "",
+            )
+            if p
+        )
         super().__init__(f"{message} ({context})" if context else message)
         self.message = message
 

@@ -118,8 +118,9 @@ class Fleet:
     def admit(self, ask: Ask) -> Lease | Waiter:
         limit = self.config.scheduler.max_per_key
         if limit and self._held[ask.key] + self.queue.count_key(ask.key) >= limit:
-            raise TooManyRequests(f"this key already has {limit} requests running or waiting (max_per_key)",
-                                  retry_after=5)
+            raise TooManyRequests(
+                f"this key already has {limit} requests running or waiting (max_per_key)", retry_after=5
+            )
         decision = choose(self._snapshot(ask, queued=self.queue.count_model(ask.model) if self.queue else 0), ask)
         if type(decision) is Use:
             return self._grant(self.hosts[decision.host], ask.key)
@@ -184,8 +185,9 @@ class Fleet:
 
     def _timeout_error(self, waiter: Waiter) -> ClientError:
         seconds = self.clock() - waiter.enqueued
-        return NoCapacity(f"no free slot for model '{waiter.ask.model}' within {seconds:.0f}s; try again later",
-                          retry_after=30)
+        return NoCapacity(
+            f"no free slot for model '{waiter.ask.model}' within {seconds:.0f}s; try again later", retry_after=30
+        )
 
     def hold(self, host: Host, key: str) -> Lease:
         """A lease outside the slot count, for admin operations on one host (pull, delete...)."""
@@ -272,26 +274,52 @@ class Fleet:
         names = model_names(ask.model)
         views = tuple(_view(h, names, ask.num_ctx) for h in self.candidates(ask.model))
         sched = self.config.scheduler
-        awake = sum(1 for h in self.hosts.values() if h.state in AWAKE and not h.always_on) if sched.max_awake_hosts else 0
-        return Snapshot(views, now, queued=queued, awake=awake, max_awake=sched.max_awake_hosts,
-                        scale_up_depth=sched.scale_up_queue_depth, emergency=self.emergency)
+        awake = (
+            sum(1 for h in self.hosts.values() if h.state in AWAKE and not h.always_on) if sched.max_awake_hosts else 0
+        )
+        return Snapshot(
+            views,
+            now,
+            queued=queued,
+            awake=awake,
+            max_awake=sched.max_awake_hosts,
+            scale_up_depth=sched.scale_up_queue_depth,
+            emergency=self.emergency,
+        )
 
     # -- for the admin API and the CLI --------------------------------------------------------------
 
     def describe(self, host: Host) -> dict[str, Any]:
         now = self.clock()
-        return {"id": host.id, "name": host.name, "provider": host.provider, "status": str(host.state),
-                "cloud_status": host.cloud_status, "healthy": host.healthy, "url": host.url,
-                "models": sorted(host.models), "loaded": sorted(host.loaded), "leases": host.leases,
-                "slots": host.slots, "draining": host.draining, "protected": host.protected,
-                "cost_per_hour": host.cost_per_hour, "version": host.version,
-                "idle_seconds_left": None if host.always_on or host.state is not HostState.READY
-                else round(max(0.0, host.idle_deadline - now), 1),
-                "last_error": host.last_error, **host.details}
+        return {
+            "id": host.id,
+            "name": host.name,
+            "provider": host.provider,
+            "status": str(host.state),
+            "cloud_status": host.cloud_status,
+            "healthy": host.healthy,
+            "url": host.url,
+            "models": sorted(host.models),
+            "loaded": sorted(host.loaded),
+            "leases": host.leases,
+            "slots": host.slots,
+            "draining": host.draining,
+            "protected": host.protected,
+            "cost_per_hour": host.cost_per_hour,
+            "version": host.version,
+            "idle_seconds_left": None
+            if host.always_on or host.state is not HostState.READY
+            else round(max(0.0, host.idle_deadline - now), 1),
+            "last_error": host.last_error,
+            **host.details,
+        }
 
     def statistics(self) -> dict[str, Any]:
-        return {"hosts": [self.describe(h) for h in self.hosts.values()], "queued": len(self.queue),
-                "emergency": self.emergency}
+        return {
+            "hosts": [self.describe(h) for h in self.hosts.values()],
+            "queued": len(self.queue),
+            "emergency": self.emergency,
+        }
 
 
 def _view(host: Host, names: Iterable[str], num_ctx: int | None) -> HostView:
@@ -301,9 +329,20 @@ def _view(host: Host, names: Iterable[str], num_ctx: int | None) -> HostView:
         if name in host.loaded:
             loaded, ctx = True, host.loaded[name]
             break
-    return HostView(host.name, host.state, host.healthy, host.draining, host.leases, host.slots,
-                    host.cost_per_hour, loaded, num_ctx is None or ctx is None or ctx == num_ctx,
-                    host.reserved_key, host.idle_deadline, host.always_on)
+    return HostView(
+        host.name,
+        host.state,
+        host.healthy,
+        host.draining,
+        host.leases,
+        host.slots,
+        host.cost_per_hour,
+        loaded,
+        num_ctx is None or ctx is None or ctx == num_ctx,
+        host.reserved_key,
+        host.idle_deadline,
+        host.always_on,
+    )
 
 
 def _rejection(decision: Reject, ask: Ask) -> ClientError:

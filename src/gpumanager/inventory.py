@@ -65,8 +65,14 @@ class ProbeFailed(Exception):
 
 
 class Inventory:
-    def __init__(self, state_dir: str, http: httpx.AsyncClient, *, probe_timeout: float,
-                 upstream_headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: str,
+        http: httpx.AsyncClient,
+        *,
+        probe_timeout: float,
+        upstream_headers: dict[str, str] | None = None,
+    ) -> None:
         self.path = Path(state_dir) / "inventory.json"
         self.http = http
         self.probe_timeout = probe_timeout
@@ -113,15 +119,25 @@ class Inventory:
         for gone in set(record.show) - host.models:
             del record.show[gone]
         if host.models != old_models:
-            logger.bind(host=host.name).info("host {} serves {}", host.name, ", ".join(sorted(host.models)) or "no models")
+            logger.bind(host=host.name).info(
+                "host {} serves {}", host.name, ", ".join(sorted(host.models)) or "no models"
+            )
         self.save()
 
     async def _openai_models(self, host: Host) -> list[dict[str, Any]]:
         """An OpenAI-compatible upstream's `/v1/models`, in the shape of Ollama's tags."""
         listed = _decode(_models, await self._get(host, "/v1/models"), "/v1/models").data or []
-        return [{"name": m.id, "model": m.id, "modified_at": _iso(m.created), "size": 0, "digest": "",
-                 "details": {"format": "", "family": "", "parameter_size": "", "quantization_level": ""}}
-                for m in listed]
+        return [
+            {
+                "name": m.id,
+                "model": m.id,
+                "modified_at": _iso(m.created),
+                "size": 0,
+                "digest": "",
+                "details": {"format": "", "family": "", "parameter_size": "", "quantization_level": ""},
+            }
+            for m in listed
+        ]
 
     async def probe(self, host: Host, model: str | None) -> bool:
         """One readiness probe: Ollama answers, and lists `model` (when one is wanted)."""
@@ -154,8 +170,17 @@ class Inventory:
             for tag in record.tags if record else ():
                 entries.setdefault(str(tag.get("name") or tag.get("model")), tag)
             for model in host.models:
-                entries.setdefault(model, {"name": model, "model": model, "modified_at": "1970-01-01T00:00:00Z",
-                                           "size": 0, "digest": "", "details": {}})
+                entries.setdefault(
+                    model,
+                    {
+                        "name": model,
+                        "model": model,
+                        "modified_at": "1970-01-01T00:00:00Z",
+                        "size": 0,
+                        "digest": "",
+                        "details": {},
+                    },
+                )
         return [entries[name] for name in sorted(entries)]
 
     def ps_entries(self, hosts: list[Host]) -> list[dict[str, Any]]:

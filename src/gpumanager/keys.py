@@ -84,8 +84,9 @@ class KeyStore:
             if record.revoked:
                 continue
             if record.key:
-                logger.warning("api key {} is stored in plaintext in {}; prefer `gpumanager generate-key`",
-                               record.id, self.path)
+                logger.warning(
+                    "api key {} is stored in plaintext in {}; prefer `gpumanager generate-key`", record.id, self.path
+                )
                 digest = hash_key(record.key)
             else:
                 digest = record.key_hash.removeprefix("sha256:")
@@ -142,9 +143,15 @@ class KeyStore:
         key_id = secrets.token_hex(4)
         while key_id in existing:
             key_id = secrets.token_hex(4)
-        record = KeyRecord(id=key_id, name=name, email=email, key_hash="sha256:" + hash_key(key),
-                           prefix=key[:10], created=datetime.now(UTC).isoformat(timespec="seconds"),
-                           admin=admin)
+        record = KeyRecord(
+            id=key_id,
+            name=name,
+            email=email,
+            key_hash="sha256:" + hash_key(key),
+            prefix=key[:10],
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            admin=admin,
+        )
         self._write([*self._records, record])
         return record, key
 
@@ -152,9 +159,9 @@ class KeyStore:
         """Revoke the key with this id, or the key itself, or the one key whose prefix matches."""
         records = self.records()
         digest = "sha256:" + hash_key(id_or_prefix)
-        matches = [r for r in records if r.id == id_or_prefix or r.key_hash == digest] or \
-                  [r for r in records if r.prefix and (r.prefix.startswith(id_or_prefix)
-                                                       or id_or_prefix.startswith(r.prefix))]
+        matches = [r for r in records if r.id == id_or_prefix or r.key_hash == digest] or [
+            r for r in records if r.prefix and (r.prefix.startswith(id_or_prefix) or id_or_prefix.startswith(r.prefix))
+        ]
         if not matches:
             raise KeyStoreError(f"no key with id or prefix {id_or_prefix!r} in {self.path}")
         if len(matches) > 1:

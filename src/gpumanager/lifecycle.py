@@ -134,8 +134,13 @@ class Lifecycle:
             now = self.now()
             host.ready_since, host.healthy, host.last_error = now, True, ""
             host.idle_deadline = max(host.idle_deadline, now + self.timing.fallback_reservation_minutes * 60)
-            log.info("{} is ready after {:.1f}s (cloud {:.1f}s, Ollama {:.1f}s)", host.name, now - wake.started,
-                     cloud_done - wake.started, now - cloud_done)
+            log.info(
+                "{} is ready after {:.1f}s (cloud {:.1f}s, Ollama {:.1f}s)",
+                host.name,
+                now - wake.started,
+                cloud_done - wake.started,
+                now - cloud_done,
+            )
         finally:
             host.wake = None
             wake.done.set()
@@ -153,8 +158,9 @@ class Lifecycle:
             host.state = ST.PAUSED
         if host.state in (ST.PAUSED, ST.UNKNOWN):
             host.apply(EV.RESUME)
-            logger.bind(host=host.name).info("resuming {} for {}", host.name,
-                                              ", ".join(sorted(wake.models)) or "an admin")
+            logger.bind(host=host.name).info(
+                "resuming {} for {}", host.name, ", ".join(sorted(wake.models)) or "an admin"
+            )
             await provider.resume(host.id)
         info = await self._until_running(host, provider)
         cloud_done = self.now()
@@ -168,8 +174,12 @@ class Lifecycle:
         host.last_error = error
         host.state = ST.FAILED
         host.failed_until = self.now() + self.timing.failed_cooldown_seconds
-        logger.bind(host=host.name).error("waking {} failed: {}; pausing it, and not trying it again for {:g}s",
-                                          host.name, error, self.timing.failed_cooldown_seconds)
+        logger.bind(host=host.name).error(
+            "waking {} failed: {}; pausing it, and not trying it again for {:g}s",
+            host.name,
+            error,
+            self.timing.failed_cooldown_seconds,
+        )
         self.request_pause(host, "its wake failed", drain=False)
 
     async def _until_running(self, host: Host, provider: Provider) -> HostInfo:
@@ -187,8 +197,9 @@ class Lifecycle:
                 if info.error and info.state in (CloudState.PAUSED, CloudState.FAILED):
                     raise WakeFailed(f"the cloud reports: {info.error}", provider=host.provider, host=host.name)
                 if info.state is CloudState.FAILED:
-                    raise WakeFailed(f"the cloud reports the host {info.cloud_status}", provider=host.provider,
-                                     host=host.name)
+                    raise WakeFailed(
+                        f"the cloud reports the host {info.cloud_status}", provider=host.provider, host=host.name
+                    )
             await anyio.sleep(self._poll(host))
 
     async def _until_ollama(self, host: Host, provider: Provider, info: HostInfo, wake: Wake) -> None:
@@ -254,8 +265,9 @@ class Lifecycle:
                 await self.providers[host.provider].pause(host.id)
                 return
             except Exception as exc:  # every failure, foreseen or not, is retried
-                logger.bind(host=host.name).error("pausing {} failed: {}; it may still be billing; retrying in {:g}s",
-                                                  host.name, exc, delay)
+                logger.bind(host=host.name).error(
+                    "pausing {} failed: {}; it may still be billing; retrying in {:g}s", host.name, exc, delay
+                )
             await anyio.sleep(delay)
             delay = min(delay * 2, 60.0)
 
@@ -271,8 +283,9 @@ class Lifecycle:
                 if info.state is CloudState.PAUSED:
                     return
                 if info.state is CloudState.RUNNING and self.now() - asked > patience:
-                    logger.bind(host=host.name).error("{} still runs {:g}s after the pause; asking again",
-                                                      host.name, patience)
+                    logger.bind(host=host.name).error(
+                        "{} still runs {:g}s after the pause; asking again", host.name, patience
+                    )
                     await self._pause_call(host)
                     asked = self.now()
             except Exception as exc:
@@ -320,11 +333,18 @@ class Lifecycle:
                 await changed.wait()
 
     def _idle(self, host: Host) -> bool:
-        return (host.state is ST.READY and not host.always_on and not host.protected and host.pausing is None
-                and not self.fleet.leases_of(host))
+        return (
+            host.state is ST.READY
+            and not host.always_on
+            and not host.protected
+            and host.pausing is None
+            and not self.fleet.leases_of(host)
+        )
 
     def _window(self, host: Host) -> float:
-        return self.timing.reservation_minutes * 60 if host.reserved_key else self.timing.fallback_reservation_minutes * 60
+        return (
+            self.timing.reservation_minutes * 60 if host.reserved_key else self.timing.fallback_reservation_minutes * 60
+        )
 
 
 def _describe(exc: BaseException, timeout: float) -> str:

@@ -37,8 +37,9 @@ def setup(level: str = "INFO", log_file: str | None = None, *, console: bool = T
         logger.add(sys.stderr, level=level, format=CONSOLE_FORMAT, colorize=None, backtrace=False, diagnose=False)
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        logger.add(log_file, level=level, format=FILE_FORMAT, rotation="20 MB", retention=5,
-                   backtrace=False, diagnose=False)
+        logger.add(
+            log_file, level=level, format=FILE_FORMAT, rotation="20 MB", retention=5, backtrace=False, diagnose=False
+        )
     # The stdlib level matters for speed too: below INFO, uvicorn wraps every request in a
     # message-logging middleware.
     stdlib_level = logging.getLevelName(level) if isinstance(logging.getLevelName(level), int) else logging.INFO

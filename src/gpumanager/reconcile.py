@@ -52,8 +52,7 @@ class Reconciler:
                     logger.opt(exception=exc).error("listing the hosts of {} failed unexpectedly", name)
                     continue
                 for info in infos:
-                    host = next((h for h in self.fleet.hosts.values() if h.provider == name and h.id == info.id),
-                                None)
+                    host = next((h for h in self.fleet.hosts.values() if h.provider == name and h.id == info.id), None)
                     if host is None:
                         host = self._new_host(name, info)
                         self.fleet.add(host)
@@ -69,10 +68,17 @@ class Reconciler:
         pconf = next((p for p in config.all_providers() if p.name == provider), None)
         slots = override.slots if override and override.slots else info.slots or config.scheduler.default_slots
         cost = override.cost_per_hour if override and override.cost_per_hour is not None else info.cost_per_hour
-        host = Host(id=info.id, name=info.name, provider=provider, url=info.address or "", slots=slots,
-                    cost_per_hour=cost if cost is not None else getattr(pconf, "cost_per_hour", 0.0),
-                    protected=bool(override and override.protected), always_on=provider == "static",
-                    models=frozenset(override.models if override and override.models else info.models))
+        host = Host(
+            id=info.id,
+            name=info.name,
+            provider=provider,
+            url=info.address or "",
+            slots=slots,
+            cost_per_hour=cost if cost is not None else getattr(pconf, "cost_per_hour", 0.0),
+            protected=bool(override and override.protected),
+            always_on=provider == "static",
+            models=frozenset(override.models if override and override.models else info.models),
+        )
         host.api = info.api
         source = self.lifecycle.providers.get(provider)
         if isinstance(source, UpstreamAuth):

@@ -87,8 +87,10 @@ def choose(snapshot: Snapshot, ask: Ask) -> Decision:
     if free:
         return Use(min(free, key=lambda h: _preference(h, ask, snapshot.now)).name)
     # A draining host is about to pause: like a pausing one, it can be woken again once paused.
-    asleep = sorted((h for h in candidates if (h.state in ASLEEP or h.draining) and not h.always_on),
-                    key=lambda h: (h.cost, h.draining or h.state is HostState.PAUSING, not h.loaded, h.name))
+    asleep = sorted(
+        (h for h in candidates if (h.state in ASLEEP or h.draining) and not h.always_on),
+        key=lambda h: (h.cost, h.draining or h.state is HostState.PAUSING, not h.loaded, h.name),
+    )
     may_wake = not snapshot.emergency and (snapshot.max_awake == 0 or snapshot.awake < snapshot.max_awake)
     if ready or any(h.state in WAKING for h in candidates):
         if asleep and may_wake and snapshot.queued >= snapshot.scale_up_depth:
@@ -111,6 +113,7 @@ def _preference(h: HostView, ask: Ask, now: float) -> tuple[int, int, float, flo
 
 
 # -- the wait queue --------------------------------------------------------------------------------
+
 
 @dataclass(eq=False)
 class Waiter:

@@ -60,9 +60,11 @@ _SPARE_ADDRESSES = 16  # how many instance addresses a chosen ollama_port is che
 _AMI = "ami-1e749f67"  # Ubuntu, from moto's built-in image list (moto/ec2/resources/amis.json.gz)
 _CODES = {"pending": 0, "running": 16, "stopping": 64, "stopped": 80}
 _DEFAULT_CODES = {500: "InternalError", 503: "Unavailable"}
-_MESSAGES = {"InsufficientInstanceCapacity": "Insufficient capacity.",
-             "InternalError": "An internal error has occurred.",
-             "Unavailable": "The service is unavailable. Please try again shortly."}
+_MESSAGES = {
+    "InsufficientInstanceCapacity": "Insufficient capacity.",
+    "InternalError": "An internal error has occurred.",
+    "Unavailable": "The service is unavailable. Please try again shortly.",
+}
 _HOP_BY_HOP = {"host", "connection", "keep-alive", "content-length", "transfer-encoding"}
 _STATE_FILTERS = {"instance-state-name", "instance-state-code"}
 _FILTER_KEY = re.compile(r"^Filter\.(\d+)\.(.+)$")
@@ -91,11 +93,17 @@ def _error(failure: _Failure) -> _Reply:
     """EC2's error shape: `<Response><Errors><Error>`, not the `<ErrorResponse>` of other Query APIs."""
     request_id = str(uuid.uuid4())
     message = failure.message or _MESSAGES.get(failure.code, f"Injected {failure.code}.")
-    body = ('<?xml version="1.0" encoding="UTF-8"?>\n'
-            f"<Response><Errors><Error><Code>{escape(failure.code)}</Code><Message>{escape(message)}</Message>"
-            f"</Error></Errors><RequestID>{request_id}</RequestID></Response>")
-    headers = [(b"content-type", b"text/xml;charset=UTF-8"), (b"x-amzn-requestid", request_id.encode()),
-               (b"date", formatdate(usegmt=True).encode()), (b"server", b"AmazonEC2")]
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Response><Errors><Error><Code>{escape(failure.code)}</Code><Message>{escape(message)}</Message>"
+        f"</Error></Errors><RequestID>{request_id}</RequestID></Response>"
+    )
+    headers = [
+        (b"content-type", b"text/xml;charset=UTF-8"),
+        (b"x-amzn-requestid", request_id.encode()),
+        (b"date", formatdate(usegmt=True).encode()),
+        (b"server", b"AmazonEC2"),
+    ]
     return _Reply(failure.status, headers, body.encode())
 
 
@@ -223,8 +231,15 @@ class _Instance:
 class FakeEC2:
     """moto's EC2 with realistic stop/start timing; see the module docstring. Use as ``async with``."""
 
-    def __init__(self, *, boot_seconds: float = 0.2, stop_seconds: float = 0.1, region: str = "eu-west-1",
-                 ollama_port: int | None = None, session: boto3.session.Session | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        boot_seconds: float = 0.2,
+        stop_seconds: float = 0.1,
+        region: str = "eu-west-1",
+        ollama_port: int | None = None,
+        session: boto3.session.Session | None = None,
+    ) -> None:
         """``session``: a boto3 session to make the fake's own client from. Sharing one across fakes saves
         ~0.15 s each (botocore's EC2 model is parsed once per session); don't use it from another thread
         while the fake starts."""
@@ -232,8 +247,11 @@ class FakeEC2:
         self._session = session
         self.ollama_port = ollama_port if ollama_port is not None else free_port_for_all(_SPARE_ADDRESSES)
         self.account_id = f"{uuid.uuid4().int % 10**12:012d}"
-        self.credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                            "AWS_DEFAULT_REGION": region}
+        self.credentials = {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": region,
+        }
         self.calls: list[tuple[str, str]] = []
         self.hibernate_requests: list[bool] = []
         self.sims: dict[str, SimOllama] = {}
@@ -265,14 +283,23 @@ class FakeEC2:
             self._http = await stack.enter_async_context(httpx.AsyncClient(trust_env=False, timeout=30))
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             # moto's own Server and Date headers pass through, so uvicorn must not add its own.
-            self._server = await stack.enter_async_context(running_server(
-                self._asgi, host="127.0.0.1", port=0, interface="asgi3", timeout_graceful_shutdown=1,
-                server_header=False, date_header=False))
+            self._server = await stack.enter_async_context(
+                running_server(
+                    self._asgi,
+                    host="127.0.0.1",
+                    port=0,
+                    interface="asgi3",
+                    timeout_graceful_shutdown=1,
+                    server_header=False,
+                    date_header=False,
+                )
+            )
             self._stack = stack.pop_all()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> bool | None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
         self._closing.set()  # also cuts short the sleeps of slow_requests
         for instance in self._instances.values():
             self._interrupt(instance)
@@ -319,8 +346,13 @@ class FakeEC2:
 
     def _admin_client(self) -> Any:
         session = self._session or boto3.session.Session()
-        client = session.client("ec2", endpoint_url=self.moto_url, region_name=self.region,
-                                aws_access_key_id="testing", aws_secret_access_key="testing")
+        client = session.client(
+            "ec2",
+            endpoint_url=self.moto_url,
+            region_name=self.region,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
         client.meta.events.register("before-send.ec2", self._add_account)
         return client
 
@@ -331,16 +363,33 @@ class FakeEC2:
         vpc = self._admin.create_vpc(CidrBlock=_VPC_CIDR)["Vpc"]["VpcId"]
         self._subnet = self._admin.create_subnet(VpcId=vpc, CidrBlock=_SUBNET_CIDR)["Subnet"]["SubnetId"]
 
-    def _run_instance(self, ip: str, tags: Mapping[str, str], instance_type: str, running: bool,
-                      public_ip: bool = False) -> str:
+    def _run_instance(
+        self, ip: str, tags: Mapping[str, str], instance_type: str, running: bool, public_ip: bool = False
+    ) -> str:
         tag_list = [{"Key": k, "Value": v} for k, v in tags.items()]
         # An auto-assigned public IP is released on stop and replaced on start, as on AWS.
-        network: dict[str, Any] = {"NetworkInterfaces": [{"DeviceIndex": 0, "SubnetId": self._subnet,
-                                                          "PrivateIpAddress": ip, "AssociatePublicIpAddress": True}]} \
-            if public_ip else {"SubnetId": self._subnet, "PrivateIpAddress": ip}
+        network: dict[str, Any] = (
+            {
+                "NetworkInterfaces": [
+                    {
+                        "DeviceIndex": 0,
+                        "SubnetId": self._subnet,
+                        "PrivateIpAddress": ip,
+                        "AssociatePublicIpAddress": True,
+                    }
+                ]
+            }
+            if public_ip
+            else {"SubnetId": self._subnet, "PrivateIpAddress": ip}
+        )
         reply = self._admin.run_instances(
-            ImageId=_AMI, MinCount=1, MaxCount=1, InstanceType=instance_type,
-            TagSpecifications=[{"ResourceType": "instance", "Tags": tag_list}], **network)
+            ImageId=_AMI,
+            MinCount=1,
+            MaxCount=1,
+            InstanceType=instance_type,
+            TagSpecifications=[{"ResourceType": "instance", "Tags": tag_list}],
+            **network,
+        )
         iid: str = reply["Instances"][0]["InstanceId"]
         if not running:
             self._admin.stop_instances(InstanceIds=[iid])
@@ -354,9 +403,19 @@ class FakeEC2:
 
     # -- instances --------------------------------------------------------------------------------
 
-    def add_instance(self, name: str, *, running: bool = False, models: Iterable[str] = ("llama3.2:latest",),
-                     slots: int = 4, token_delay: float = 0.0, tags: Mapping[str, str] | None = None,
-                     instance_type: str = "g5.xlarge", public_ip: bool = False, **sim_options: Any) -> str:
+    def add_instance(
+        self,
+        name: str,
+        *,
+        running: bool = False,
+        models: Iterable[str] = ("llama3.2:latest",),
+        slots: int = 4,
+        token_delay: float = 0.0,
+        tags: Mapping[str, str] | None = None,
+        instance_type: str = "g5.xlarge",
+        public_ip: bool = False,
+        **sim_options: Any,
+    ) -> str:
         """Launch an instance tagged ``Name=name`` (plus ``tags``) in moto and return its id.
 
         It calls moto synchronously, blocking the event loop for a few milliseconds; moto runs in its
@@ -402,8 +461,9 @@ class FakeEC2:
 
     # -- failure knobs and the console ----------------------------------------------------------------
 
-    def fail_next_start(self, name: str, code: str = "InsufficientInstanceCapacity", status: int = 500,
-                        message: str | None = None) -> None:
+    def fail_next_start(
+        self, name: str, code: str = "InsufficientInstanceCapacity", status: int = 500, message: str | None = None
+    ) -> None:
         """The next StartInstances naming it is refused (EC2 sends capacity errors as HTTP 500)."""
         instance = self._instances[name]
         instance.next_start, instance.hang_next_start = _Failure(status, code, message), False
@@ -450,8 +510,13 @@ class FakeEC2:
             if not message.get("more_body", False):
                 break
         reply = await self._answer(scope, body)
-        await send({"type": "http.response.start", "status": reply.status,
-                    "headers": [*reply.headers, (b"content-length", str(len(reply.body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": reply.status,
+                "headers": [*reply.headers, (b"content-length", str(len(reply.body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": reply.body})
 
     async def _answer(self, scope: Scope, body: bytes) -> _Reply:
@@ -498,8 +563,13 @@ class FakeEC2:
         instances = self._known(call)
         stopping = next((i for i in instances if i.state == "stopping"), None)
         if stopping is not None:
-            return _error(_Failure(400, "IncorrectInstanceState",
-                                   f"The instance '{stopping.iid}' is not in a state from which it can be started."))
+            return _error(
+                _Failure(
+                    400,
+                    "IncorrectInstanceState",
+                    f"The instance '{stopping.iid}' is not in a state from which it can be started.",
+                )
+            )
         for instance in instances:
             if instance.next_start is not None:  # refused before moto sees it: the instance stays stopped
                 failure, instance.next_start = instance.next_start, None

@@ -112,15 +112,23 @@ _POD_ACTIONS = ("start", "stop", "restart", "terminate")
 _OPENAI_METHODS = {"chat/completions": "POST", "completions": "POST", "embeddings": "POST", "models": "GET"}
 
 # Checked in this order: "podResume" must not be taken for a `pod(` read.
-_OPERATIONS = [(name, re.compile(pattern)) for name, pattern in (
-    ("podResume", r"\bpodResume\b"), ("podStop", r"\bpodStop\b"), ("saveEndpoint", r"\bsaveEndpoint\b"),
-    ("pod", r"\bpod\s*\("), ("myself", r"\bmyself\b"))]
+_OPERATIONS = [
+    (name, re.compile(pattern))
+    for name, pattern in (
+        ("podResume", r"\bpodResume\b"),
+        ("podStop", r"\bpodStop\b"),
+        ("saveEndpoint", r"\bsaveEndpoint\b"),
+        ("pod", r"\bpod\s*\("),
+        ("myself", r"\bmyself\b"),
+    )
+]
 _MUTATIONS = ("podResume", "podStop", "saveEndpoint")
 _INPUT = re.compile(r"\binput\s*:\s*(?:\{(?P<fields>[^{}]*)\}|\$(?P<var>\w+))")
 _FIELD = re.compile(r'(\w+)\s*:\s*("(?:[^"\\]|\\.)*"|\[[^\]]*\]|\$\w+|[\w.+-]+)')
 _REST = re.compile(r"^/v2/(?P<kind>serverless|pods)/(?P<id>[^/]+)(?P<tail>/workers|/action)?/?$")
 _SERVERLESS = re.compile(
-    r"^/v2/(?P<id>[^/]+)/(?:health|openai/v1/(?P<route>chat/completions|completions|embeddings|models))/?$")
+    r"^/v2/(?P<id>[^/]+)/(?:health|openai/v1/(?P<route>chat/completions|completions|embeddings|models))/?$"
+)
 
 _decode = msgspec.json.Decoder().decode
 
@@ -272,8 +280,15 @@ class _Endpoint:
 class FakeRunPod:
     """RunPod on loopback; see the module docstring. Use as ``async with FakeRunPod() as fake``."""
 
-    def __init__(self, *, api_key: str = "rp-test", read_only_key: str | None = None, boot_seconds: float = 0.2,
-                 stop_seconds: float = 0.1, queue_timeout: float = 1.0) -> None:
+    def __init__(
+        self,
+        *,
+        api_key: str = "rp-test",
+        read_only_key: str | None = None,
+        boot_seconds: float = 0.2,
+        stop_seconds: float = 0.1,
+        queue_timeout: float = 1.0,
+    ) -> None:
         self.api_key, self.read_only_key = api_key, read_only_key
         self.boot_seconds, self.stop_seconds, self.queue_timeout = boot_seconds, stop_seconds, queue_timeout
         self.calls: list[tuple[str, str]] = []
@@ -294,18 +309,21 @@ class FakeRunPod:
         async with AsyncExitStack() as stack:
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             # Bound methods are not detected as ASGI 3 by uvicorn, hence the explicit interface.
-            self._api = await stack.enter_async_context(running_server(
-                self._api_asgi, interface="asgi3", timeout_graceful_shutdown=1))
-            self._serverless = await stack.enter_async_context(running_server(
-                self._serverless_asgi, interface="asgi3", timeout_graceful_shutdown=1))
+            self._api = await stack.enter_async_context(
+                running_server(self._api_asgi, interface="asgi3", timeout_graceful_shutdown=1)
+            )
+            self._serverless = await stack.enter_async_context(
+                running_server(self._serverless_asgi, interface="asgi3", timeout_graceful_shutdown=1)
+            )
             for pod in self._pods.values():
                 if pod.power.wanted:
                     await self._ensure_sim(pod)
             self._stack = stack.pop_all()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> bool | None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
         self._closing.set()
         for ep in self._endpoints.values():
             self._notify(ep)  # requests waiting for a worker give up at once
@@ -334,26 +352,51 @@ class FakeRunPod:
 
     # -- resources ----------------------------------------------------------------------------
 
-    def add_endpoint(self, name: str, *, model: str = DEFAULT_MODEL, workers_min: int = 0, workers_max: int = 3,
-                     idle_timeout: float = 5.0, token_delay: float = 0.0, gpu_ids: str = "AMPERE_24",
-                     **sim_options: Any) -> str:
+    def add_endpoint(
+        self,
+        name: str,
+        *,
+        model: str = DEFAULT_MODEL,
+        workers_min: int = 0,
+        workers_max: int = 3,
+        idle_timeout: float = 5.0,
+        token_delay: float = 0.0,
+        gpu_ids: str = "AMPERE_24",
+        **sim_options: Any,
+    ) -> str:
         """Create a serverless endpoint serving ``model`` and return its id; active workers start ready."""
         self._check_new(name)
         sim = SimOllama(name=name, models=[model], token_delay=token_delay, **sim_options)
-        ep = _Endpoint(self._unique_id(), name, name, model, sim, gpu_ids, _new_id(10), workers_min, workers_max,
-                       idle_timeout)
+        ep = _Endpoint(
+            self._unique_id(), name, name, model, sim, gpu_ids, _new_id(10), workers_min, workers_max, idle_timeout
+        )
         self._endpoints[name], self._by_id[ep.id], self.sims[name] = ep, ep, sim
         self._scale(ep, time.monotonic(), instant=True)
         return ep.id
 
-    def add_pod(self, name: str, *, running: bool = False, models: Iterable[str] = ("llama3.2:latest",),
-                token_delay: float = 0.0, cost_per_hour: float = 0.44, gpu_count: int = 1,
-                **sim_options: Any) -> str:
+    def add_pod(
+        self,
+        name: str,
+        *,
+        running: bool = False,
+        models: Iterable[str] = ("llama3.2:latest",),
+        token_delay: float = 0.0,
+        cost_per_hour: float = 0.44,
+        gpu_count: int = 1,
+        **sim_options: Any,
+    ) -> str:
         """Create a pod and return its id; a running one's sim starts at once (see `wait_for`)."""
         self._check_new(name)
         sim = SimOllama(name=name, models=models, token_delay=token_delay, **sim_options)
-        pod = _Pod(self._unique_id(), name, sim, cost_per_hour, gpu_count, last_change=_status_change("Created"),
-                   gpu_count=gpu_count)
+        pod = _Pod(
+            self._unique_id(),
+            name,
+            sim,
+            cost_per_hour,
+            gpu_count,
+            last_change=_status_change("Created"),
+            gpu_count=gpu_count,
+        )
         self._pods[name], self._by_id[pod.id], self.sims[name] = pod, pod, sim
         if running:
             self._set_desired(pod, "RUNNING")
@@ -518,8 +561,9 @@ class FakeRunPod:
         variables = raw_vars if isinstance(raw_vars, dict) else {}
         operation = next((name for name, pattern in _OPERATIONS if pattern.search(query)), None)
         if operation is None:
-            return _gql_error("FakeRunPod does not know this operation; it answers myself, pod, podResume, "
-                              "podStop and saveEndpoint")
+            return _gql_error(
+                "FakeRunPod does not know this operation; it answers myself, pod, podResume, podStop and saveEndpoint"
+            )
         args = _graphql_input(query, variables)
         if operation in _MUTATIONS:
             self._record_mutation(operation, args)
@@ -543,9 +587,17 @@ class FakeRunPod:
     def _gql_operation(self, operation: str, args: dict[str, Any]) -> Response:
         if operation == "myself":
             pods = [p for p in self._pods.values() if not p.removed]
-            return JSONResponse({"data": {"myself": {
-                "id": "fake-user", "endpoints": [self._endpoint_gql(ep) for ep in self._endpoints.values()],
-                "pods": [self._pod_gql(p) for p in pods]}}})
+            return JSONResponse(
+                {
+                    "data": {
+                        "myself": {
+                            "id": "fake-user",
+                            "endpoints": [self._endpoint_gql(ep) for ep in self._endpoints.values()],
+                            "pods": [self._pod_gql(p) for p in pods],
+                        }
+                    }
+                }
+            )
         if operation == "saveEndpoint":
             return self._save_endpoint(args)
         pod = self._by_id.get(str(args.get("podId")))
@@ -576,25 +628,49 @@ class FakeRunPod:
 
     def _endpoint_gql(self, ep: _Endpoint) -> dict[str, Any]:
         self._prune(ep, time.monotonic())
-        return {"id": ep.id, "name": ep.label, "gpuIds": ep.gpu_ids, "gpuCount": 1, "idleTimeout": ep.idle_timeout,
-                "scalerType": ep.scaler_type, "scalerValue": ep.scaler_value, "templateId": ep.template_id,
-                "workersMin": ep.workers_min, "workersMax": ep.workers_max, "workersStandby": 0,
-                "pods": [{"desiredStatus": "RUNNING"} for _ in ep.workers]}
+        return {
+            "id": ep.id,
+            "name": ep.label,
+            "gpuIds": ep.gpu_ids,
+            "gpuCount": 1,
+            "idleTimeout": ep.idle_timeout,
+            "scalerType": ep.scaler_type,
+            "scalerValue": ep.scaler_value,
+            "templateId": ep.template_id,
+            "workersMin": ep.workers_min,
+            "workersMax": ep.workers_max,
+            "workersStandby": 0,
+            "pods": [{"desiredStatus": "RUNNING"} for _ in ep.workers],
+        }
 
     def _pod_gql(self, pod: _Pod) -> dict[str, Any]:
         now = time.monotonic()
-        return {"id": pod.id, "name": pod.name, "desiredStatus": pod.desired, "lastStatusChange": pod.last_change,
-                "uptimeSeconds": int(now - pod.started) if pod.started is not None else 0,
-                "costPerHr": pod.cost_per_hour, "gpuCount": pod.gpu_count, "imageName": "ollama/ollama:latest",
-                "runtime": self._runtime(pod, now)}
+        return {
+            "id": pod.id,
+            "name": pod.name,
+            "desiredStatus": pod.desired,
+            "lastStatusChange": pod.last_change,
+            "uptimeSeconds": int(now - pod.started) if pod.started is not None else 0,
+            "costPerHr": pod.cost_per_hour,
+            "gpuCount": pod.gpu_count,
+            "imageName": "ollama/ollama:latest",
+            "runtime": self._runtime(pod, now),
+        }
 
     def _runtime(self, pod: _Pod, now: float) -> dict[str, Any] | None:
         if pod.power.server is None or pod.up_since is None:
             return None  # RunPod: null until the container is up
-        gpus = [{"id": f"GPU-{pod.id}-{i}", "gpuUtilPercent": 100 if pod.sim.active else 0, "memoryUtilPercent": 0}
-                for i in range(pod.gpu_count)]
-        port = {"ip": "127.0.0.1", "isIpPublic": True, "privatePort": _OLLAMA_PORT,
-                "publicPort": pod.power.server.port, "type": "tcp"}
+        gpus = [
+            {"id": f"GPU-{pod.id}-{i}", "gpuUtilPercent": 100 if pod.sim.active else 0, "memoryUtilPercent": 0}
+            for i in range(pod.gpu_count)
+        ]
+        port = {
+            "ip": "127.0.0.1",
+            "isIpPublic": True,
+            "privatePort": _OLLAMA_PORT,
+            "publicPort": pod.power.server.port,
+            "type": "tcp",
+        }
         return {"uptimeInSeconds": int(now - pod.up_since), "ports": [port], "gpus": gpus}
 
     # -- REST v2 --------------------------------------------------------------------------------
@@ -610,8 +686,9 @@ class FakeRunPod:
             return _rest_error(403, "This API key does not have permission for this operation.")
         names = {"min": "workersMin", "max": "workersMax", "idleTimeout": "idleTimeout"}
         changes = {names[k]: v for k, v in workers.items() if k in names}
-        changes |= {{"type": "scalerType", "value": "scalerValue"}[k]: v for k, v in scaling.items()
-                    if k in ("type", "value")}
+        changes |= {
+            {"type": "scalerType", "value": "scalerValue"}[k]: v for k, v in scaling.items() if k in ("type", "value")
+        }
         if isinstance(body.get("name"), str):
             changes["name"] = body["name"]
         failed = self._update_endpoint(ep, changes, strict=True)
@@ -653,23 +730,36 @@ class FakeRunPod:
         return None
 
     def _endpoint_rest(self, ep: _Endpoint) -> dict[str, Any]:
-        return {"id": ep.id, "name": ep.label, "templateId": ep.template_id, "gpuIds": ep.gpu_ids.split(","),
-                "gpuCount": 1, "scaling": {"type": ep.scaler_type, "value": ep.scaler_value},
-                "workers": {"min": ep.workers_min, "max": ep.workers_max, "idleTimeout": ep.idle_timeout,
-                            "standby": 0}}
+        return {
+            "id": ep.id,
+            "name": ep.label,
+            "templateId": ep.template_id,
+            "gpuIds": ep.gpu_ids.split(","),
+            "gpuCount": 1,
+            "scaling": {"type": ep.scaler_type, "value": ep.scaler_value},
+            "workers": {"min": ep.workers_min, "max": ep.workers_max, "idleTimeout": ep.idle_timeout, "standby": 0},
+        }
 
     def _workers_rest(self, ep: _Endpoint) -> list[dict[str, Any]]:
         now = time.monotonic()
         self._prune(ep, now)
-        return [{"id": w.id, "status": w.state(now).upper(), "type": "ACTIVE" if w.active else "FLEX"}
-                for w in ep.workers]
+        return [
+            {"id": w.id, "status": w.state(now).upper(), "type": "ACTIVE" if w.active else "FLEX"} for w in ep.workers
+        ]
 
     def _pod_rest(self, pod: _Pod) -> dict[str, Any]:
         runtime = self._runtime(pod, time.monotonic())
-        return {"id": pod.id, "name": pod.name, "desiredStatus": pod.desired, "costPerHr": pod.cost_per_hour,
-                "gpuCount": pod.gpu_count, "imageName": "ollama/ollama:latest", "lastStatusChange": pod.last_change,
-                "publicIp": "127.0.0.1" if runtime else None,
-                "portMappings": {str(_OLLAMA_PORT): runtime["ports"][0]["publicPort"]} if runtime else None}
+        return {
+            "id": pod.id,
+            "name": pod.name,
+            "desiredStatus": pod.desired,
+            "costPerHr": pod.cost_per_hour,
+            "gpuCount": pod.gpu_count,
+            "imageName": "ollama/ollama:latest",
+            "lastStatusChange": pod.last_change,
+            "publicIp": "127.0.0.1" if runtime else None,
+            "portMappings": {str(_OLLAMA_PORT): runtime["ports"][0]["publicPort"]} if runtime else None,
+        }
 
     async def _pod_action(self, pod: _Pod, request: Request, access: str) -> Response:
         body = await self._json(request)
@@ -882,9 +972,22 @@ class FakeRunPod:
     async def _on_worker(self, ep: _Endpoint, route: str, request: Request, body: bytes, send: Send) -> int:
         """What the vLLM worker answers; returns the HTTP status."""
         if route == "models":
-            response = JSONResponse({"object": "list", "data": [{
-                "id": ep.model, "object": "model", "created": ep.created, "owned_by": "vllm", "root": ep.model,
-                "parent": None, "max_model_len": ep.sim.context_length}]})
+            response = JSONResponse(
+                {
+                    "object": "list",
+                    "data": [
+                        {
+                            "id": ep.model,
+                            "object": "model",
+                            "created": ep.created,
+                            "owned_by": "vllm",
+                            "root": ep.model,
+                            "parent": None,
+                            "max_model_len": ep.sim.context_length,
+                        }
+                    ],
+                }
+            )
         elif (wrong := self._wrong_model(ep, body)) is not None:
             response = wrong
         else:
@@ -902,8 +1005,7 @@ class FakeRunPod:
         model = data.get("model") if isinstance(data, dict) else None
         if model is None or model == ep.model:
             return None
-        error = {"message": f"The model `{model}` does not exist.", "type": "NotFoundError", "param": None,
-                 "code": 404}
+        error = {"message": f"The model `{model}` does not exist.", "type": "NotFoundError", "param": None, "code": 404}
         return JSONResponse({"error": error}, 404)
 
     @staticmethod

@@ -42,8 +42,10 @@ __all__ = ["FakeSurf", "free_port_for_all"]
 _ROUTE = re.compile(r"^/v1/workspace/workspaces/(?:(?P<id>[^/]+)/(?:actions/(?P<action>[^/]+)/)?)?$")
 _METHODS = {"list": "GET", "workspace": "GET", "action": "POST"}
 # What the live API offered in these states; the update_* actions are accepted here as no-ops.
-_ACTIONS = {"paused": ["resume", "update_nsgs", "update_storages"],
-            "running": ["pause", "reboot", "update_nsgs", "update_storages"]}
+_ACTIONS = {
+    "paused": ["resume", "update_nsgs", "update_storages"],
+    "running": ["pause", "reboot", "update_nsgs", "update_storages"],
+}
 _FLAVOURS = [{"name": "Ubuntu 22.04", "category": "os"}, {"name": "A10 - 2 GPU", "category": "size"}]
 _SPARE_ADDRESSES = 16  # how many 127.0.0.N a chosen ollama_port is checked free on
 _TRUE = ("true", "1", "yes")
@@ -107,9 +109,16 @@ class _Machine:
 class FakeSurf:
     """SURF's workspace API on loopback; see the module docstring. Use as ``async with FakeSurf() as fake``."""
 
-    def __init__(self, *, token: str = "tok", ollama_port: int | None = None, transition_seconds: float = 0.2,
-                 require_csrf: str | None = None, history_newest_first: bool = False,
-                 co_name: str = "gpumanager-tests") -> None:
+    def __init__(
+        self,
+        *,
+        token: str = "tok",
+        ollama_port: int | None = None,
+        transition_seconds: float = 0.2,
+        require_csrf: str | None = None,
+        history_newest_first: bool = False,
+        co_name: str = "gpumanager-tests",
+    ) -> None:
         self.token, self.require_csrf, self.co_name = token, require_csrf, co_name
         self.ollama_port = ollama_port if ollama_port is not None else free_port_for_all(_SPARE_ADDRESSES)
         self.transition_seconds, self.history_newest_first = transition_seconds, history_newest_first
@@ -134,8 +143,9 @@ class FakeSurf:
         async with AsyncExitStack() as stack:
             tg = await stack.enter_async_context(anyio.create_task_group())
             # A bound method is not detected as ASGI 3 by uvicorn, hence the explicit interface.
-            self._server = await stack.enter_async_context(running_server(
-                self._asgi, host="127.0.0.1", port=0, interface="asgi3", timeout_graceful_shutdown=1))
+            self._server = await stack.enter_async_context(
+                running_server(self._asgi, host="127.0.0.1", port=0, interface="asgi3", timeout_graceful_shutdown=1)
+            )
             self._tg = tg
             for m in self._machines.values():
                 if m.power.wanted:
@@ -143,8 +153,9 @@ class FakeSurf:
             self._stack = stack.pop_all()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> bool | None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
         self._closing.set()  # also cuts short the sleeps of slow_requests
         for m in self._machines.values():
             self._interrupt(m, "The fake stopped.")
@@ -163,19 +174,37 @@ class FakeSurf:
 
     # -- workspaces ---------------------------------------------------------------------------
 
-    def add_workspace(self, name: str, *, status: str = "paused", models: Iterable[str] = ("llama3.2:latest",),
-                      slots: int = 4, token_delay: float = 0.0, resume_seconds: float | None = None,
-                      pause_seconds: float | None = None, ollama_delay: float = 0.0,
-                      application_type: str = "Compute", deleted: bool = False, owner_id: str | None = None,
-                      **sim_options: Any) -> dict[str, Any]:
+    def add_workspace(
+        self,
+        name: str,
+        *,
+        status: str = "paused",
+        models: Iterable[str] = ("llama3.2:latest",),
+        slots: int = 4,
+        token_delay: float = 0.0,
+        resume_seconds: float | None = None,
+        pause_seconds: float | None = None,
+        ollama_delay: float = 0.0,
+        application_type: str = "Compute",
+        deleted: bool = False,
+        owner_id: str | None = None,
+        **sim_options: Any,
+    ) -> dict[str, Any]:
         """Create a workspace and return its live record (the wire object; read it, don't change it)."""
         if name in self._machines:
             raise ValueError(f"workspace {name!r} exists already")
         ip = f"127.0.0.{len(self._machines) + 2}"
         sim = SimOllama(name=name, models=models, slots=slots, token_delay=token_delay, **sim_options)
         record = self._record(name, ip, application_type, owner_id or self.owner_id)
-        m = _Machine(record, sim, ip, self.transition_seconds if resume_seconds is None else resume_seconds,
-                     self.transition_seconds if pause_seconds is None else pause_seconds, ollama_delay, deleted)
+        m = _Machine(
+            record,
+            sim,
+            ip,
+            self.transition_seconds if resume_seconds is None else resume_seconds,
+            self.transition_seconds if pause_seconds is None else pause_seconds,
+            ollama_delay,
+            deleted,
+        )
         self._machines[name], self._by_id[record["id"]], self.sims[name] = m, m, sim
         self._set_status(m, status)
         if status == "running":
@@ -186,12 +215,26 @@ class FakeSurf:
 
     def _record(self, name: str, ip: str, application_type: str, owner_id: str) -> dict[str, Any]:
         created = self._now()
-        return {"id": str(uuid.uuid4()), "name": name, "status": "paused", "active": False, "actions": [],
-                "workspace_actions": [], "resource_meta": {"ip": ip},
-                "meta": {"flavours": [dict(f) for f in _FLAVOURS], "host_name": name.lower(),
-                         "application_type": application_type, "co_name": self.co_name},
-                "co_id": self.co_id, "wallet_id": self.wallet_id, "owner_id": owner_id,
-                "end_time": _rfc3339(created + timedelta(days=365)), "time_created": _rfc3339(created)}
+        return {
+            "id": str(uuid.uuid4()),
+            "name": name,
+            "status": "paused",
+            "active": False,
+            "actions": [],
+            "workspace_actions": [],
+            "resource_meta": {"ip": ip},
+            "meta": {
+                "flavours": [dict(f) for f in _FLAVOURS],
+                "host_name": name.lower(),
+                "application_type": application_type,
+                "co_name": self.co_name,
+            },
+            "co_id": self.co_id,
+            "wallet_id": self.wallet_id,
+            "owner_id": owner_id,
+            "end_time": _rfc3339(created + timedelta(days=365)),
+            "time_created": _rfc3339(created),
+        }
 
     def workspace(self, name: str) -> dict[str, Any]:
         return self._machines[name].record
@@ -212,8 +255,9 @@ class FakeSurf:
 
     # -- failure knobs ------------------------------------------------------------------------
 
-    def fail_next_resume(self, name: str, error: str = "Timeout waiting for VM to resume.",
-                         after: float | None = None) -> None:
+    def fail_next_resume(
+        self, name: str, error: str = "Timeout waiting for VM to resume.", after: float | None = None
+    ) -> None:
         self._machines[name].next_resume = _ResumePlan(error, after)
 
     def hang_next_resume(self, name: str) -> None:
@@ -247,8 +291,7 @@ class FakeSurf:
 
     async def _answer(self, request: Request) -> JSONResponse:
         match = _ROUTE.match(request.url.path)
-        kind = "unknown" if match is None else "action" if match["action"] else (
-            "workspace" if match["id"] else "list")
+        kind = "unknown" if match is None else "action" if match["action"] else ("workspace" if match["id"] else "list")
         self.requests[(request.method, kind)] += 1
         if self._delay > 0:
             with anyio.move_on_after(self._delay):
@@ -293,19 +336,31 @@ class FakeSurf:
         url = request.url.include_query_params(limit=limit)
         following = url.include_query_params(offset=offset + limit) if offset + limit < len(found) else None
         # As DRF does: the first page's link drops `offset` rather than saying offset=0.
-        preceding = None if offset <= 0 else url.remove_query_params("offset") if offset <= limit else (
-            url.include_query_params(offset=offset - limit))
-        return JSONResponse({"count": len(found), "next": str(following) if following else None,
-                             "previous": str(preceding) if preceding else None,
-                             "results": [self._render(m) for m in found[offset:offset + limit]]})
+        preceding = (
+            None
+            if offset <= 0
+            else url.remove_query_params("offset")
+            if offset <= limit
+            else (url.include_query_params(offset=offset - limit))
+        )
+        return JSONResponse(
+            {
+                "count": len(found),
+                "next": str(following) if following else None,
+                "previous": str(preceding) if preceding else None,
+                "results": [self._render(m) for m in found[offset : offset + limit]],
+            }
+        )
 
     def _listed(self, m: _Machine, query: QueryParams) -> bool:
         """The filters clients send; without them the list has deleted and non-Compute workspaces too."""
         kind, deleted, co_id = query.get("application_type"), query.get("deleted"), query.get("co_id")
-        return ((not kind or m.record["meta"]["application_type"] == kind)
-                and (deleted is None or m.deleted == (deleted.lower() in _TRUE))
-                and (query.get("by_owner", "").lower() not in _TRUE or m.record["owner_id"] == self.owner_id)
-                and (not co_id or m.record["co_id"] == co_id))
+        return (
+            (not kind or m.record["meta"]["application_type"] == kind)
+            and (deleted is None or m.deleted == (deleted.lower() in _TRUE))
+            and (query.get("by_owner", "").lower() not in _TRUE or m.record["owner_id"] == self.owner_id)
+            and (not co_id or m.record["co_id"] == co_id)
+        )
 
     def _render(self, m: _Machine) -> dict[str, Any]:
         history = [dict(e) for e in m.record["workspace_actions"]]
@@ -391,8 +446,13 @@ class FakeSurf:
         m.record.update(status=status, active=status == "running", actions=list(_ACTIONS.get(status, hung)))
 
     def _entry(self, m: _Machine, action: str) -> dict[str, Any]:
-        entry = {"type": action, "status": "running", "reason": "API", "result": {},
-                 "time_created": _rfc3339(self._now())}
+        entry = {
+            "type": action,
+            "status": "running",
+            "reason": "API",
+            "result": {},
+            "time_created": _rfc3339(self._now()),
+        }
         m.record["workspace_actions"].append(entry)
         return entry
 

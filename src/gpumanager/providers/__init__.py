@@ -6,8 +6,13 @@ from collections.abc import Mapping
 
 import httpx
 
-from gpumanager.config import (Config, Ec2ProviderConfig, RunpodProviderConfig, SimulatedProviderConfig,
-                               SurfProviderConfig)
+from gpumanager.config import (
+    Config,
+    Ec2ProviderConfig,
+    RunpodProviderConfig,
+    SimulatedProviderConfig,
+    SurfProviderConfig,
+)
 from gpumanager.providers.base import Provider
 from gpumanager.providers.static import StaticProvider
 
@@ -21,14 +26,18 @@ def build_providers(config: Config, environ: Mapping[str, str], http: httpx.Asyn
     for pconf in config.all_providers():
         if isinstance(pconf, SimulatedProviderConfig):
             from gpumanager.providers.simulated import SimulatedProvider
+
             providers[pconf.name] = SimulatedProvider(pconf)
         elif isinstance(pconf, SurfProviderConfig):
             from gpumanager.providers.surf import SurfProvider
+
             providers[pconf.name] = SurfProvider(pconf, environ)
         elif isinstance(pconf, Ec2ProviderConfig):
             from gpumanager.providers.ec2 import Ec2Provider
+
             providers[pconf.name] = Ec2Provider(pconf, environ)
         elif isinstance(pconf, RunpodProviderConfig):
             from gpumanager.providers.runpod import RunpodProvider
+
             providers[pconf.name] = RunpodProvider(pconf, environ)
     return providers

@@ -21,8 +21,15 @@ import msgspec
 from anyio.abc import TaskStatus
 from loguru import logger
 
-from gpumanager.errors import (CapacityError, ConfigError, HostNotFound, ProviderError, ProviderRejected,
-                               ProviderTimeout, ProviderUnavailable)
+from gpumanager.errors import (
+    CapacityError,
+    ConfigError,
+    HostNotFound,
+    ProviderError,
+    ProviderRejected,
+    ProviderTimeout,
+    ProviderUnavailable,
+)
 
 
 class CloudState(StrEnum):
@@ -90,8 +97,9 @@ T = TypeVar("T")
 RETRYABLE = (ProviderTimeout, ProviderUnavailable)
 
 
-async def with_retries(call: Callable[[], Awaitable[T]], *, what: str, attempts: int = 3,
-                       timeout: float = 30.0, backoff: float = 1.0) -> T:
+async def with_retries(
+    call: Callable[[], Awaitable[T]], *, what: str, attempts: int = 3, timeout: float = 30.0, backoff: float = 1.0
+) -> T:
     """Run `call` with a timeout, retrying timeouts and 5xx (`ProviderUnavailable`) with backoff.
 
     4xx (`ProviderRejected`) and every other error go straight to the caller.
@@ -121,12 +129,22 @@ class CloudSettings(Protocol):
 
 async def cloud_call(settings: CloudSettings, call: Callable[[], Awaitable[T]], *, what: str) -> T:
     """`with_retries` with a cloud provider's configured timeout, attempts and backoff."""
-    return await with_retries(call, what=what, attempts=settings.retries, timeout=settings.api_timeout_seconds,
-                              backoff=settings.retry_seconds)
+    return await with_retries(
+        call, what=what, attempts=settings.retries, timeout=settings.api_timeout_seconds, backoff=settings.retry_seconds
+    )
 
 
-async def http_json(http: httpx.AsyncClient, method: str, url: str, *, cloud: str, hint: str,
-                    context: dict[str, str], capacity: Callable[[str], bool] | None = None, **kwargs: Any) -> Any:
+async def http_json(
+    http: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    cloud: str,
+    hint: str,
+    context: dict[str, str],
+    capacity: Callable[[str], bool] | None = None,
+    **kwargs: Any,
+) -> Any:
     """One call to a cloud's JSON API, its failures translated: timeouts and 5xx (retried by the
     caller's `cloud_call`), capacity (when `capacity` recognises the words), unknown host, refused
     credentials (with `hint`: which variable to check), and other 4xx."""

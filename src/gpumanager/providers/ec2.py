@@ -17,16 +17,35 @@ from typing import Any, TypeVar
 import anyio
 
 from gpumanager.config import Ec2ProviderConfig
-from gpumanager.errors import (CapacityError, ConfigError, HostNotFound, ProviderRejected, ProviderTimeout,
-                               ProviderUnavailable)
+from gpumanager.errors import (
+    CapacityError,
+    ConfigError,
+    HostNotFound,
+    ProviderRejected,
+    ProviderTimeout,
+    ProviderUnavailable,
+)
 from gpumanager.providers.base import CloudState, HostInfo, cloud_call
 
 T = TypeVar("T")
 
-STATES = {0: CloudState.RESUMING, 16: CloudState.RUNNING, 32: CloudState.UNKNOWN, 48: CloudState.UNKNOWN,
-          64: CloudState.PAUSING, 80: CloudState.PAUSED}
-RETRYABLE_CODES = {"RequestLimitExceeded", "Throttling", "ThrottlingException", "InternalError", "Unavailable",
-                   "ServiceUnavailable", "InternalFailure"}
+STATES = {
+    0: CloudState.RESUMING,
+    16: CloudState.RUNNING,
+    32: CloudState.UNKNOWN,
+    48: CloudState.UNKNOWN,
+    64: CloudState.PAUSING,
+    80: CloudState.PAUSED,
+}
+RETRYABLE_CODES = {
+    "RequestLimitExceeded",
+    "Throttling",
+    "ThrottlingException",
+    "InternalError",
+    "Unavailable",
+    "ServiceUnavailable",
+    "InternalFailure",
+}
 CAPACITY_CODES = {"InsufficientInstanceCapacity", "Server.InsufficientInstanceCapacity", "InsufficientCapacity"}
 HIBERNATE_REFUSED = {"UnsupportedHibernationConfiguration", "UnsupportedOperation", "InvalidParameterCombination"}
 MODELS_TAG = "gpumanager:models"  # optional: what a never-seen instance serves, comma-separated
@@ -38,26 +57,40 @@ class Ec2Provider:
             import boto3
             import botocore.config
         except ImportError:
-            raise ConfigError("", "", f"the ec2 provider {config.name!r} needs boto3: "
-                                      "pip install 'gpumanager[aws]'") from None
+            raise ConfigError(
+                "", "", f"the ec2 provider {config.name!r} needs boto3: pip install 'gpumanager[aws]'"
+            ) from None
         if not config.tag_filter and not config.instance_ids:
-            raise ConfigError("", "", f"the ec2 provider {config.name!r} needs `tag_filter` or `instance_ids`: "
-                                      "it must never stop instances it was not meant to manage")
+            raise ConfigError(
+                "",
+                "",
+                f"the ec2 provider {config.name!r} needs `tag_filter` or `instance_ids`: "
+                "it must never stop instances it was not meant to manage",
+            )
         region = config.region or environ.get("AWS_DEFAULT_REGION") or environ.get("AWS_REGION")
         if not region:
-            raise ConfigError("", "", f"the ec2 provider {config.name!r} needs a region: set `region` in its "
-                                      "[[providers]] block or AWS_DEFAULT_REGION")
+            raise ConfigError(
+                "",
+                "",
+                f"the ec2 provider {config.name!r} needs a region: set `region` in its "
+                "[[providers]] block or AWS_DEFAULT_REGION",
+            )
         self.name, self.config, self.poll_seconds = config.name, config, config.poll_seconds
         session = boto3.session.Session(
-            profile_name=config.profile, region_name=region,
+            profile_name=config.profile,
+            region_name=region,
             aws_access_key_id=environ.get("AWS_ACCESS_KEY_ID"),
             aws_secret_access_key=environ.get("AWS_SECRET_ACCESS_KEY"),
-            aws_session_token=environ.get("AWS_SESSION_TOKEN"))
-        client_config = botocore.config.Config(retries={"total_max_attempts": 1, "mode": "standard"},
-                                               connect_timeout=config.api_timeout_seconds,
-                                               read_timeout=config.api_timeout_seconds)
-        self._ec2 = session.client("ec2", endpoint_url=config.endpoint_url or environ.get("AWS_ENDPOINT_URL"),
-                                   config=client_config)
+            aws_session_token=environ.get("AWS_SESSION_TOKEN"),
+        )
+        client_config = botocore.config.Config(
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            connect_timeout=config.api_timeout_seconds,
+            read_timeout=config.api_timeout_seconds,
+        )
+        self._ec2 = session.client(
+            "ec2", endpoint_url=config.endpoint_url or environ.get("AWS_ENDPOINT_URL"), config=client_config
+        )
 
     # -- the Provider protocol ---------------------------------------------------------------------
 
@@ -95,8 +128,9 @@ class Ec2Provider:
     async def pause(self, host_id: str) -> None:
         """Stop (or hibernate, when configured and possible) the instance; stopped or stopping is success."""
         try:
-            await self._call("stop", host_id, self._ec2.stop_instances, InstanceIds=[host_id],
-                             Hibernate=self.config.hibernate)
+            await self._call(
+                "stop", host_id, self._ec2.stop_instances, InstanceIds=[host_id], Hibernate=self.config.hibernate
+            )
             return
         except ProviderRejected as exc:
             if self.config.hibernate and any(code in exc.message for code in HIBERNATE_REFUSED):
@@ -105,28 +139,37 @@ class Ec2Provider:
             if "IncorrectInstanceState" not in exc.message:
                 raise
         if (await self.inspect(host_id)).state not in (CloudState.PAUSING, CloudState.PAUSED):
-            raise ProviderRejected("EC2 cannot stop the instance in its current state", provider=self.name,
-                                   host=host_id, action="stop")
+            raise ProviderRejected(
+                "EC2 cannot stop the instance in its current state", provider=self.name, host=host_id, action="stop"
+            )
 
     # -- boto3, in a worker thread -----------------------------------------------------------------
 
     async def _describe(self, *, host: str = "", **kwargs: Any) -> builtins.list[dict[str, Any]]:
         def pages() -> builtins.list[dict[str, Any]]:
             paginator = self._ec2.get_paginator("describe_instances")
-            return [instance for page in paginator.paginate(**kwargs) for reservation in page["Reservations"]
-                    for instance in reservation["Instances"]]
+            return [
+                instance
+                for page in paginator.paginate(**kwargs)
+                for reservation in page["Reservations"]
+                for instance in reservation["Instances"]
+            ]
+
         try:
             return await self._call("describe", host, pages)
         except ProviderRejected as exc:
             if "InvalidInstanceID" in exc.message:
-                raise HostNotFound("EC2 does not know this instance", provider=self.name, host=host,
-                                   action="describe") from None
+                raise HostNotFound(
+                    "EC2 does not know this instance", provider=self.name, host=host, action="describe"
+                ) from None
             raise
 
     async def _call(self, action: str, host: str, fn: Callable[..., T], **kwargs: Any) -> T:
         async def once() -> T:
-            return await anyio.to_thread.run_sync(functools.partial(self._translated, action, host, fn, kwargs),
-                                                  abandon_on_cancel=True)
+            return await anyio.to_thread.run_sync(
+                functools.partial(self._translated, action, host, fn, kwargs), abandon_on_cancel=True
+            )
+
         return await cloud_call(self.config, once, what=f"EC2 {action} {host}".strip())
 
     def _translated(self, action: str, host: str, fn: Callable[..., T], kwargs: dict[str, Any]) -> T:
@@ -141,8 +184,9 @@ class Ec2Provider:
             code, message = str(error.get("Code", "")), str(error.get("Message", exc))
             status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
             if code in CAPACITY_CODES:
-                raise CapacityError(f"EC2 has no capacity for this instance now ({code}: {message})",
-                                    **context) from None
+                raise CapacityError(
+                    f"EC2 has no capacity for this instance now ({code}: {message})", **context
+                ) from None
             if code in RETRYABLE_CODES or status >= 500:
                 raise ProviderUnavailable(f"EC2 answered {code or status}: {message}", **context) from None
             raise ProviderRejected(f"EC2 refused: {code}: {message}", **context) from None
@@ -160,9 +204,16 @@ class Ec2Provider:
         error = str(reason.get("Message") or reason.get("Code")) if "Capacity" in str(reason.get("Code", "")) else ""
         models = tuple(m.strip() for m in tags.get(MODELS_TAG, "").split(",") if m.strip())
         return HostInfo(
-            id=instance["InstanceId"], name=tags.get("Name") or instance["InstanceId"], state=state,
+            id=instance["InstanceId"],
+            name=tags.get("Name") or instance["InstanceId"],
+            state=state,
             cloud_status=str(instance.get("State", {}).get("Name", "unknown")),
             address=f"http://{ip}:{self.config.ollama_port}" if ip and state is CloudState.RUNNING else None,
-            error=error if state is not CloudState.RUNNING else "", models=models,
-            details={"flavor": instance.get("InstanceType", ""), "ip_address": ip or "",
-                     "availability_zone": instance.get("Placement", {}).get("AvailabilityZone", "")})
+            error=error if state is not CloudState.RUNNING else "",
+            models=models,
+            details={
+                "flavor": instance.get("InstanceType", ""),
+                "ip_address": ip or "",
+                "availability_zone": instance.get("Placement", {}).get("AvailabilityZone", ""),
+            },
+        )

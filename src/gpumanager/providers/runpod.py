@@ -23,10 +23,14 @@ from gpumanager.providers.base import CloudState, HostInfo, cloud_call, http_jso
 from gpumanager.proxy.dialects import model_names
 
 ENDPOINT_FIELDS = "id name gpuIds idleTimeout templateId workersMin workersMax workersStandby"
-POD_FIELDS = ("id name desiredStatus costPerHr lastStatusChange "
-              "runtime { uptimeInSeconds ports { ip isIpPublic privatePort publicPort type } }")
-MAX_WORKERS_ZERO = ("RunPod set this endpoint's max workers to 0 (it does so after a week without requests): "
-                    "raise max workers in the RunPod console")
+POD_FIELDS = (
+    "id name desiredStatus costPerHr lastStatusChange "
+    "runtime { uptimeInSeconds ports { ip isIpPublic privatePort publicPort type } }"
+)
+MAX_WORKERS_ZERO = (
+    "RunPod set this endpoint's max workers to 0 (it does so after a week without requests): "
+    "raise max workers in the RunPod console"
+)
 
 
 class RunpodProvider:
@@ -34,8 +38,9 @@ class RunpodProvider:
         key = require_secret(environ, "RUNPOD_API_KEY", f"the RunPod provider {config.name!r}")
         self.name, self.config, self.poll_seconds = config.name, config, config.poll_seconds
         self._auth = [(b"authorization", b"Bearer " + key.encode())]
-        self._http = httpx.AsyncClient(headers={"authorization": f"Bearer {key}"}, timeout=config.api_timeout_seconds,
-                                       trust_env=False)
+        self._http = httpx.AsyncClient(
+            headers={"authorization": f"Bearer {key}"}, timeout=config.api_timeout_seconds, trust_env=False
+        )
         self._kinds: dict[str, str] = {i: "endpoint" for i in config.endpoints} | {i: "pod" for i in config.pods}
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -50,8 +55,11 @@ class RunpodProvider:
     # -- the Provider protocol ---------------------------------------------------------------------
 
     async def list(self) -> list[HostInfo]:
-        me = (await self._graphql(f"query {{ myself {{ endpoints {{ {ENDPOINT_FIELDS} }} pods {{ {POD_FIELDS} }} }} }}",
-                                  action="list")).get("myself") or {}
+        me = (
+            await self._graphql(
+                f"query {{ myself {{ endpoints {{ {ENDPOINT_FIELDS} }} pods {{ {POD_FIELDS} }} }} }}", action="list"
+            )
+        ).get("myself") or {}
         wanted = set(self.config.endpoints) | set(self.config.pods)
         found = []
         for kind, items in (("endpoint", me.get("endpoints") or []), ("pod", me.get("pods") or [])):
@@ -63,8 +71,11 @@ class RunpodProvider:
 
     async def inspect(self, host_id: str) -> HostInfo:
         if self._kind(host_id) == "pod":
-            pod = (await self._graphql(f'query {{ pod(input: {{podId: "{host_id}"}}) {{ {POD_FIELDS} }} }}',
-                                       host=host_id, action="inspect")).get("pod")
+            pod = (
+                await self._graphql(
+                    f'query {{ pod(input: {{podId: "{host_id}"}}) {{ {POD_FIELDS} }} }}', host=host_id, action="inspect"
+                )
+            ).get("pod")
             if not pod:
                 raise HostNotFound("RunPod does not know this pod", provider=self.name, host=host_id)
             return self._pod(pod)
@@ -77,15 +88,19 @@ class RunpodProvider:
         info = await self.inspect(host_id)
         if info.error:
             raise ProviderRejected(info.error, provider=self.name, host=host_id, action="resume")
-        await self._rest("PATCH", f"/v2/serverless/{host_id}", {"workers": {"min": self.config.warm_workers}},
-                         host=host_id, action="warm")
+        await self._rest(
+            "PATCH",
+            f"/v2/serverless/{host_id}",
+            {"workers": {"min": self.config.warm_workers}},
+            host=host_id,
+            action="warm",
+        )
 
     async def pause(self, host_id: str) -> None:
         if self._kind(host_id) == "pod":
             await self._rest("POST", f"/v2/pods/{host_id}/action", {"action": "stop"}, host=host_id, action="stop")
         else:
-            await self._rest("PATCH", f"/v2/serverless/{host_id}", {"workers": {"min": 0}}, host=host_id,
-                             action="cool")
+            await self._rest("PATCH", f"/v2/serverless/{host_id}", {"workers": {"min": 0}}, host=host_id, action="cool")
 
     async def ready(self, info: HostInfo, model: str | None) -> bool | None:
         """An endpoint: a worker is up (`/health`) and `/models` lists the model. A pod runs Ollama:
@@ -97,8 +112,9 @@ class RunpodProvider:
             up = sum(int(workers.get(state, 0) or 0) for state in ("idle", "running"))
             if not up and int(workers.get("unhealthy", 0) or 0) and not int(workers.get("initializing", 0) or 0):
                 # Tell a failed warm-up early, as SURF's failed actions are, instead of waiting it out.
-                raise WakeFailed("RunPod reports the endpoint's worker unhealthy", provider=self.name,
-                                 host=info.id, action="warm")
+                raise WakeFailed(
+                    "RunPod reports the endpoint's worker unhealthy", provider=self.name, host=info.id, action="warm"
+                )
             if not up:
                 return False
             listed = (await self._get(f"{info.address}/v1/models")).get("data") or []
@@ -117,8 +133,9 @@ class RunpodProvider:
         return response.json()
 
     async def _graphql(self, query: str, *, host: str = "", action: str) -> Any:
-        data = await self._call("POST", self.config.api_url.rstrip("/") + "/graphql", {"query": query},
-                                host=host, action=action)
+        data = await self._call(
+            "POST", self.config.api_url.rstrip("/") + "/graphql", {"query": query}, host=host, action=action
+        )
         if data.get("errors"):
             message = "; ".join(str(e.get("message", e)) for e in data["errors"])
             raise ProviderRejected(f"RunPod GraphQL error: {message}", provider=self.name, host=host, action=action)
@@ -130,12 +147,20 @@ class RunpodProvider:
     async def _call(self, method: str, url: str, body: Any, *, host: str, action: str) -> Any:
         async def once() -> Any:
             return await self._request(method, url, body, host=host, action=action)
+
         return await cloud_call(self.config, once, what=f"RunPod {action} {host}".strip())
 
     async def _request(self, method: str, url: str, body: Any, *, host: str, action: str) -> Any:
-        return await http_json(self._http, method, url, json=body, cloud="RunPod", capacity=_no_capacity,
-                               hint="check RUNPOD_API_KEY, and that it may write (not a read-only key)",
-                               context={"provider": self.name, "host": host, "action": action})
+        return await http_json(
+            self._http,
+            method,
+            url,
+            json=body,
+            cloud="RunPod",
+            capacity=_no_capacity,
+            hint="check RUNPOD_API_KEY, and that it may write (not a read-only key)",
+            context={"provider": self.name, "host": host, "action": action},
+        )
 
     def _endpoint(self, endpoint: dict[str, Any]) -> HostInfo:
         workers = endpoint.get("workers") or {}
@@ -143,13 +168,22 @@ class RunpodProvider:
         high = int(endpoint.get("workersMax", workers.get("max", 1)) or 0)
         state = CloudState.FAILED if high == 0 else CloudState.RUNNING if low >= 1 else CloudState.PAUSED
         return HostInfo(
-            id=str(endpoint["id"]), name=str(endpoint.get("name") or endpoint["id"]), state=state,
-            cloud_status=f"serverless, workers {low}..{high}", api="openai",
+            id=str(endpoint["id"]),
+            name=str(endpoint.get("name") or endpoint["id"]),
+            state=state,
+            cloud_status=f"serverless, workers {low}..{high}",
+            api="openai",
             address=f"{self.config.serverless_url.rstrip('/')}/{endpoint['id']}/openai",
             error=MAX_WORKERS_ZERO if high == 0 else "",
-            details={"flavor": ",".join(str(g) for g in endpoint.get("gpuIds") or []) if isinstance(
-                endpoint.get("gpuIds"), list) else str(endpoint.get("gpuIds") or ""), "kind": "serverless endpoint",
-                "workers_min": low, "workers_max": high})
+            details={
+                "flavor": ",".join(str(g) for g in endpoint.get("gpuIds") or [])
+                if isinstance(endpoint.get("gpuIds"), list)
+                else str(endpoint.get("gpuIds") or ""),
+                "kind": "serverless endpoint",
+                "workers_min": low,
+                "workers_max": high,
+            },
+        )
 
     def _pod(self, pod: dict[str, Any]) -> HostInfo:
         status = str(pod.get("desiredStatus", "UNKNOWN"))
@@ -167,15 +201,31 @@ class RunpodProvider:
                 address = f"http://{port['ip']}:{port['publicPort']}"
             elif self.config.pod_address == "proxy":
                 address = self.config.pod_proxy_url.format(pod_id=pod["id"], port=self.config.ollama_port)
-        return HostInfo(id=str(pod["id"]), name=str(pod.get("name") or pod["id"]), state=state, cloud_status=status,
-                        address=address, cost_per_hour=float(pod["costPerHr"]) if pod.get("costPerHr") else None,
-                        details={"kind": "pod", "flavor": "pod"})
+        return HostInfo(
+            id=str(pod["id"]),
+            name=str(pod.get("name") or pod["id"]),
+            state=state,
+            cloud_status=status,
+            address=address,
+            cost_per_hour=float(pod["costPerHr"]) if pod.get("costPerHr") else None,
+            details={"kind": "pod", "flavor": "pod"},
+        )
 
 
 def _no_capacity(text: str) -> bool:
     """RunPod tells a capacity failure only in words ("There are not enough free GPUs on the host
     machine...", "no instances available"); such a failure must move requests on, not be retried."""
     text = text.lower()
-    return any(word in text for word in ("gpu", "instance", "capacity")) and \
-        any(word in text for word in ("not enough", "no longer", "no free", "not available", "unavailable",
-                                      "no gpu", "no instance", "insufficient"))
+    return any(word in text for word in ("gpu", "instance", "capacity")) and any(
+        word in text
+        for word in (
+            "not enough",
+            "no longer",
+            "no free",
+            "not available",
+            "unavailable",
+            "no gpu",
+            "no instance",
+            "insufficient",
+        )
+    )

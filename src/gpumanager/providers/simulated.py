@@ -91,8 +91,9 @@ class SimulatedProvider:
         machine.pause_asked = time.monotonic()
         if machine.fail_pauses:
             machine.fail_pauses -= 1
-            raise ProviderUnavailable("simulated cloud error (HTTP 500)", provider=self.name, host=host_id,
-                                      action="pause")
+            raise ProviderUnavailable(
+                "simulated cloud error (HTTP 500)", provider=self.name, host=host_id, action="pause"
+            )
         if machine.state in (CloudState.PAUSED, CloudState.PAUSING):
             return
         machine.state = CloudState.PAUSING
@@ -157,8 +158,15 @@ class SimulatedProvider:
             raise HostNotFound("no such simulated host", provider=self.name, host=host_id) from None
 
     def _info(self, machine: Machine) -> HostInfo:
-        return HostInfo(id=machine.config.name, name=machine.config.name, state=machine.state,
-                        cloud_status=str(machine.state), address=machine.address, error=machine.error,
-                        slots=machine.config.slots,
-                        cost_per_hour=machine.config.cost_per_hour, models=tuple(machine.sim.models),
-                        details={"flavor": "simulated GPU", "boots": machine.boots})
+        return HostInfo(
+            id=machine.config.name,
+            name=machine.config.name,
+            state=machine.state,
+            cloud_status=str(machine.state),
+            address=machine.address,
+            error=machine.error,
+            slots=machine.config.slots,
+            cost_per_hour=machine.config.cost_per_hour,
+            models=tuple(machine.sim.models),
+            details={"flavor": "simulated GPU", "boots": machine.boots},
+        )

@@ -31,5 +31,6 @@ class StaticProvider:
     @staticmethod
     def _info(host: HostConfig) -> HostInfo:
         assert host.url is not None
-        return HostInfo(id=host.name, name=host.name, state=CloudState.RUNNING, cloud_status="static",
-                        address=host.url.rstrip("/"))
+        return HostInfo(
+            id=host.name, name=host.name, state=CloudState.RUNNING, cloud_status="static", address=host.url.rstrip("/")
+        )

@@ -40,8 +40,12 @@ class SurfProvider:
         self.poll_seconds = config.poll_seconds
         headers = {"authorization": token, "accept": "application/json"}
         self._csrf = environ.get("CLOUD_CSRF_TOKEN", "")
-        self._http = httpx.AsyncClient(base_url=config.base_url.rstrip("/") + "/workspace/", headers=headers,
-                                       timeout=config.api_timeout_seconds, trust_env=False)
+        self._http = httpx.AsyncClient(
+            base_url=config.base_url.rstrip("/") + "/workspace/",
+            headers=headers,
+            timeout=config.api_timeout_seconds,
+            trust_env=False,
+        )
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Own the HTTP client for as long as the fleet runs."""
@@ -52,8 +56,13 @@ class SurfProvider:
     # -- the Provider protocol ---------------------------------------------------------------------
 
     async def list(self) -> list[HostInfo]:
-        params: dict[str, Any] | None = {"application_type": "Compute", "deleted": "false", "by_owner": "true",
-                                         "limit": 100, "offset": 0}
+        params: dict[str, Any] | None = {
+            "application_type": "Compute",
+            "deleted": "false",
+            "by_owner": "true",
+            "limit": 100,
+            "offset": 0,
+        }
         url: str | None = "workspaces/"
         found: list[HostInfo] = []
         for _ in range(MAX_PAGES):
@@ -83,8 +92,12 @@ class SurfProvider:
                     return
                 refused_paused += info.state is CloudState.PAUSED
                 if info.state not in (CloudState.PAUSING, CloudState.PAUSED) or refused_paused > 2:
-                    raise ProviderRejected(f"resume refused in state {info.cloud_status}: {exc.message}",
-                                           provider=self.name, host=host_id, action="resume") from None
+                    raise ProviderRejected(
+                        f"resume refused in state {info.cloud_status}: {exc.message}",
+                        provider=self.name,
+                        host=host_id,
+                        action="resume",
+                    ) from None
             await anyio.sleep(self.poll_seconds)
 
     async def pause(self, host_id: str) -> None:
@@ -94,23 +107,36 @@ class SurfProvider:
         except ProviderRejected as exc:
             info = await self.inspect(host_id)
             if info.state not in (CloudState.PAUSING, CloudState.PAUSED):
-                raise ProviderRejected(f"pause refused in state {info.cloud_status}: {exc.message}",
-                                       provider=self.name, host=host_id, action="pause") from None
+                raise ProviderRejected(
+                    f"pause refused in state {info.cloud_status}: {exc.message}",
+                    provider=self.name,
+                    host=host_id,
+                    action="pause",
+                ) from None
 
     # -- the wire ----------------------------------------------------------------------------------
 
-    async def _call(self, method: str, url: str, *, host: str = "", action: str,
-                    params: dict[str, Any] | None = None) -> Any:
+    async def _call(
+        self, method: str, url: str, *, host: str = "", action: str, params: dict[str, Any] | None = None
+    ) -> Any:
         async def once() -> Any:
             return await self._request(method, url, host=host, action=action, params=params)
+
         return await cloud_call(self.config, once, what=f"SURF {action} {host}".strip())
 
     async def _request(self, method: str, url: str, *, host: str, action: str, params: dict[str, Any] | None) -> Any:
         headers = {"X-CSRFToken": self._csrf} if method == "POST" and self._csrf else {}
-        return await http_json(self._http, method, url, params=params, headers=headers,
-                               json={} if method == "POST" else None, cloud="SURF",
-                               hint="check CLOUD_API_TOKEN (and CLOUD_CSRF_TOKEN)",
-                               context={"provider": self.name, "host": host, "action": action})
+        return await http_json(
+            self._http,
+            method,
+            url,
+            params=params,
+            headers=headers,
+            json={} if method == "POST" else None,
+            cloud="SURF",
+            hint="check CLOUD_API_TOKEN (and CLOUD_CSRF_TOKEN)",
+            context={"provider": self.name, "host": host, "action": action},
+        )
 
     def _info(self, workspace: dict[str, Any]) -> HostInfo:
         status = str(workspace.get("status", "unknown"))
@@ -120,12 +146,20 @@ class SurfProvider:
         flavours = meta.get("flavours") or []
         size = next((f.get("name") for f in flavours if isinstance(f, dict) and f.get("category") == "size"), "")
         return HostInfo(
-            id=str(workspace["id"]), name=str(workspace.get("name", workspace["id"])), state=state,
-            cloud_status=status, address=f"http://{ip}:{self.config.ollama_port}" if ip and state is CloudState.RUNNING
-            else None, error=_failed_resume(workspace) if state is not CloudState.RUNNING else "",
-            details={"flavor": size, "ip_address": ip or "", "host_name": meta.get("host_name", ""),
-                     "can_resume": "resume" in (workspace.get("actions") or []),
-                     "can_pause": "pause" in (workspace.get("actions") or [])})
+            id=str(workspace["id"]),
+            name=str(workspace.get("name", workspace["id"])),
+            state=state,
+            cloud_status=status,
+            address=f"http://{ip}:{self.config.ollama_port}" if ip and state is CloudState.RUNNING else None,
+            error=_failed_resume(workspace) if state is not CloudState.RUNNING else "",
+            details={
+                "flavor": size,
+                "ip_address": ip or "",
+                "host_name": meta.get("host_name", ""),
+                "can_resume": "resume" in (workspace.get("actions") or []),
+                "can_pause": "pause" in (workspace.get("actions") or []),
+            },
+        )
 
 
 def _failed_resume(workspace: dict[str, Any]) -> str:

@@ -87,8 +87,10 @@ def listed_name(models: frozenset[str], model: str) -> str:
 
 # -- errors ----------------------------------------------------------------------------------------
 
-def error_payload(dialect: Dialect, message: str, *, kind: str = "api_error", code: str | None = None,
-                  param: str | None = None) -> dict[str, Any]:
+
+def error_payload(
+    dialect: Dialect, message: str, *, kind: str = "api_error", code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
     if dialect is Dialect.OPENAI:
         return {"error": {"message": message, "type": kind, "param": param, "code": code}, "src": "gpumanager"}
     return {"error": message, "src": "gpumanager"}
@@ -108,8 +110,7 @@ def error_headers(exc: ClientError) -> list[tuple[bytes, bytes]]:
 def inband_error(dialect: Dialect, message: str) -> bytes:
     """The last piece of a stream that failed after its first byte: both client libraries raise on it."""
     if dialect is Dialect.OPENAI:
-        payload = _encoder.encode({"error": {"message": message, "type": "server_error", "param": None,
-                                             "code": None}})
+        payload = _encoder.encode({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
         return b"data: " + payload + b"\n\n"
     return _encoder.encode({"error": message}) + b"\n"
 

@@ -25,12 +25,27 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
 # Never forwarded upstream: hop-by-hop headers, and the client's own credentials.
-REQUEST_DROP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
-                          b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length",
-                          b"authorization", b"x-api-key", b"expect"})
+REQUEST_DROP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+        b"authorization",
+        b"x-api-key",
+        b"expect",
+    }
+)
 # Never passed back: hop-by-hop headers, and those uvicorn writes itself.
-RESPONSE_DROP = frozenset({"connection", "keep-alive", "transfer-encoding", "trailer", "upgrade",
-                           "proxy-authenticate", "date", "server"})
+RESPONSE_DROP = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "trailer", "upgrade", "proxy-authenticate", "date", "server"}
+)
 STREAM_TYPES = (b"application/x-ndjson", b"text/event-stream")
 
 
@@ -128,10 +143,17 @@ def response_headers(response: httpx.Response, ex: Exchange) -> list[tuple[bytes
     return headers + routing_headers(ex)
 
 
-async def forward(upstream: Upstream, ex: Exchange, lease: Lease, method: str, target: str,
-                  headers: list[tuple[bytes, bytes]], body: bytes,
-                  on_body: Callable[[Host, bytes], None] | None = None,
-                  before_end: Callable[[], Awaitable[None]] | None = None) -> None:
+async def forward(
+    upstream: Upstream,
+    ex: Exchange,
+    lease: Lease,
+    method: str,
+    target: str,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+    on_body: Callable[[Host, bytes], None] | None = None,
+    before_end: Callable[[], Awaitable[None]] | None = None,
+) -> None:
     """Send one request to the lease's host and stream the answer to the client.
 
     Raises `ConnectFailed` when the host cannot be reached (nothing was sent to the client yet).
@@ -155,14 +177,20 @@ async def forward(upstream: Upstream, ex: Exchange, lease: Lease, method: str, t
 
 def refused(response: httpx.Response, host: Host, body: bytes) -> UpstreamFailed:
     """A host that refuses gpumanager's own credentials is gpumanager's problem, not the client's key."""
-    return UpstreamFailed(f"host {host.name} refused gpumanager's credentials ({response.status_code}: "
-                          f"{_error_message(body) or 'no reason given'}); check GPUMANAGER_UPSTREAM_TOKEN, or the "
-                          "provider's key")
+    return UpstreamFailed(
+        f"host {host.name} refused gpumanager's credentials ({response.status_code}: "
+        f"{_error_message(body) or 'no reason given'}); check GPUMANAGER_UPSTREAM_TOKEN, or the "
+        "provider's key"
+    )
 
 
-async def _relay(response: httpx.Response, ex: Exchange, lease: Lease,
-                 on_body: Callable[[Host, bytes], None] | None,
-                 before_end: Callable[[], Awaitable[None]] | None) -> None:
+async def _relay(
+    response: httpx.Response,
+    ex: Exchange,
+    lease: Lease,
+    on_body: Callable[[Host, bytes], None] | None,
+    before_end: Callable[[], Awaitable[None]] | None,
+) -> None:
     if response.status_code in (401, 403):
         raise refused(response, lease.host, await response.aread())
     if ex.started and response.status_code != 200:

@@ -67,9 +67,16 @@ def local_routes(ctx: Context) -> list[BaseRoute]:
         for name in model_names(wanted):
             if name in tags:
                 return JSONResponse(_openai_model(tags[name]))
-        return JSONResponse(error_payload(Dialect.OPENAI, f"The model '{wanted}' does not exist",
-                                          kind="invalid_request_error", code="model_not_found", param="model"),
-                            status_code=404)
+        return JSONResponse(
+            error_payload(
+                Dialect.OPENAI,
+                f"The model '{wanted}' does not exist",
+                kind="invalid_request_error",
+                code="model_not_found",
+                param="model",
+            ),
+            status_code=404,
+        )
 
     return [
         Route("/", root, methods=["GET", "HEAD"]),

@@ -18,8 +18,15 @@ from loguru import logger
 from starlette.routing import BaseRoute, Route
 
 from gpumanager.auth import require_admin
-from gpumanager.errors import (BadRequest, ClientError, NotFound, PayloadTooLarge, ProviderError, UpstreamFailed,
-                               WakeTimeout)
+from gpumanager.errors import (
+    BadRequest,
+    ClientError,
+    NotFound,
+    PayloadTooLarge,
+    ProviderError,
+    UpstreamFailed,
+    WakeTimeout,
+)
 from gpumanager.fleet import Lease
 from gpumanager.hosts import Host
 from gpumanager.proxy.dialects import STREAM_CONTENT_TYPE, Dialect, heartbeat, parse_fields
@@ -120,19 +127,41 @@ class ModelRoute:
             pass
         finally:
             status = ex.status if ex.completed else 499
-            logger.info("{} {} key={} model={} host={} status={} wait_ms={:.0f} ms={:.0f}", scope["method"],
-                        scope["path"], scope["auth"].id, model, ex.host or "-", status, ex.wait_ms,
-                        (time.perf_counter() - started) * 1000)
+            logger.info(
+                "{} {} key={} model={} host={} status={} wait_ms={:.0f} ms={:.0f}",
+                scope["method"],
+                scope["path"],
+                scope["auth"].id,
+                model,
+                ex.host or "-",
+                status,
+                ex.wait_ms,
+                (time.perf_counter() - started) * 1000,
+            )
 
-    async def _serve(self, scope: Scope, ex: Exchange, ask: Ask, body: bytes, stream: bool,
-                     on_body: Callable[[Host, bytes], None] | None) -> None:
+    async def _serve(
+        self,
+        scope: Scope,
+        ex: Exchange,
+        ask: Ask,
+        body: bytes,
+        stream: bool,
+        on_body: Callable[[Host, bytes], None] | None,
+    ) -> None:
         try:
             await self._forward(scope, ex, ask, body, stream, on_body)
         except ClientError as exc:
             await ex.fail(exc)
 
-    async def _forward(self, scope: Scope, ex: Exchange, ask: Ask, body: bytes, stream: bool,
-                       on_body: Callable[[Host, bytes], None] | None) -> None:
+    async def _forward(
+        self,
+        scope: Scope,
+        ex: Exchange,
+        ask: Ask,
+        body: bytes,
+        stream: bool,
+        on_body: Callable[[Host, bytes], None] | None,
+    ) -> None:
         ctx = self.ctx
         arrived = time.perf_counter()
         lease = await self._lease(ex, ask, stream)
@@ -154,8 +183,15 @@ class ModelRoute:
                     raise UpstreamFailed(lease.aborted)
                 return
 
-    async def _send(self, scope: Scope, ex: Exchange, lease: Lease, ask: Ask, body: bytes,
-                    on_body: Callable[[Host, bytes], None] | None) -> None:
+    async def _send(
+        self,
+        scope: Scope,
+        ex: Exchange,
+        lease: Lease,
+        ask: Ask,
+        body: bytes,
+        on_body: Callable[[Host, bytes], None] | None,
+    ) -> None:
         host, ctx = lease.host, self.ctx
         headers = upstream_headers(scope, host.auth if host.auth is not None else ctx.upstream_auth)
         if host.api == "openai" and self.dialect is Dialect.OLLAMA:
@@ -181,8 +217,9 @@ class ModelRoute:
                 if lease is not None:
                     return lease
                 if not ex.started:
-                    await ex.start(200, [(b"content-type", STREAM_CONTENT_TYPE[self.dialect]),
-                                         (b"cache-control", b"no-cache")])
+                    await ex.start(
+                        200, [(b"content-type", STREAM_CONTENT_TYPE[self.dialect]), (b"cache-control", b"no-cache")]
+                    )
                 waiting_for = next(iter(sorted(waiter.waking)), "a free slot")
                 await ex.write(heartbeat(self.dialect, self.route, ask.model, waiting_for))
         except BaseException:  # gone while a heartbeat was written: leave the queue (or free the slot)
@@ -201,11 +238,13 @@ class ModelRoute:
 
     def _remember_show(self, model: str) -> Callable[[Host, bytes], None]:
         """Keep a host's non-verbose `/api/show` answer, so later ones need no host (nor a wake)."""
+
         def remember(host: Host, body: bytes) -> None:
             try:
                 self.ctx.inventory.remember_show(host, model, msgspec.json.decode(body))
             except msgspec.DecodeError:
                 pass
+
         return remember
 
 
@@ -226,20 +265,30 @@ class HostRoute:
             identity = require_admin(scope)
             name = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("host", [""])[0]
             if not name:
-                raise BadRequest(f"{scope['path']} changes one host: add ?host=NAME "
-                                 f"(hosts: {', '.join(sorted(ctx.fleet.hosts))})")
+                raise BadRequest(
+                    f"{scope['path']} changes one host: add ?host=NAME (hosts: {', '.join(sorted(ctx.fleet.hosts))})"
+                )
             host = ctx.fleet.find(name)
             if host is None:
                 raise NotFound(f"no host named {name!r}")
             if host.api == "openai":
-                raise BadRequest(f"{host.name} is an OpenAI-compatible endpoint: its models are managed by its "
-                                 "provider, not through the Ollama API")
+                raise BadRequest(
+                    f"{host.name} is an OpenAI-compatible endpoint: its models are managed by its "
+                    "provider, not through the Ollama API"
+                )
             body = await read_body(scope, receive, ctx.max_body)
             await ctx.lifecycle.ensure_ready(host)
             with ctx.fleet.hold(host, identity.id) as lease:
-                await forward(ctx.upstream, ex, lease, scope["method"], _target(scope),
-                              upstream_headers(scope, ctx.upstream_auth), body,
-                              before_end=lambda: ctx.lifecycle.watch.refresh(host))
+                await forward(
+                    ctx.upstream,
+                    ex,
+                    lease,
+                    scope["method"],
+                    _target(scope),
+                    upstream_headers(scope, ctx.upstream_auth),
+                    body,
+                    before_end=lambda: ctx.lifecycle.watch.refresh(host),
+                )
         except ClientError as exc:
             await ex.fail(exc)
         except ConnectFailed as exc:
@@ -249,9 +298,15 @@ class HostRoute:
         except ClientGone:
             pass
         finally:
-            logger.info("{} {} key={} host={} status={} ms={:.0f}", scope["method"], scope["path"],
-                        scope["auth"].id, ex.host or "-", ex.status if ex.completed else 499,
-                        (time.perf_counter() - started) * 1000)
+            logger.info(
+                "{} {} key={} host={} status={} ms={:.0f}",
+                scope["method"],
+                scope["path"],
+                scope["auth"].id,
+                ex.host or "-",
+                ex.status if ex.completed else 499,
+                (time.perf_counter() - started) * 1000,
+            )
 
 
 def proxy_routes(ctx: Context) -> list[BaseRoute]:

@@ -21,10 +21,21 @@ from gpumanager.fleet import Lease
 from gpumanager.proxy.dialects import STREAM_CONTENT_TYPE, Dialect, listed_name
 from gpumanager.proxy.forward import ConnectFailed, Exchange, Upstream, refused, routing_headers
 
-PATHS = {"chat": "/v1/chat/completions", "generate": "/v1/completions", "embed": "/v1/embeddings",
-         "embeddings": "/v1/embeddings"}
-OPTIONS = {"temperature": "temperature", "top_p": "top_p", "num_predict": "max_tokens", "stop": "stop",
-           "seed": "seed", "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
+PATHS = {
+    "chat": "/v1/chat/completions",
+    "generate": "/v1/completions",
+    "embed": "/v1/embeddings",
+    "embeddings": "/v1/embeddings",
+}
+OPTIONS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "num_predict": "max_tokens",
+    "stop": "stop",
+    "seed": "seed",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+}
 UNTRANSLATABLE = {"generate": ("raw", "context", "template", "images"), "chat": ("tools",)}
 
 _decode = msgspec.json.Decoder()
@@ -72,8 +83,10 @@ def openai_request(route: str, request: dict[str, Any]) -> tuple[str, dict[str, 
     if request.get("format") == "json":
         body["response_format"] = {"type": "json_object"}
     elif isinstance(request.get("format"), dict):
-        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer",
-                                                                            "schema": request["format"]}}
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "answer", "schema": request["format"]},
+        }
     return PATHS[route], body, stream
 
 
@@ -126,13 +139,25 @@ class Answer:
         if self.route == "embeddings":
             return _encode.encode({"embedding": vectors[0] if vectors else []})
         usage = answer.get("usage") or {}
-        return _encode.encode({"model": self.model, "embeddings": vectors,
-                               "total_duration": time.perf_counter_ns() - self.started,
-                               "prompt_eval_count": usage.get("prompt_tokens", 0)})
+        return _encode.encode(
+            {
+                "model": self.model,
+                "embeddings": vectors,
+                "total_duration": time.perf_counter_ns() - self.started,
+                "prompt_eval_count": usage.get("prompt_tokens", 0),
+            }
+        )
 
 
-async def forward(upstream: Upstream, ex: Exchange, lease: Lease, route: str, model: str,
-                  headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+async def forward(
+    upstream: Upstream,
+    ex: Exchange,
+    lease: Lease,
+    route: str,
+    model: str,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+) -> None:
     """Send the translated request to the lease's host and answer the client in Ollama's shape."""
     request = _decode.decode(body)
     path, translated, stream = openai_request(route, request)
@@ -220,8 +245,10 @@ def _frames(events: list[bytes], answer: Answer, lease: Lease) -> list[bytes]:
             continue
         if chunk.get("error"):
             error = chunk["error"]
-            raise UpstreamFailed(f"host {lease.host.name} failed mid-answer: "
-                                 f"{error.get('message') if isinstance(error, dict) else error}")
+            raise UpstreamFailed(
+                f"host {lease.host.name} failed mid-answer: "
+                f"{error.get('message') if isinstance(error, dict) else error}"
+            )
         text = answer.take(chunk)
         if text:
             frames.append(answer.frame(text, done=False))

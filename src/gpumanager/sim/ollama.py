@@ -67,9 +67,14 @@ class _Metrics:
 
     def native(self) -> dict[str, int]:
         now = time.perf_counter_ns()
-        return {"total_duration": max(1, now - self.start), "load_duration": self.load_ns,
-                "prompt_eval_count": self.prompt_count, "prompt_eval_duration": self.prompt_count * 50_000,
-                "eval_count": self.eval_count, "eval_duration": max(1, now - self.eval_start)}
+        return {
+            "total_duration": max(1, now - self.start),
+            "load_duration": self.load_ns,
+            "prompt_eval_count": self.prompt_count,
+            "prompt_eval_duration": self.prompt_count * 50_000,
+            "eval_count": self.eval_count,
+            "eval_duration": max(1, now - self.eval_start),
+        }
 
 
 class _DisconnectWatch:
@@ -118,9 +123,19 @@ class SimOllama(ManageRoutes, OpenAIRoutes):
     still queued for a slot is only noticed once it gets one.
     """
 
-    def __init__(self, *, name: str = "sim", models: Iterable[str] = ("llama3.2:latest",), slots: int = 4,
-                 token_delay: float = 0.0, default_tokens: int = 20, version: str = "0.12.6",
-                 load_delay: float = 0.0, embedding_dim: int = 8, context_length: int = 4096) -> None:
+    def __init__(
+        self,
+        *,
+        name: str = "sim",
+        models: Iterable[str] = ("llama3.2:latest",),
+        slots: int = 4,
+        token_delay: float = 0.0,
+        default_tokens: int = 20,
+        version: str = "0.12.6",
+        load_delay: float = 0.0,
+        embedding_dim: int = 8,
+        context_length: int = 4096,
+    ) -> None:
         self.name, self.slots, self.version = name, slots, version
         self.token_delay, self.default_tokens, self.load_delay = token_delay, default_tokens, load_delay
         self.embedding_dim, self.context_length = embedding_dim, context_length
@@ -195,15 +210,24 @@ class SimOllama(ManageRoutes, OpenAIRoutes):
             return {"GET": handler, "HEAD": handler}  # Ollama answers HEAD on these too
 
         return {
-            "/": get(self._root), "/api/version": get(self._version), "/api/tags": get(self._tags),
-            "/api/ps": {"GET": self._ps}, "/api/show": {"POST": self._show},
-            "/api/chat": {"POST": self._chat}, "/api/generate": {"POST": self._generate},
-            "/api/embed": {"POST": self._embed}, "/api/embeddings": {"POST": self._embeddings},
-            "/api/pull": {"POST": self._pull}, "/api/push": {"POST": self._push},
-            "/api/create": {"POST": self._create}, "/api/copy": {"POST": self._copy},
+            "/": get(self._root),
+            "/api/version": get(self._version),
+            "/api/tags": get(self._tags),
+            "/api/ps": {"GET": self._ps},
+            "/api/show": {"POST": self._show},
+            "/api/chat": {"POST": self._chat},
+            "/api/generate": {"POST": self._generate},
+            "/api/embed": {"POST": self._embed},
+            "/api/embeddings": {"POST": self._embeddings},
+            "/api/pull": {"POST": self._pull},
+            "/api/push": {"POST": self._push},
+            "/api/create": {"POST": self._create},
+            "/api/copy": {"POST": self._copy},
             "/api/delete": {"DELETE": self._delete},
-            "/v1/chat/completions": {"POST": self._oa_chat}, "/v1/completions": {"POST": self._oa_completions},
-            "/v1/embeddings": {"POST": self._oa_embeddings}, "/v1/models": {"GET": self._oa_models},
+            "/v1/chat/completions": {"POST": self._oa_chat},
+            "/v1/completions": {"POST": self._oa_completions},
+            "/v1/embeddings": {"POST": self._oa_embeddings},
+            "/v1/models": {"GET": self._oa_models},
         }
 
     # -- shared machinery ---------------------------------------------------------------
@@ -254,11 +278,11 @@ class SimOllama(ManageRoutes, OpenAIRoutes):
             self.cancelled += 1
         return not watch.gone
 
-    async def _stream(self, req: Request, content_type: bytes, frames: Iterator[bytes],
-                      tail: Callable[[], bytes]) -> None:
+    async def _stream(
+        self, req: Request, content_type: bytes, frames: Iterator[bytes], tail: Callable[[], bytes]
+    ) -> None:
         """Send one body message per token, then ``tail()``; stop early if the client leaves."""
-        await req.send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", content_type)]})
+        await req.send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", content_type)]})
         watch, crash_at, completed = _DisconnectWatch(), self.fail_after_tokens, True
         async with anyio.create_task_group() as tg:
             tg.start_soon(watch.run, req.receive, tg.cancel_scope)
@@ -352,9 +376,16 @@ class SimOllama(ManageRoutes, OpenAIRoutes):
         async with self._slot():
             load_ns = await self._load(model)
             vectors = [embedding_for(t, dim) for t in inputs]
-        await respond_json(req.send, {
-            "model": body["model"], "embeddings": vectors, "total_duration": time.perf_counter_ns() - start,
-            "load_duration": load_ns, "prompt_eval_count": word_count(inputs)})
+        await respond_json(
+            req.send,
+            {
+                "model": body["model"],
+                "embeddings": vectors,
+                "total_duration": time.perf_counter_ns() - start,
+                "load_duration": load_ns,
+                "prompt_eval_count": word_count(inputs),
+            },
+        )
 
     async def _embeddings(self, req: Request) -> None:
         body = await req.json()

@@ -50,8 +50,9 @@ class OpenAIRoutes:
         def _slot(self) -> AbstractAsyncContextManager[None]: ...
         async def _load(self, model: str) -> int: ...
         async def _sleep_tokens(self, req: Request, n: int) -> bool: ...
-        async def _stream(self, req: Request, content_type: bytes, frames: Iterator[bytes],
-                          tail: Callable[[], bytes]) -> None: ...
+        async def _stream(
+            self, req: Request, content_type: bytes, frames: Iterator[bytes], tail: Callable[[], bytes]
+        ) -> None: ...
 
     async def _oa_chat(self, req: Request) -> None:
         body = await req.json()
@@ -72,8 +73,13 @@ class OpenAIRoutes:
     async def _openai(self, req: Request, body: dict[str, Any], model: str, words: int, chat: bool) -> None:
         n = positive(body.get("max_tokens") or body.get("max_completion_tokens"), self.default_tokens)
         obj = "chat.completion" if chat else "text_completion"
-        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{next(self._ids) % 999}", "object": obj,
-                "created": int(time.time()), "model": body["model"], "system_fingerprint": "fp_ollama"}
+        head = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{next(self._ids) % 999}",
+            "object": obj,
+            "created": int(time.time()),
+            "model": body["model"],
+            "system_fingerprint": "fp_ollama",
+        }
         usage = {"prompt_tokens": words, "completion_tokens": n, "total_tokens": words + n}
         async with self._slot():
             await self._load(model)
@@ -104,16 +110,28 @@ class OpenAIRoutes:
         async with self._slot():
             await self._load(model)
             vectors = [embedding_for(t, dim) for t in inputs]
-        data = [{"object": "embedding", "embedding": _b64(v) if as_base64 else v, "index": i}
-                for i, v in enumerate(vectors)]
+        data = [
+            {"object": "embedding", "embedding": _b64(v) if as_base64 else v, "index": i} for i, v in enumerate(vectors)
+        ]
         words = word_count(inputs)
-        await respond_json(req.send, {"object": "list", "data": data, "model": body["model"],
-                                      "usage": {"prompt_tokens": words, "total_tokens": words}})
+        await respond_json(
+            req.send,
+            {
+                "object": "list",
+                "data": data,
+                "model": body["model"],
+                "usage": {"prompt_tokens": words, "total_tokens": words},
+            },
+        )
 
     def _oa_entry(self, name: str, shown_as: str) -> dict[str, Any]:
         parts = name.split(":")[0].split("/")
-        return {"id": shown_as, "object": "model", "created": int(self._models[name]),
-                "owned_by": parts[-2] if len(parts) > 1 else "library"}
+        return {
+            "id": shown_as,
+            "object": "model",
+            "created": int(self._models[name]),
+            "owned_by": parts[-2] if len(parts) > 1 else "library",
+        }
 
     async def _oa_models(self, req: Request) -> None:
         # Real Ollama sends "data": null with no models; clients and proxies prefer [].
@@ -133,8 +151,9 @@ def _oa_choice(chat: bool, text: str | None, finish: str | None, first: bool | N
         return {"text": text or "", "index": 0, "finish_reason": finish}
     if first is None:
         return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-    delta: dict[str, str] = {} if text is None else {"role": "assistant", "content": text} if first else {
-        "content": text}
+    delta: dict[str, str] = (
+        {} if text is None else {"role": "assistant", "content": text} if first else {"content": text}
+    )
     return {"index": 0, "delta": delta, "finish_reason": finish}
 
 

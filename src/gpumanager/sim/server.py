@@ -99,17 +99,24 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 @asynccontextmanager
-async def running_server(app: Any, *, host: str = "127.0.0.1", port: int = 0,
-                         **uvicorn_kwargs: Any) -> AsyncIterator[SimServer]:
+async def running_server(
+    app: Any, *, host: str = "127.0.0.1", port: int = 0, **uvicorn_kwargs: Any
+) -> AsyncIterator[SimServer]:
     """Serve ``app`` on ``host:port`` (0 picks a free port) until the block exits.
 
     ``uvicorn_kwargs`` override the quiet defaults: httptools, no lifespan, no access
     log, warnings only, ``log_config=None`` so the host program's logging setup is
     left alone, and a bounded graceful shutdown so a forgotten stream cannot hang a test.
     """
-    options: dict[str, Any] = {"log_level": "warning", "lifespan": "off", "access_log": False,
-                               "http": "httptools", "log_config": None, "timeout_graceful_shutdown": 5,
-                               **uvicorn_kwargs}
+    options: dict[str, Any] = {
+        "log_level": "warning",
+        "lifespan": "off",
+        "access_log": False,
+        "http": "httptools",
+        "log_config": None,
+        "timeout_graceful_shutdown": 5,
+        **uvicorn_kwargs,
+    }
     sock = bind_socket(host, port)
     try:
         config = uvicorn.Config(app, host=host, port=sock.getsockname()[1], **options)

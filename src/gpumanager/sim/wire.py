@@ -91,8 +91,14 @@ def model_details(name: str) -> dict[str, Any]:
     base = name.rsplit("/", 1)[-1].split(":")[0]
     family = "bert" if is_embedding_model(name) else m.group() if (m := re.match(r"[a-z]+", base)) else "llama"
     size = re.search(r"(\d+(?:\.\d+)?)b\b", name.split(":")[-1])
-    return {"parent_model": "", "format": "gguf", "family": family, "families": [family],
-            "parameter_size": f"{size.group(1)}B" if size else "3.2B", "quantization_level": "Q4_K_M"}
+    return {
+        "parent_model": "",
+        "format": "gguf",
+        "family": family,
+        "families": [family],
+        "parameter_size": f"{size.group(1)}B" if size else "3.2B",
+        "quantization_level": "Q4_K_M",
+    }
 
 
 def model_size(name: str) -> int:
