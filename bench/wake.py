@@ -59,16 +59,16 @@ async def measure(readiness: float) -> tuple[list[float], list[float]]:
     config = load(folder / "config.toml")
     key = KeyStore(config.paths.api_keys_file).generate("bench", "bench@example.org")[1]
     app = build_app(config, environ={})
-    ctx = app.state.ctx
+    runtime = app.state.runtime
     first_byte: list[float] = []
     overshoot: list[float] = []
     async with (
         running_server(app, lifespan="on") as server,
         httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client,
     ):
-        provider = ctx.providers["sim"]
+        provider = runtime.providers["sim"]
         assert isinstance(provider, SimulatedProvider)
-        machine, host = provider.machines["gpu"], ctx.fleet.hosts["gpu"]
+        machine, host = provider.machines["gpu"], runtime.fleet.hosts["gpu"]
         for cycle in range(CYCLES):
             # Spread Ollama's start over one readiness interval, so the figures cover every phase of the
             # polling rather than one lucky (or unlucky) alignment.

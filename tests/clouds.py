@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gpumanager.app import Context
 from gpumanager.providers.simulated import SimulatedProvider
+from gpumanager.runtime import Runtime
 from gpumanager.sim import SimOllama
 from tests.fakes.ec2 import FakeEC2
 from tests.fakes.runpod import FakeRunPod
@@ -39,7 +39,7 @@ class Cloud(Protocol):
 
     def config(self) -> str: ...
 
-    def attach(self, ctx: Context) -> None: ...
+    def attach(self, runtime: Runtime) -> None: ...
 
     def resumes(self, name: str) -> int: ...
 
@@ -88,8 +88,8 @@ class SimulatedCloud:
             f'\n[[hosts]]\nname = "{m.name}"\nprotected = true\n' for m in self.machines if m.protected
         )
 
-    def attach(self, ctx: Context) -> None:
-        provider = ctx.providers[self.provider]
+    def attach(self, runtime: Runtime) -> None:
+        provider = runtime.providers[self.provider]
         assert isinstance(provider, SimulatedProvider)
         self._provider = provider
 
@@ -174,7 +174,7 @@ class FakeCloud:
     def calls(self) -> list[tuple[str, str]]:
         return list(self.fake.calls)
 
-    def attach(self, ctx: Context) -> None:
+    def attach(self, runtime: Runtime) -> None:
         pass
 
     def _count(self, actions: tuple[str, ...], name: str) -> int:
@@ -286,7 +286,7 @@ class Ec2Cloud(StartStopCloud):
         return provider_block("ec2", self.provider, settings) + overrides(self.provider, self.machines, lambda m: ())
 
     def host_id(self, name: str) -> str:
-        return self.fake.instance_id(name)
+        return str(self.fake.instance_id(name))
 
 
 @contextlib.asynccontextmanager

@@ -17,9 +17,10 @@ from typing import Any
 import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from gpumanager.app import Context, build_app
+from gpumanager.app import build_app
 from gpumanager.config import load
 from gpumanager.keys import KeyStore
+from gpumanager.runtime import Runtime
 from gpumanager.sim import SimOllama, SimServer, running_server
 from tests.clouds import CLOUDS, Cloud, Machine
 
@@ -37,7 +38,7 @@ class SimHost:
 class Stack:
     portal: BlockingPortal
     url: str
-    ctx: Context
+    runtime: Runtime
     sims: dict[str, SimOllama]
     servers: dict[str, SimServer]
     admin_key: str
@@ -153,7 +154,7 @@ def running_mixed_stack(
         environ = {k: v for cloud in clouds.values() for k, v in cloud.environ.items()}
         running = _serve(portal, stack, config_path, environ, sims, servers)
         for cloud in clouds.values():
-            cloud.attach(running.ctx)
+            cloud.attach(running.runtime)
         yield running, clouds
 
 
@@ -173,7 +174,7 @@ def _serve(
     proxy = stack.enter_context(
         portal.wrap_async_context_manager(running_server(app, lifespan="on", timeout_graceful_shutdown=1))
     )
-    return Stack(portal, proxy.url, app.state.ctx, sims, servers, admin_key, user_key, keys, config_path, exits=stack)
+    return Stack(portal, proxy.url, app.state.runtime, sims, servers, admin_key, user_key, keys, config_path, exits=stack)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> None:

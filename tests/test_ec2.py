@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
+from gpumanager.cloud import CloudState
 from gpumanager.config import Ec2ProviderConfig
 from gpumanager.errors import CapacityError, ConfigError, HostNotFound, ProviderUnavailable
-from gpumanager.providers.base import CloudState
 from gpumanager.providers.ec2 import Ec2Provider
 from tests.fakes.ec2 import FakeEC2
 

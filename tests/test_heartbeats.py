@@ -112,7 +112,7 @@ boot_seconds = 0.1
 """
     )
     with running_stack(tmp_path, [], extra=extra) as stack:
-        provider = stack.ctx.providers["quick"]
+        provider = stack.runtime.providers["quick"]
         assert isinstance(provider, SimulatedProvider)
         provider.machines["gpu"].hang_resume = True
         started = time.monotonic()

@@ -51,7 +51,7 @@ def chat(tokens: int, *, stream: bool = False, model: str = "llama3.2") -> dict[
 
 
 def state(stack: Stack, name: str) -> HostState:
-    return stack.ctx.fleet.hosts[name].state
+    return stack.runtime.fleet.hosts[name].state
 
 
 @pytest.fixture
@@ -189,7 +189,7 @@ def test_a_restart_finds_a_running_host_and_pauses_it_after_the_fallback_window(
         wait_until(lambda: cloud.pauses("gpu-1") == 1, timeout=5)
         wait_until(lambda: state(stack, "gpu-1") is HostState.PAUSED, timeout=5)
         # What it served is cached on disk: after a restart the paused host's models are still listed.
-        state_dir = stack.ctx.config.paths.state_dir
+        state_dir = stack.runtime.config.paths.state_dir
     assert "qwen2.5:7b" in (Path(state_dir) / "inventory.json").read_text()
 
 
@@ -283,7 +283,7 @@ def test_a_wake_goes_on_when_the_request_that_started_it_leaves(one_paused: tupl
     with pytest.raises(httpx.ReadTimeout):  # the client gives up long before the host is up
         httpx.post(stack.url + "/api/chat", json=chat(1), headers=stack.headers(), timeout=0.05)
     wait_until(lambda: state(stack, "gpu-1") is HostState.READY, timeout=5)
-    assert len(stack.ctx.fleet.queue) == 0 and cloud.resumes("gpu-1") == 1
+    assert len(stack.runtime.fleet.queue) == 0 and cloud.resumes("gpu-1") == 1
     wait_until(lambda: cloud.pauses("gpu-1") == 1, timeout=5)  # woken without use: the fallback window
 
 

@@ -116,7 +116,7 @@ def test_ollama_list_ps_show_embed(stack: Stack, oll: ollama.Client) -> None:
     names = {m.model for m in oll.list().models}
     assert names == {"llama3.2:latest", "all-minilm:latest", "qwen2.5:7b"}
     oll.chat(model="qwen2.5:7b", messages=[{"role": "user", "content": "x"}], options={"num_predict": 1})
-    stack.portal.call(stack.ctx.lifecycle.watch.refresh, stack.ctx.fleet.hosts["gpu-b"])
+    stack.portal.call(stack.runtime.reconciler.refresh, stack.runtime.fleet.hosts["gpu-b"])
     assert "qwen2.5:7b" in {m.model for m in oll.ps().models}
     shown = oll.show("llama3.2")
     assert shown.details is not None and shown.details.family

@@ -52,7 +52,7 @@ async def test_slots_are_never_exceeded_under_50_concurrent_requests(two_hosts: 
     assert results == [expected_text(5)] * 50
     assert two_hosts.sims["a"].max_active <= 2 and two_hosts.sims["b"].max_active <= 2
     assert two_hosts.sims["a"].max_active + two_hosts.sims["b"].max_active == 4  # both hosts were used fully
-    assert all(h.leases == 0 for h in two_hosts.ctx.fleet.hosts.values())
+    assert all(h.leases == 0 for h in two_hosts.runtime.fleet.hosts.values())
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def one_slot(tmp_path: Path) -> Iterator[Stack]:
 
 
 async def test_a_full_queue_answers_429_in_each_dialect(one_slot: Stack) -> None:
-    fleet = one_slot.ctx.fleet
+    fleet = one_slot.runtime.fleet
     async with (
         httpx.AsyncClient(base_url=one_slot.url, timeout=30, headers=one_slot.headers()) as client,
         anyio.create_task_group() as tg,
@@ -79,7 +79,7 @@ async def test_a_full_queue_answers_429_in_each_dialect(one_slot: Stack) -> None
 
 
 async def test_a_queued_client_that_disconnects_leaves_the_queue(one_slot: Stack) -> None:
-    fleet, sim = one_slot.ctx.fleet, one_slot.sims["solo"]
+    fleet, sim = one_slot.runtime.fleet, one_slot.sims["solo"]
     async with (
         httpx.AsyncClient(base_url=one_slot.url, timeout=30, headers=one_slot.headers()) as client,
         anyio.create_task_group() as tg,
@@ -95,7 +95,7 @@ async def test_a_queued_client_that_disconnects_leaves_the_queue(one_slot: Stack
 
 
 async def test_a_client_that_disconnects_mid_stream_frees_its_slot(one_slot: Stack) -> None:
-    host, sim = one_slot.ctx.fleet.hosts["solo"], one_slot.sims["solo"]
+    host, sim = one_slot.runtime.fleet.hosts["solo"], one_slot.sims["solo"]
     async with httpx.AsyncClient(base_url=one_slot.url, timeout=30, headers=one_slot.headers()) as client:
         async with client.stream("POST", "/api/chat", json=chat(200, stream=True)) as response:
             async for _ in response.aiter_lines():
@@ -154,7 +154,7 @@ def test_a_host_killed_mid_stream_ends_the_stream_with_an_in_band_error(tmp_path
                 if len(got) == 3:
                     stack.call(stack.servers["doomed"].kill)
         assert "".join(got).startswith("tok0 tok1 tok2") and "doomed" in oll_error.value.error
-        wait_until(lambda: stack.ctx.fleet.hosts["doomed"].leases == 0)
+        wait_until(lambda: stack.runtime.fleet.hosts["doomed"].leases == 0)
         with pytest.raises((openai.APIError, openai.APIConnectionError)):
             list(
                 oai.chat.completions.create(
@@ -186,7 +186,7 @@ def test_a_host_that_cannot_be_reached_is_retried_on_another_and_skipped(tmp_pat
         for _ in range(4):
             answer = httpx.post(stack.url + "/api/chat", json=chat(2), headers=stack.headers(), timeout=10)
             assert answer.status_code == 200 and answer.headers["x-gpumanager-host"] == "second"
-        assert not stack.ctx.fleet.hosts["first"].healthy
+        assert not stack.runtime.fleet.hosts["first"].healthy
         stack.call(stack.servers["second"].kill)
         answer = httpx.post(stack.url + "/api/chat", json=chat(2), headers=stack.headers(), timeout=10)
         assert answer.status_code in (502, 503), answer.text
@@ -197,9 +197,9 @@ def test_a_host_that_stopped_answering_is_used_again_once_it_answers(tmp_path: P
         server = stack.servers["back"]
         stack.call(server.kill)
         refused = httpx.post(stack.url + "/api/chat", json=chat(1), headers=stack.headers(), timeout=10)
-        assert refused.status_code in (502, 503) and not stack.ctx.fleet.hosts["back"].healthy
+        assert refused.status_code in (502, 503) and not stack.runtime.fleet.hosts["back"].healthy
         stack.serve(stack.sims["back"], port=server.port)  # the same Ollama comes back on the same port
-        wait_until(lambda: stack.ctx.fleet.hosts["back"].healthy, timeout=5)  # noticed by the health probe
+        wait_until(lambda: stack.runtime.fleet.hosts["back"].healthy, timeout=5)  # noticed by the health probe
         answer = httpx.post(stack.url + "/api/chat", json=chat(2), headers=stack.headers(), timeout=10)
         assert answer.status_code == 200 and answer.json()["message"]["content"] == expected_text(2)
 
@@ -209,7 +209,7 @@ def test_the_upstream_token_is_sent_and_the_client_key_never_is(tmp_path: Path) 
         assert httpx.post(stack.url + "/api/chat", json=chat(1), headers=stack.headers(), timeout=10).status_code == 200
         seen = stack.sims["door"].last_headers
         assert seen["authorization"] == "Bearer fleet-secret" and stack.user_key not in str(seen)
-        stack.call(stack.ctx.lifecycle.watch.refresh, stack.ctx.fleet.hosts["door"])
+        stack.call(stack.runtime.reconciler.refresh, stack.runtime.fleet.hosts["door"])
         assert stack.sims["door"].last_headers["authorization"] == "Bearer fleet-secret"  # probes too
 
 
@@ -228,7 +228,7 @@ async def refuse(scope: dict[str, object], receive: object, send: object) -> Non
 def test_a_host_refusing_gpumanagers_credentials_is_a_502_not_the_clients_fault(tmp_path: Path) -> None:
     with running_stack(tmp_path, [SimHost("locked")]) as stack:
         door = stack.serve(refuse)
-        stack.call(setattr, stack.ctx.fleet.hosts["locked"], "url", door.url)
+        stack.call(setattr, stack.runtime.fleet.hosts["locked"], "url", door.url)
         answer = httpx.post(
             stack.url + "/v1/chat/completions",
             headers=stack.headers(),

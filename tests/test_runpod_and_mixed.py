@@ -149,8 +149,8 @@ def test_a_mixed_fleet_routes_each_request_to_the_right_place(tmp_path: Path) ->
 async def test_a_pod_is_reached_through_runpods_proxy_by_default_or_its_public_port() -> None:
     import anyio
 
+    from gpumanager.cloud import CloudState
     from gpumanager.config import RunpodProviderConfig
-    from gpumanager.providers.base import CloudState
     from gpumanager.providers.runpod import RunpodProvider
     from tests.fakes.runpod import FakeRunPod
 

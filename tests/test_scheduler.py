@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from gpumanager.hosts import TRANSITIONS, HostEvent, HostState, InvalidTransition, transition
-from gpumanager.scheduler import Ask, FairQueue, HostView, Reject, Snapshot, Use, Wait, Wake, Waiter, choose
+from gpumanager.errors import InvalidTransition
+from gpumanager.hosts import TRANSITIONS, HostEvent, HostState, transition
+from gpumanager.scheduler import Ask, FairQueue, HostView, Reject, Snapshot, Use, Wait, Waiter, Wake, choose
 
 S = HostState
 

@@ -10,9 +10,9 @@ import httpx
 import pytest
 
 from gpumanager.app import build_app
+from gpumanager.cloud import CloudState
 from gpumanager.config import SurfProviderConfig, load
 from gpumanager.errors import ConfigError, HostNotFound, ProviderRejected, ProviderTimeout, ProviderUnavailable
-from gpumanager.providers.base import CloudState
 from gpumanager.providers.surf import SurfProvider
 from tests.clouds import Machine
 from tests.fakes.surf import FakeSurf
@@ -188,7 +188,7 @@ def test_models_seen_once_are_routable_after_a_restart_while_paused(tmp_path: Pa
         running,
         extra="[timing]\nfallback_reservation_minutes = 0.005\nollama_readiness_wait_seconds = 0.05\n",
     ) as (stack, cloud):
-        wait_until(lambda: stack.ctx.fleet.hosts["gpu-1"].state == "paused", timeout=10)
+        wait_until(lambda: stack.runtime.fleet.hosts["gpu-1"].state == "paused", timeout=10)
     (tmp_path / "api_keys.json").unlink()
     paused = [Machine("gpu-1", models=("phi3:latest",), announce_models=False)]
     with running_cloud_stack(tmp_path, "surf", paused, extra="[timing]\nollama_readiness_wait_seconds = 0.05\n") as (

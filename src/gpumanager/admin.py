@@ -7,30 +7,55 @@ already script against; `status` is gpumanager's host state, with the provider's
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from gpumanager.auth import require_admin
-from gpumanager.errors import Conflict, NotFound
-from gpumanager.hosts import Host, HostState
-
-if TYPE_CHECKING:
-    from gpumanager.app import Context
-
-ASLEEP = (HostState.PAUSED, HostState.UNKNOWN, HostState.FAILED)
+from gpumanager.errors import NotFound
+from gpumanager.fleet import Fleet
+from gpumanager.hosts import RESUMABLE, Host, HostState
+from gpumanager.lifecycle import Lifecycle
 
 
-def admin_routes(ctx: Context) -> list[BaseRoute]:
-    fleet, lifecycle = ctx.fleet, ctx.lifecycle
+def describe(host: Host, now: float) -> dict[str, Any]:
+    """One host as the admin API and `gpumanager hosts` show it."""
+    idle_left = None
+    if not host.always_on and host.state is HostState.READY:
+        idle_left = round(max(0.0, host.idle_deadline - now), 1)
+    return {
+        "id": host.id,
+        "name": host.name,
+        "provider": host.provider,
+        "status": str(host.state),
+        "cloud_status": host.cloud_status,
+        "healthy": host.healthy,
+        "url": host.url,
+        "models": sorted(host.models),
+        "loaded": sorted(host.loaded),
+        "leases": host.leases,
+        "slots": host.slots,
+        "draining": host.draining,
+        "protected": host.protected,
+        "cost_per_hour": host.cost_per_hour,
+        "version": host.version,
+        "idle_seconds_left": idle_left,
+        "last_error": host.last_error,
+        **host.details,
+    }
+
+
+def admin_routes(fleet: Fleet, lifecycle: Lifecycle, reconcile: Callable[[], Awaitable[None]]) -> list[BaseRoute]:
+    """The `/gpu/...` routes; `reconcile` asks the clouds for the truth before a discover answers."""
 
     def gpu(host: Host) -> dict[str, Any]:
-        info = fleet.describe(host)
+        info = describe(host, fleet.clock())
         info.setdefault("ip_address", host.url)
         info.setdefault("flavor", "static" if host.always_on else "")
-        info["can_resume"] = not host.always_on and host.state in ASLEEP and not fleet.emergency
+        info["can_resume"] = not host.always_on and host.state in RESUMABLE and not fleet.emergency
         info["can_pause"] = not host.always_on and host.state not in (HostState.PAUSED, HostState.PAUSING)
         return info
 
@@ -44,7 +69,7 @@ def admin_routes(ctx: Context) -> list[BaseRoute]:
 
     async def discover(request: Request) -> Response:
         require_admin(request.scope)
-        await lifecycle.watch.reconcile()  # fresh from the clouds, as the name promises
+        await reconcile()  # fresh from the clouds, as the name promises
         gpus = [gpu(h) for h in fleet.hosts.values()]
         return JSONResponse(
             {"discovered_gpus": len(gpus), "gpus": gpus, "emergency": fleet.emergency, "queued": len(fleet.queue)}
@@ -55,28 +80,20 @@ def admin_routes(ctx: Context) -> list[BaseRoute]:
 
     async def resume(request: Request) -> Response:
         host = find(request)
-        if host.always_on:
-            raise Conflict(f"{host.name} is a static host: it is always on")
-        if host.state is HostState.READY and not host.draining:
+        if not lifecycle.resume(host):  # Conflict for static hosts and under emergency-off
             return JSONResponse({**gpu(host), "message": f"{host.name} is already ready"})
-        lifecycle.start_wake(host)  # Conflict under emergency-off
         return JSONResponse({**gpu(host), "message": f"waking {host.name}"}, status_code=202)
 
     async def pause(request: Request) -> Response:
         host = find(request)
-        if host.state in (HostState.PAUSED, HostState.PAUSING) or host.pausing is not None:
-            raise Conflict(f"{host.name} is {host.state}: there is nothing to pause")
-        lifecycle.request_pause(host, "an admin asked")  # Conflict for static hosts
-        leases = len(fleet.leases_of(host))
+        leases = lifecycle.pause(host, "an admin asked")  # Conflict when there is nothing to pause
         message = f"pausing {host.name}" + (f" once its {leases} open requests finish" if leases else "")
         return JSONResponse({**gpu(host), "message": message}, status_code=202)
 
     async def protect(request: Request) -> Response:
         host = find(request)
-        host.protected = request.method == "POST"
-        fleet.notify()
+        fleet.protect(host, request.method == "POST")
         return JSONResponse(gpu(host))
-
     async def emergency_off(request: Request) -> Response:
         require_admin(request.scope)
         await lifecycle.emergency_off()

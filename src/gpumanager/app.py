@@ -20,63 +20,25 @@ from gpumanager.auth import AuthMiddleware
 from gpumanager.config import Config
 from gpumanager.errors import ClientError, MethodNotAllowed, NotFound
 from gpumanager.fleet import Fleet
-from gpumanager.inventory import Inventory
-from gpumanager.keys import KeyStore
-from gpumanager.lifecycle import Lifecycle
-from gpumanager.providers import build_providers
+from gpumanager.hosts import HostState
 from gpumanager.proxy.dialects import dialect_for, error_body, error_headers
-from gpumanager.proxy.forward import Upstream
 from gpumanager.proxy.routes import proxy_routes
+from gpumanager.runtime import Runtime
 
-UPSTREAM_TOKEN_ENV = "GPUMANAGER_UPSTREAM_TOKEN"
 
-
-class Context:
-    """Everything a request handler needs, made once per app."""
-
-    def __init__(self, config: Config, environ: Mapping[str, str]) -> None:
-        self.config = config
-        self.max_body = int(config.server.max_body_mb * 2**20)
-        self.keys = KeyStore(config.paths.api_keys_file)
-        token = environ.get(UPSTREAM_TOKEN_ENV, "")
-        self.upstream_auth = [(b"authorization", b"Bearer " + token.encode())] if token else []
-        self.upstream = Upstream(read_timeout=config.timing.upstream_read_timeout_seconds)
-        self.inventory = Inventory(
-            config.paths.state_dir,
-            self.upstream.client,
-            probe_timeout=config.timing.probe_timeout_seconds,
-            upstream_headers={"authorization": f"Bearer {token}"} if token else None,
+def _health_route(fleet: Fleet) -> Route:
+    async def health(request: Request) -> Response:
+        hosts = fleet.hosts.values()
+        return JSONResponse(
+            {
+                "status": "ok",
+                "hosts": len(hosts),
+                "ready": sum(h.state is HostState.READY for h in hosts),
+                "emergency": fleet.emergency,
+            }
         )
-        self.fleet = Fleet(config)
-        self.providers = build_providers(config, environ, self.upstream.client)
-        self.lifecycle = Lifecycle(config, self.fleet, self.providers, self.inventory)
 
-    @asynccontextmanager
-    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        async with self.upstream, anyio.create_task_group() as tg:
-            await tg.start(self.lifecycle.run)
-            if not self.keys.records():
-                logger.warning("no API keys in {}: make one with `gpumanager generate-key`", self.keys.path)
-            logger.info(
-                "gpumanager is ready: {} hosts, models: {}",
-                len(self.fleet.hosts),
-                ", ".join(self.fleet.models()) or "none yet",
-            )
-            yield
-            tg.cancel_scope.cancel()
-
-
-async def _health(request: Request) -> Response:
-    ctx: Context = request.app.state.ctx
-    hosts = ctx.fleet.hosts.values()
-    return JSONResponse(
-        {
-            "status": "ok",
-            "hosts": len(hosts),
-            "ready": sum(h.state == "ready" for h in hosts),
-            "emergency": ctx.fleet.emergency,
-        }
-    )
+    return Route("/health", health, methods=["GET", "HEAD"])
 
 
 async def _client_error(request: Request, exc: Exception) -> Response:
@@ -108,13 +70,26 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 def build_app(config: Config, *, environ: Mapping[str, str] | None = None) -> Starlette:
-    ctx = Context(config, os.environ if environ is None else environ)
-    routes = [Route("/health", _health, methods=["GET", "HEAD"]), *proxy_routes(ctx), *admin_routes(ctx)]
+    """The app; `app.state.runtime` is the running system its lifespan starts and stops."""
+    runtime = Runtime(config, os.environ if environ is None else environ)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with anyio.create_task_group() as tg:
+            await tg.start(runtime.run)
+            yield
+            tg.cancel_scope.cancel()
+
+    routes = [
+        _health_route(runtime.fleet),
+        *proxy_routes(runtime.proxy_parts()),
+        *admin_routes(runtime.fleet, runtime.lifecycle, runtime.reconciler.reconcile),
+    ]
     app = Starlette(
         routes=routes,
-        lifespan=ctx.lifespan,
-        middleware=[Middleware(AuthMiddleware, keys=ctx.keys)],
+        lifespan=lifespan,
+        middleware=[Middleware(AuthMiddleware, keys=runtime.keys)],
         exception_handlers={ClientError: _client_error, HTTPException: _http_error, Exception: _server_error},
     )
-    app.state.ctx = ctx
+    app.state.runtime = runtime
     return app

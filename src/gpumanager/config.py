@@ -31,13 +31,13 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     pass
 
 
-class ServerConfig(_Section):
+class ServerConfig(_Section, frozen=True):
     host: str = "0.0.0.0"
     port: Port = 8000
     max_body_mb: Positive = 32
 
 
-class CloudApiConfig(_Section):
+class CloudApiConfig(_Section, frozen=True):
     """The seed's SURF section: shorthand for one `type = "surf"` provider named "surf"."""
 
     base_url: str = "https://gw.live.surfresearchcloud.nl/v1"
@@ -45,7 +45,7 @@ class CloudApiConfig(_Section):
     ollama_port: Port = 11434
 
 
-class TimingConfig(_Section):
+class TimingConfig(_Section, frozen=True):
     reservation_minutes: NonNegative = 10
     fallback_reservation_minutes: NonNegative = 3
     startup_timeout_seconds: Positive = 600
@@ -61,13 +61,13 @@ class TimingConfig(_Section):
     pause_retry_seconds: Positive = 5
 
 
-class PathsConfig(_Section):
+class PathsConfig(_Section, frozen=True):
     api_keys_file: str = "api_keys.json"
     state_dir: str = "state"
     log_file: str = "logs/app.log"
 
 
-class SchedulerConfig(_Section):
+class SchedulerConfig(_Section, frozen=True):
     default_slots: Slots = 4
     max_queue: Count = 256
     max_per_key: Count = 0
@@ -75,7 +75,7 @@ class SchedulerConfig(_Section):
     max_awake_hosts: Count = 0
 
 
-class HostConfig(_Section):
+class HostConfig(_Section, frozen=True):
     """A `[[hosts]]` entry: a static host when it has a `url`, else overrides for a discovered host."""
 
     name: str
@@ -87,7 +87,7 @@ class HostConfig(_Section):
     protected: bool = False
 
 
-class _ProviderBase(_Section, tag_field="type"):
+class _ProviderBase(_Section, frozen=True, tag_field="type"):
     name: str
     ollama_port: Port = 11434
     startup_timeout_seconds: Positive | None = None
@@ -95,7 +95,7 @@ class _ProviderBase(_Section, tag_field="type"):
     cost_per_hour: NonNegative = 0.0
 
 
-class _CloudBase(_ProviderBase):
+class _CloudBase(_ProviderBase, frozen=True):
     """What every real cloud's provider takes: call timeouts, retries of 5xx and timeouts, polling."""
 
     api_timeout_seconds: Positive = 30  # one API call
@@ -104,12 +104,12 @@ class _CloudBase(_ProviderBase):
     retry_seconds: Positive = 1  # first backoff between attempts (doubles)
 
 
-class SurfProviderConfig(_CloudBase, tag="surf"):
+class SurfProviderConfig(_CloudBase, frozen=True, tag="surf"):
     base_url: str = "https://gw.live.surfresearchcloud.nl/v1"
     machine_name_filter: str = ""
 
 
-class SimulatedHostConfig(_Section):
+class SimulatedHostConfig(_Section, frozen=True):
     name: str
     models: list[str] = msgspec.field(default_factory=lambda: ["llama3.2:latest"])
     slots: Slots = 4
@@ -123,11 +123,11 @@ class SimulatedHostConfig(_Section):
     answer: str = ""  # what its model answers, word by word (default: "tok0 tok1 ...")
 
 
-class SimulatedProviderConfig(_ProviderBase, tag="simulated"):
+class SimulatedProviderConfig(_ProviderBase, frozen=True, tag="simulated"):
     hosts: list[SimulatedHostConfig] = []
 
 
-class Ec2ProviderConfig(_CloudBase, tag="ec2"):
+class Ec2ProviderConfig(_CloudBase, frozen=True, tag="ec2"):
     region: str | None = None  # wins over AWS_DEFAULT_REGION
     profile: str | None = None  # a profile of ~/.aws/credentials
     endpoint_url: str | None = None  # wins over AWS_ENDPOINT_URL (moto, AWS-compatible clouds)
@@ -137,7 +137,7 @@ class Ec2ProviderConfig(_CloudBase, tag="ec2"):
     address: Literal["private", "public"] = "private"  # the public IP changes on every start
 
 
-class RunpodProviderConfig(_CloudBase, tag="runpod"):
+class RunpodProviderConfig(_CloudBase, frozen=True, tag="runpod"):
     endpoints: list[str] = []  # serverless endpoint ids (none and no pods: every one matching name_filter)
     pods: list[str] = []  # pod ids
     name_filter: str = ""
@@ -152,7 +152,14 @@ class RunpodProviderConfig(_CloudBase, tag="runpod"):
 ProviderConfig = SurfProviderConfig | SimulatedProviderConfig | Ec2ProviderConfig | RunpodProviderConfig
 
 
-class Config(_Section):
+class HostTiming(msgspec.Struct, frozen=True, kw_only=True):
+    """The timing of one provider's hosts: `[timing]`, with the provider's own overrides applied."""
+
+    startup_timeout_seconds: float
+    ollama_readiness_wait_seconds: float
+
+
+class Config(_Section, frozen=True):
     server: ServerConfig = ServerConfig()
     cloud_api: CloudApiConfig | None = None
     timing: TimingConfig = TimingConfig()
@@ -176,6 +183,18 @@ class Config(_Section):
                 ),
             )
         return providers
+
+    def host_timing(self, provider: str) -> HostTiming:
+        """`[timing]` for the hosts of `provider`, with what that provider's block overrides."""
+        pconf = next((p for p in self.all_providers() if p.name == provider), None)
+        startup = pconf.startup_timeout_seconds if pconf is not None else None
+        readiness = pconf.ollama_readiness_wait_seconds if pconf is not None else None
+        return HostTiming(
+            startup_timeout_seconds=startup if startup is not None else self.timing.startup_timeout_seconds,
+            ollama_readiness_wait_seconds=(
+                readiness if readiness is not None else self.timing.ollama_readiness_wait_seconds
+            ),
+        )
 
 
 def config_path(cli_value: str | None, environ: dict[str, str] | os._Environ[str]) -> Path:
@@ -232,7 +251,7 @@ def _join(where: str, key: str) -> str:
 
 
 def _provider_types() -> str:
-    return ", ".join(t.__struct_config__.tag for t in ProviderConfig.__args__)  # type: ignore[attr-defined]
+    return ", ".join(t.__struct_config__.tag for t in ProviderConfig.__args__)
 
 
 def _check(config: Config, path: str) -> None:

@@ -19,10 +19,11 @@ import httpx
 import uvicorn
 
 from gpumanager import logs
-from gpumanager.app import Context, build_app
+from gpumanager.app import build_app
 from gpumanager.config import load
 from gpumanager.hosts import HostState
 from gpumanager.keys import KeyStore
+from gpumanager.runtime import Runtime
 from gpumanager.sim.server import port_is_free
 
 ANSWER = (
@@ -107,21 +108,21 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     _banner(url, key, folder)
     try:
-        anyio.run(_main, server, app.state.ctx, url, key, args.once)
+        anyio.run(_main, server, app.state.runtime, url, key, args.once)
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, once it has shut down
         pass
     print("\nbye: the demo's files stay in", folder)
     return 0
 
 
-async def _main(server: uvicorn.Server, ctx: Context, url: str, key: str, once: bool) -> None:
+async def _main(server: uvicorn.Server, runtime: Runtime, url: str, key: str, once: bool) -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(_serve, server, tg.cancel_scope)
         with anyio.fail_after(30):
             while not server.started:
                 await anyio.sleep(0.05)
-        tg.start_soon(_watch, ctx)
-        await _narrate(ctx, url, key)
+        tg.start_soon(_watch, runtime)
+        await _narrate(runtime, url, key)
         if once:
             server.should_exit = True
         else:
@@ -133,12 +134,12 @@ async def _serve(server: uvicorn.Server, scope: anyio.CancelScope) -> None:
     scope.cancel()
 
 
-async def _watch(ctx: Context) -> None:
+async def _watch(runtime: Runtime) -> None:
     """Narrate every host state change, with how long the host spent in the state before."""
-    seen = {name: (host.state, time.monotonic()) for name, host in ctx.fleet.hosts.items()}
+    seen = {name: (host.state, time.monotonic()) for name, host in runtime.fleet.hosts.items()}
     while True:
         await anyio.sleep(0.05)
-        for name, host in ctx.fleet.hosts.items():
+        for name, host in runtime.fleet.hosts.items():
             before, since = seen.get(name, (HostState.UNKNOWN, time.monotonic()))
             if host.state is not before:
                 seen[name] = (host.state, time.monotonic())
@@ -155,9 +156,9 @@ def _why(state: HostState) -> str:
     }.get(state, "")
 
 
-async def _narrate(ctx: Context, url: str, key: str) -> None:
+async def _narrate(runtime: Runtime, url: str, key: str) -> None:
     hosts = ", ".join(
-        f"{h.name} ({h.state}, {', '.join(sorted(h.models))}, {h.cost_per_hour}/h)" for h in ctx.fleet.hosts.values()
+        f"{h.name} ({h.state}, {', '.join(sorted(h.models))}, {h.cost_per_hour}/h)" for h in runtime.fleet.hosts.values()
     )
     say(f"The fleet: {hosts}.")
     say("Asking for llama3.2: its only host, gpu-a, is paused, so gpumanager wakes it and holds the request.")
@@ -174,13 +175,13 @@ async def _narrate(ctx: Context, url: str, key: str) -> None:
                     print("          ", end="", flush=True)
                 print(word, end="", flush=True)
     print(flush=True)
-    window = ctx.config.timing.reservation_minutes * 60
+    window = runtime.config.timing.reservation_minutes * 60
     say(
         f"Answered in {time.monotonic() - started:.1f}s. gpu-a stays reserved for {window:.0f}s, "
         "then pauses if nobody uses it."
     )
     with anyio.fail_after(window + 30):
-        while ctx.fleet.hosts["gpu-a"].state is not HostState.PAUSED:
+        while runtime.fleet.hosts["gpu-a"].state is not HostState.PAUSED:
             await anyio.sleep(0.1)
     say("The whole cycle is done: wake, answer, idle window, pause. An idle fleet costs nothing.")
 

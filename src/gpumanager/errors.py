@@ -3,6 +3,10 @@
     GpuManagerError
     ├── ConfigError             the config file is wrong: names the file, the key and the problem
     ├── KeyStoreError           the API key file cannot be read or written, or a key id is unknown
+    ├── InvalidTransition       a bug: a host state change that the transition table does not allow
+    ├── ProbeFailed             a host's Ollama did not answer a probe as it should (not ready, not healthy)
+    ├── ConnectFailed           a host could not be reached; nothing went to the client, so another may be tried
+    ├── ClientGone              the client disconnected before its request was read or answered
     ├── ClientError             a request is refused; carries the HTTP status the client gets
     │   ├── BadRequest              400 malformed body, missing or mistyped field, missing ?host=
     │   ├── Unauthorized            401 missing, unknown or revoked key
@@ -24,7 +28,8 @@
         └── WakeFailed              the host did not become ready (resume failed or timed out)
 
 Errors raised by httpx, botocore or a cloud's JSON are translated at the boundary with
-`raise ProviderError(...) from exc`, so callers only ever handle this tree.
+`raise ProviderError(...) from exc`, so callers only ever handle this tree. Cancellation and
+errors no one foresaw (bugs) are the only exceptions from outside it.
 """
 
 from __future__ import annotations
@@ -44,6 +49,26 @@ class ConfigError(GpuManagerError):
 
 class KeyStoreError(GpuManagerError):
     """The API key file cannot be used, or a key named on the command line does not exist."""
+
+
+class InvalidTransition(GpuManagerError):
+    """A host state change the transition table does not allow: a bug in whoever asked for it."""
+
+    def __init__(self, state: str, event: str) -> None:
+        super().__init__(f"no transition from {state} on {event}")
+        self.state, self.event = state, event
+
+
+class ProbeFailed(GpuManagerError):
+    """A host's Ollama (or OpenAI-compatible server) did not answer a probe or answered wrongly."""
+
+
+class ConnectFailed(GpuManagerError):
+    """A host could not be reached. Nothing was sent to the client, so another host may be tried."""
+
+
+class ClientGone(GpuManagerError):
+    """The client disconnected before its request was read, or while it waited."""
 
 
 class ClientError(GpuManagerError):

@@ -4,25 +4,41 @@ A request is admitted with `admit()`: it gets a `Lease` at once (the fast path, 
 `Waiter` in the fair queue (after any wake the policy asked for was started), or a `ClientError`.
 `wait()` then waits for the waiter's lease. A lease is released whatever happens (response end,
 client gone, upstream failure); each release hands free slots to waiters in fair order.
-Waking, pausing and the background loops live in `lifecycle.py`.
+Waking, pausing and the background loops live in `lifecycle.py`; the fleet starts a wake only
+through the `Waker` it is given, and never waits for one itself.
+
+Owns: the hosts' leases, `Host.leases`, idle deadlines and reservations, the wait queue, and the
+emergency flag. Calls: the pure `scheduler.choose()`, and `Waker.start_wake`. Every method runs on
+the event loop's one thread and none awaits except `wait()`, so no lock is needed.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 
 from gpumanager.config import Config, HostConfig
 from gpumanager.errors import ClientError, ModelNotFound, NoCapacity, TooManyRequests, WakeTimeout
 from gpumanager.hosts import AWAKE, WAKING, Host, HostState
-from gpumanager.proxy.dialects import model_names
-from gpumanager.scheduler import Ask, FairQueue, HostView, Reject, Snapshot, Use, Wake, Waiter, choose
+from gpumanager.models import model_names
+from gpumanager.scheduler import Ask, FairQueue, HostView, Reject, Snapshot, Use, Waiter, Wake, choose
 
-if TYPE_CHECKING:
-    from gpumanager.lifecycle import Lifecycle
+
+class Waker(Protocol):
+    """Starts the wake of `host`, or joins the one in progress (single flight), and returns at once;
+    the wake then runs on its own. `model` is what the waiting requests need the host to list."""
+
+    def start_wake(self, host: Host, model: str | None = None) -> object: ...
+
+
+class _NoWaker:
+    """Until a waker is wired in, a wake the policy asks for is a bug: say so loudly."""
+
+    def start_wake(self, host: Host, model: str | None = None) -> object:
+        raise RuntimeError(f"the fleet has no waker to wake {host.name}")
 
 
 class Lease:
@@ -55,9 +71,12 @@ class Lease:
 
 
 class Fleet:
-    def __init__(self, config: Config, *, clock: Callable[[], float] = anyio.current_time) -> None:
+    def __init__(
+        self, config: Config, *, waker: Waker | None = None, clock: Callable[[], float] = anyio.current_time
+    ) -> None:
         self.config = config
         self.clock = clock
+        self.waker: Waker = waker or _NoWaker()
         self.hosts: dict[str, Host] = {}
         self.overrides: dict[str, HostConfig] = {h.name: h for h in config.hosts if h.url is None}
         self._by_model: dict[str, list[Host]] = {}
@@ -65,7 +84,6 @@ class Fleet:
         self._held: Counter[str] = Counter()
         self._leases: dict[Host, set[Lease]] = {}
         self.emergency = False
-        self.lifecycle: Lifecycle | None = None  # wakes hosts; None only in unit tests of admission
         self._changed: anyio.Event | None = None
 
     @property
@@ -266,8 +284,7 @@ class Fleet:
 
     def _start_wake(self, name: str, waiter: Waiter) -> None:
         waiter.waking.add(name)
-        if self.lifecycle is not None:
-            self.lifecycle.start_wake(self.hosts[name], model=waiter.ask.model)
+        self.waker.start_wake(self.hosts[name], waiter.ask.model)
 
     def _snapshot(self, ask: Ask, *, queued: int) -> Snapshot:
         now = self.clock()
@@ -287,39 +304,10 @@ class Fleet:
             emergency=self.emergency,
         )
 
-    # -- for the admin API and the CLI --------------------------------------------------------------
-
-    def describe(self, host: Host) -> dict[str, Any]:
-        now = self.clock()
-        return {
-            "id": host.id,
-            "name": host.name,
-            "provider": host.provider,
-            "status": str(host.state),
-            "cloud_status": host.cloud_status,
-            "healthy": host.healthy,
-            "url": host.url,
-            "models": sorted(host.models),
-            "loaded": sorted(host.loaded),
-            "leases": host.leases,
-            "slots": host.slots,
-            "draining": host.draining,
-            "protected": host.protected,
-            "cost_per_hour": host.cost_per_hour,
-            "version": host.version,
-            "idle_seconds_left": None
-            if host.always_on or host.state is not HostState.READY
-            else round(max(0.0, host.idle_deadline - now), 1),
-            "last_error": host.last_error,
-            **host.details,
-        }
-
-    def statistics(self) -> dict[str, Any]:
-        return {
-            "hosts": [self.describe(h) for h in self.hosts.values()],
-            "queued": len(self.queue),
-            "emergency": self.emergency,
-        }
+    def protect(self, host: Host, protected: bool) -> None:
+        """A protected host is never paused for idleness (an admin's choice)."""
+        host.protected = protected
+        self.notify()
 
 
 def _view(host: Host, names: Iterable[str], num_ctx: int | None) -> HostView:

@@ -3,12 +3,15 @@
     unknown ──▶ paused ──resume──▶ resuming ──cloud running──▶ starting ──Ollama ready──▶ ready
                   ▲                   │                           │                        │
                   └──cloud paused── pausing ◀────────pause────────┴────────────────────────┘
-    resuming/starting ──wake failed──▶ failed ──cooldown over──▶ paused
+    any state ──wake failed──▶ failed ──cooldown over (or an admin's resume)──▶ paused
+    static hosts: unknown ──cloud running──▶ starting ──Ollama ready──▶ ready, and stay there
 
 "Full" (every slot leased) is not a state: it is derived from leases. Whether a static host answers
 is `healthy`, kept apart from the lifecycle: it is skipped while it does not answer, never paused.
-Callers never inspect the state and then act; they go through `Fleet.ensure_ready` and `Fleet.pause`,
-which apply `transition()`.
+`transition()` is the only writer of `Host.state` (through `Host.apply`): every change is an event of
+the table, and an event the table does not allow is a bug (`InvalidTransition`, logged loudly by
+whoever runs the operation). Callers never inspect the state and then act; they go through
+`Lifecycle.ensure_ready`, `Lifecycle.resume` and `Lifecycle.pause`, which apply the events.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from gpumanager.errors import InvalidTransition
+
 if TYPE_CHECKING:
     import anyio
 
-    from gpumanager.providers.base import HostInfo
+    from gpumanager.cloud import HostInfo
 
 
 class HostState(StrEnum):
@@ -70,13 +75,10 @@ TRANSITIONS: dict[tuple[HostState, HostEvent], HostState] = {
     (S.FAILED, E.CLOUD_PAUSED): S.FAILED,
     (S.FAILED, E.CLOUD_RUNNING): S.FAILED,
     (S.FAILED, E.COOLDOWN_OVER): S.PAUSED,
+    # A wake can fail whatever the state it reached: the resume call was refused, the cloud
+    # reports a failure, or the deadline passed while it waited (even for a pause to finish).
+    **{(state, E.WAKE_FAILED): S.FAILED for state in S},
 }
-
-
-class InvalidTransition(ValueError):
-    def __init__(self, state: HostState, event: HostEvent) -> None:
-        super().__init__(f"no transition from {state} on {event}")
-        self.state, self.event = state, event
 
 
 def transition(state: HostState, event: HostEvent) -> HostState:
@@ -84,12 +86,13 @@ def transition(state: HostState, event: HostEvent) -> HostState:
     try:
         return TRANSITIONS[(state, event)]
     except KeyError:
-        raise InvalidTransition(state, event) from None
+        raise InvalidTransition(str(state), str(event)) from None
 
 
-AWAKE = frozenset({S.RESUMING, S.STARTING, S.READY})
-WAKING = frozenset({S.RESUMING, S.STARTING})
-ASLEEP = frozenset({S.UNKNOWN, S.PAUSED, S.PAUSING})
+AWAKE = frozenset({S.RESUMING, S.STARTING, S.READY})  # billing, or about to
+WAKING = frozenset({S.RESUMING, S.STARTING})  # a wake is under way
+WAKEABLE = frozenset({S.UNKNOWN, S.PAUSED, S.PAUSING})  # the policy may wake it (after the pause ends)
+RESUMABLE = frozenset({S.UNKNOWN, S.PAUSED, S.FAILED})  # an admin may resume it (a failed host's cooldown ends)
 
 
 @dataclass(eq=False)
@@ -124,6 +127,7 @@ class Host:
     pausing: anyio.Event | None = None  # while a pause runs: set when it ends
 
     def apply(self, event: HostEvent) -> HostState:
+        """Move to the state the table gives for `event`: the only write of `state`."""
         self.state = transition(self.state, event)
         return self.state
 

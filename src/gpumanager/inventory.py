@@ -1,7 +1,12 @@
 """What each host serves: models on disk (`/api/tags`), in VRAM (`/api/ps`), `/api/show` answers.
 
 Read from the hosts' Ollama, kept in memory, and cached on disk in `state_dir` so that the models of
-paused hosts are listed and routable after a restart. Also the readiness probe of a waking host.
+paused hosts are listed and routable after a restart. Also the readiness probe of a waking host,
+and whether an awake host answers (`Host.healthy`): a host that does not is skipped by the policy
+until a probe finds it answering again.
+
+Owns: the inventory records and their cache file, and `Host.models`, `loaded`, `version` and
+`healthy`. Calls: the hosts' Ollama over HTTP. Runs on the event loop; one read per host at a time.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import httpx
 import msgspec
 from loguru import logger
 
+from gpumanager.errors import ProbeFailed
 from gpumanager.hosts import Host, HostState
-from gpumanager.proxy.dialects import listed_name, model_names
+from gpumanager.models import listed_name, model_names
 
 DEFAULT_VERSION = "0.32.0"  # answered by /api/version before any host was seen
 
@@ -59,9 +65,6 @@ _version = msgspec.json.Decoder(VersionAnswer)
 _cache_decoder = msgspec.json.Decoder(dict[str, HostRecord])
 _encoder = msgspec.json.Encoder()
 
-
-class ProbeFailed(Exception):
-    pass
 
 
 class Inventory:
@@ -123,6 +126,27 @@ class Inventory:
                 "host {} serves {}", host.name, ", ".join(sorted(host.models)) or "no models"
             )
         self.save()
+
+    async def check(self, host: Host) -> bool:
+        """Read an awake host's inventory again; whether it answers decides its health."""
+        try:
+            await self.refresh(host)
+        except ProbeFailed as exc:
+            self.mark_unhealthy(host, str(exc))
+            return False
+        if not host.healthy:
+            logger.bind(host=host.name).info("{} answers again", host.name)
+            host.healthy = True
+        return True
+
+    def mark_unhealthy(self, host: Host, reason: str) -> None:
+        """`host` does not answer: new requests skip it until a probe finds it answering again."""
+        if host.healthy:
+            logger.bind(host=host.name).warning(
+                "{} does not answer ({}); skipping it until it does", host.name, reason
+            )
+        host.healthy = False
+        host.last_error = reason
 
     async def _openai_models(self, host: Host) -> list[dict[str, Any]]:
         """An OpenAI-compatible upstream's `/v1/models`, in the shape of Ollama's tags."""

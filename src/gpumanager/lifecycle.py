@@ -1,14 +1,14 @@
-"""Waking and pausing hosts, and the loops that run the fleet in the background.
+"""Waking and pausing hosts, emergency-off, and the idle loop that pauses hosts past their window.
 
 `ensure_ready(host)` starts a wake or joins the one in progress (single flight: one resume call
-however many requests wait). A wake runs in the fleet's task group, so it goes on when the request
+however many requests wait). A wake runs in the lifecycle's task group, so it goes on when the request
 that started it leaves. A failed wake marks the host `failed` for `failed_cooldown_seconds` and
 pauses it: a half-woken machine must never go on billing. A pause that fails is retried with
 backoff until it succeeds, each failure logged as an error. A pause asked for during a wake (by an
 admin, or emergency-off) stops the wake first.
 
-Every background task is guarded: an error nobody foresaw is logged and that task ends, but the
-fleet's other tasks and loops go on (one bad cloud answer must not stop every idle pause).
+Every background task is guarded (`tasks.guarded`): an error nobody foresaw is logged and that
+task ends, but the fleet's other tasks and loops go on.
 """
 
 from __future__ import annotations
@@ -22,84 +22,94 @@ import anyio.lowlevel
 from anyio.abc import TaskGroup, TaskStatus
 from loguru import logger
 
-from gpumanager.config import Config
-from gpumanager.errors import Conflict, ProviderError, ProviderTimeout, ProviderUnavailable, WakeFailed
+from gpumanager.cloud import CloudState, HostInfo
+from gpumanager.config import Config, HostTiming
+from gpumanager.errors import Conflict, ProbeFailed, ProviderError, ProviderTimeout, ProviderUnavailable, WakeFailed
 from gpumanager.fleet import Fleet
-from gpumanager.hosts import Host, HostEvent, HostState, InvalidTransition, Wake
-from gpumanager.inventory import Inventory, ProbeFailed
-from gpumanager.providers.base import CloudState, HostInfo, Provider, ReadinessProbe, Service
-from gpumanager.reconcile import Reconciler
+from gpumanager.hosts import Host, HostEvent, HostState, Wake
+from gpumanager.inventory import Inventory
+from gpumanager.providers.base import Polling, Provider, ReadinessProbe
+from gpumanager.tasks import forever, guarded
 
 EV, ST = HostEvent, HostState
 
 
 class Lifecycle:
-    def __init__(self, config: Config, fleet: Fleet, providers: Mapping[str, Provider], inventory: Inventory) -> None:
+    """Wakes and pauses hosts: the `Waker` of the fleet.
+
+    Owns: each host's wake (`Host.wake`) and pause (`Host.pausing`, `Host.draining`), the state
+    changes they make (through `Host.apply`), emergency-off, and the idle loop. Calls: the
+    providers, the inventory (readiness probes) and the fleet (leases, dispatch). Wakes and pauses
+    run as tasks of the task group that `run()` opens, so they outlive the request that asked for
+    them; every method runs on the event loop, so no lock is needed.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        fleet: Fleet,
+        providers: Mapping[str, Provider],
+        inventory: Inventory,
+    ) -> None:
         self.config, self.timing = config, config.timing
         self.fleet, self.providers, self.inventory = fleet, providers, inventory
+        self._host_timing = {name: config.host_timing(name) for name in providers}
         self._tg: TaskGroup | None = None
-        fleet.lifecycle = self
-        self.watch = Reconciler(self)
 
     @property
     def tg(self) -> TaskGroup:
-        assert self._tg is not None, "the fleet is not running"
+        assert self._tg is not None, "the lifecycle is not running"
         return self._tg
 
     def now(self) -> float:
         return self.fleet.clock()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Start services, discover and probe every host, then run the loops until cancelled."""
+        """Hold the task group of wakes and pauses, and run the idle loop, until cancelled."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            for provider in self.providers.values():
-                if isinstance(provider, Service):
-                    await tg.start(provider.run)
-            await self.watch.reconcile()
-            with anyio.move_on_after(self.timing.probe_timeout_seconds * 4):
-                await self.watch.refresh_all()
-            for loop in (self.watch.reconcile_loop, self.watch.inventory_loop, self._idle_loop):
-                tg.start_soon(self._forever, loop)
+            tg.start_soon(forever, self._idle_loop)
             task_status.started()
 
     def spawn(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
-        self.tg.start_soon(self._guarded, fn, *args)
-
-    async def _guarded(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
-        try:
-            await fn(*args)
-        except Exception as exc:
-            logger.opt(exception=exc).error("background task {} failed unexpectedly", fn.__name__)
-
-    async def _forever(self, loop: Callable[[], Awaitable[None]]) -> None:
-        """Run a loop; if it ever fails, log it and start it again a moment later."""
-        while True:
-            await self._guarded(loop)
-            await anyio.sleep(1.0)
+        self.tg.start_soon(guarded, fn, *args)
 
     # -- waking ------------------------------------------------------------------------------------
 
-    def option(self, host: Host, name: str) -> float:
-        """A timing value, overridden per provider where the provider sets it."""
-        pconf = next((p for p in self.config.all_providers() if p.name == host.provider), None)
-        value = getattr(pconf, name, None)
-        return float(value if value is not None else getattr(self.timing, name))
+    def host_timing(self, host: Host) -> HostTiming:
+        """`[timing]` for this host, with its provider's overrides (resolved once, at start)."""
+        timing = self._host_timing.get(host.provider)
+        if timing is None:
+            timing = self._host_timing[host.provider] = self.config.host_timing(host.provider)
+        return timing
 
     def _poll(self, host: Host) -> float:
+        """How often the cloud is asked about a host in transition: the provider's own pace, if it has one."""
         provider = self.providers[host.provider]
-        return float(getattr(provider, "poll_seconds", self.option(host, "ollama_readiness_wait_seconds")))
+        if isinstance(provider, Polling):
+            return provider.poll_seconds
+        return self.host_timing(host).ollama_readiness_wait_seconds
 
     def start_wake(self, host: Host, model: str | None = None) -> Wake:
         if host.wake is None:
             if self.fleet.emergency:
                 raise Conflict("emergency-off is on: hosts are not woken until an admin turns it off")
             now = self.now()
-            host.wake = Wake(anyio.Event(), deadline=now + self.option(host, "startup_timeout_seconds"), started=now)
+            host.wake = Wake(anyio.Event(), deadline=now + self.host_timing(host).startup_timeout_seconds, started=now)
             self.spawn(self._wake, host, host.wake)
         if model is not None:
             host.wake.models.add(model)
         return host.wake
+
+    def resume(self, host: Host) -> bool:
+        """An admin's resume: start a wake (True), or nothing when the host is ready (False).
+        `Conflict` for a static host, or under emergency-off. A failed host's cooldown ends."""
+        if host.always_on:
+            raise Conflict(f"{host.name} is a static host: it is always on")
+        if host.state is ST.READY and not host.draining:
+            return False
+        self.start_wake(host)
+        return True
 
     async def ensure_ready(self, host: Host, model: str | None = None) -> None:
         """Return once `host` is ready (waking it if needed), or raise `WakeFailed`."""
@@ -125,9 +135,9 @@ class Lifecycle:
                 host.apply(EV.OLLAMA_READY)
             if wake.scope.cancel_called:
                 raise WakeFailed(wake.stopped_by or "the wake was stopped")
-        except (TimeoutError, ProviderError, InvalidTransition) as exc:
-            self._wake_failed(host, wake, _describe(exc, self.option(host, "startup_timeout_seconds")))
-        except Exception as exc:  # an answer no one foresaw: the host must not be left half-woken
+        except (TimeoutError, ProviderError) as exc:
+            self._wake_failed(host, wake, _describe(exc, self.host_timing(host).startup_timeout_seconds))
+        except Exception as exc:  # a bug, or an answer no one foresaw: the host must not be left half-woken
             log.opt(exception=exc).error("waking {} failed unexpectedly", host.name)
             self._wake_failed(host, wake, f"unexpected error: {exc!r}")
         else:
@@ -155,7 +165,7 @@ class Lifecycle:
             logger.bind(host=host.name).info("{} is pausing; it is resumed once the pause is done", host.name)
             await host.pausing.wait()
         if host.state is ST.FAILED:  # only an admin's resume gets here: it ends the cooldown
-            host.state = ST.PAUSED
+            host.apply(EV.COOLDOWN_OVER)
         if host.state in (ST.PAUSED, ST.UNKNOWN):
             host.apply(EV.RESUME)
             logger.bind(host=host.name).info(
@@ -172,7 +182,7 @@ class Lifecycle:
         if wake.stopped_by:
             return  # whoever stopped the wake is pausing the host
         host.last_error = error
-        host.state = ST.FAILED
+        host.apply(EV.WAKE_FAILED)
         host.failed_until = self.now() + self.timing.failed_cooldown_seconds
         logger.bind(host=host.name).error(
             "waking {} failed: {}; pausing it, and not trying it again for {:g}s",
@@ -203,7 +213,7 @@ class Lifecycle:
             await anyio.sleep(self._poll(host))
 
     async def _until_ollama(self, host: Host, provider: Provider, info: HostInfo, wake: Wake) -> None:
-        interval = self.option(host, "ollama_readiness_wait_seconds")
+        interval = self.host_timing(host).ollama_readiness_wait_seconds
         model = next(iter(wake.models), None)
         while True:
             ready = await provider.ready(info, model) if isinstance(provider, ReadinessProbe) else None
@@ -218,6 +228,14 @@ class Lifecycle:
             await anyio.sleep(interval)
 
     # -- pausing -----------------------------------------------------------------------------------
+
+    def pause(self, host: Host, reason: str) -> int:
+        """An admin's pause: drain (open requests finish), then pause. Returns the open requests it
+        waits for. `Conflict` when the host is paused or pausing already, or is static."""
+        if host.state in (ST.PAUSED, ST.PAUSING) or host.pausing is not None:
+            raise Conflict(f"{host.name} is {host.state}: there is nothing to pause")
+        self.request_pause(host, reason)
+        return len(self.fleet.leases_of(host))
 
     def request_pause(self, host: Host, reason: str, *, drain: bool = True) -> None:
         """Pause `host` in the background: no new leases, open streams finish (unless not `drain`).
@@ -274,7 +292,7 @@ class Lifecycle:
     async def _until_paused(self, host: Host) -> None:
         """Poll until the cloud says paused; ask again if it still runs after `startup_timeout_seconds`."""
         provider = self.providers[host.provider]
-        patience = self.option(host, "startup_timeout_seconds")
+        patience = self.host_timing(host).startup_timeout_seconds
         asked = self.now()
         while True:
             try:

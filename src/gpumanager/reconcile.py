@@ -4,32 +4,52 @@ Every `reconcile_interval_seconds` each provider is asked for the truth (someone
 a machine in a cloud console) and local state is fixed; hosts found running get a readiness probe
 and the fallback window. Awake hosts' models are read every `inventory_refresh_seconds`, and hosts
 that stopped answering are probed often until they answer again.
+
+Owns: discovery (adding hosts to the fleet) and the state changes that the clouds' truth makes.
+Calls: the providers, the inventory, the fleet, and the `Waker` for hosts found running or
+resuming. Runs on the event loop; one reconcile at a time.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
 
 import anyio
 from loguru import logger
 
+from gpumanager.cloud import CloudState, HostInfo
+from gpumanager.config import Config
 from gpumanager.errors import ProviderError
+from gpumanager.fleet import Fleet, Waker
 from gpumanager.hosts import Host, HostEvent, HostState
-from gpumanager.inventory import ProbeFailed
-from gpumanager.providers.base import CloudState, HostInfo, UpstreamAuth
-
-if TYPE_CHECKING:
-    from gpumanager.lifecycle import Lifecycle
+from gpumanager.inventory import Inventory
+from gpumanager.providers.base import Provider, UpstreamAuth
+from gpumanager.tasks import forever
 
 EV, ST = HostEvent, HostState
 
 
 class Reconciler:
-    def __init__(self, lifecycle: Lifecycle) -> None:
-        self.lifecycle = lifecycle
-        self.fleet, self.inventory = lifecycle.fleet, lifecycle.inventory
-        self.config, self.timing = lifecycle.config, lifecycle.timing
+    def __init__(
+        self,
+        config: Config,
+        fleet: Fleet,
+        providers: Mapping[str, Provider],
+        inventory: Inventory,
+        waker: Waker,
+        *,
+        clock: Callable[[], float] = anyio.current_time,
+    ) -> None:
+        self.config, self.timing = config, config.timing
+        self.fleet, self.providers, self.inventory, self.waker = fleet, providers, inventory, waker
+        self.clock = clock
         self._lock: anyio.Lock | None = None
+
+    async def run(self) -> None:
+        """The reconcile and inventory loops, each restarted if it ever fails, until cancelled."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(forever, self.reconcile_loop)
+            tg.start_soon(forever, self.inventory_loop)
 
     async def reconcile_loop(self) -> None:
         while True:
@@ -42,7 +62,7 @@ class Reconciler:
         if self._lock is None:
             self._lock = anyio.Lock()
         async with self._lock:
-            for name, provider in self.lifecycle.providers.items():
+            for name, provider in self.providers.items():
                 try:
                     infos = await provider.list()
                 except ProviderError as exc:
@@ -80,12 +100,13 @@ class Reconciler:
             models=frozenset(override.models if override and override.models else info.models),
         )
         host.api = info.api
-        source = self.lifecycle.providers.get(provider)
+        source = self.providers.get(provider)
         if isinstance(source, UpstreamAuth):
             host.auth = source.upstream_auth(info.id)
         self.inventory.restore(host)
-        if host.always_on:
-            host.state = ST.READY
+        if host.always_on:  # always running, and answering or not: health decides, not the lifecycle
+            host.apply(EV.CLOUD_RUNNING)
+            host.apply(EV.OLLAMA_READY)
         logger.bind(host=host.name).info("found host {} ({}, {})", host.name, provider, info.cloud_status)
         return host
 
@@ -99,10 +120,10 @@ class Reconciler:
         if info.state is CloudState.RUNNING and host.state in (ST.PAUSED, ST.UNKNOWN):
             log.info("{} is running without a wake (found at start-up, or started outside)", host.name)
             host.apply(EV.CLOUD_RUNNING)
-            self.lifecycle.start_wake(host)
+            self.waker.start_wake(host)
         elif info.state is CloudState.RESUMING and host.state in (ST.PAUSED, ST.UNKNOWN):
             host.apply(EV.RESUME)
-            self.lifecycle.start_wake(host)
+            self.waker.start_wake(host)
         elif info.state is CloudState.PAUSED and host.state in (ST.READY, ST.STARTING, ST.UNKNOWN):
             if host.state is not ST.UNKNOWN:
                 log.warning("{} was paused outside gpumanager", host.name)
@@ -116,11 +137,11 @@ class Reconciler:
     async def inventory_loop(self) -> None:
         """Re-read awake hosts' models every `inventory_refresh_seconds`; re-probe unhealthy ones often."""
         tick = min(self.timing.inventory_refresh_seconds, 5.0)
-        last = self.lifecycle.now()
+        last = self.clock()
         while True:
             await anyio.sleep(tick)
-            if self.lifecycle.now() - last >= self.timing.inventory_refresh_seconds:
-                last = self.lifecycle.now()
+            if self.clock() - last >= self.timing.inventory_refresh_seconds:
+                last = self.clock()
                 await self.refresh_all()
             else:
                 await self.refresh_all(only_unhealthy=True)
@@ -132,18 +153,6 @@ class Reconciler:
                 tg.start_soon(self.refresh, host)
 
     async def refresh(self, host: Host) -> None:
-        try:
-            await self.inventory.refresh(host)
-        except ProbeFailed as exc:
-            self.unhealthy(host, str(exc))
-            return
-        if not host.healthy:
-            logger.bind(host=host.name).info("{} answers again", host.name)
-            host.healthy = True
+        """Read an awake host's models again (its health follows), then route by what it now serves."""
+        await self.inventory.check(host)
         self.fleet.reindex()
-
-    def unhealthy(self, host: Host, reason: str) -> None:
-        if host.healthy:
-            logger.bind(host=host.name).warning("{} does not answer ({}); skipping it until it does", host.name, reason)
-        host.healthy = False
-        host.last_error = reason

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from gpumanager.hosts import ASLEEP, WAKING, HostState
+from gpumanager.hosts import WAKEABLE, WAKING, HostState
 
 
 class HostView(msgspec.Struct, frozen=True):
@@ -88,7 +88,7 @@ def choose(snapshot: Snapshot, ask: Ask) -> Decision:
         return Use(min(free, key=lambda h: _preference(h, ask, snapshot.now)).name)
     # A draining host is about to pause: like a pausing one, it can be woken again once paused.
     asleep = sorted(
-        (h for h in candidates if (h.state in ASLEEP or h.draining) and not h.always_on),
+        (h for h in candidates if (h.state in WAKEABLE or h.draining) and not h.always_on),
         key=lambda h: (h.cost, h.draining or h.state is HostState.PAUSING, not h.loaded, h.name),
     )
     may_wake = not snapshot.emergency and (snapshot.max_awake == 0 or snapshot.awake < snapshot.max_awake)

@@ -12,15 +12,14 @@ Optional capabilities are separate Protocols, so a provider that lacks them neve
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from enum import StrEnum
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import anyio
 import httpx
-import msgspec
 from anyio.abc import TaskStatus
 from loguru import logger
 
+from gpumanager.cloud import CloudState, HostInfo
 from gpumanager.errors import (
     CapacityError,
     ConfigError,
@@ -30,31 +29,6 @@ from gpumanager.errors import (
     ProviderTimeout,
     ProviderUnavailable,
 )
-
-
-class CloudState(StrEnum):
-    """A provider's state words, mapped onto the few the fleet acts on."""
-
-    RUNNING = "running"
-    PAUSED = "paused"  # also: stopped, exited, scaled to zero
-    RESUMING = "resuming"  # also: pending, starting
-    PAUSING = "pausing"  # also: stopping
-    FAILED = "failed"
-    UNKNOWN = "unknown"  # creating, updating, deleting, anything not understood
-
-
-class HostInfo(msgspec.Struct, frozen=True, kw_only=True):
-    id: str
-    name: str
-    state: CloudState
-    cloud_status: str  # the provider's own word
-    address: str | None = None  # base URL of the host's Ollama (or OpenAI-compatible upstream)
-    details: dict[str, Any] = {}  # flavour, region, last action error... shown by the admin API
-    error: str = ""  # the newest failure the cloud reports for this host
-    slots: int | None = None  # what the cloud knows of the host's parallelism, if anything
-    cost_per_hour: float | None = None  # what the cloud says the host costs, if it says
-    models: tuple[str, ...] = ()  # what the cloud says the host serves, if it knows (before it is seen)
-    api: str = "ollama"  # "openai" when the address is an OpenAI-compatible API, not Ollama
 
 
 @runtime_checkable
@@ -83,6 +57,14 @@ class UpstreamAuth(Protocol):
     """A provider whose hosts take its own credentials (RunPod's key), never the client's."""
 
     def upstream_auth(self, host_id: str) -> list[tuple[bytes, bytes]] | None: ...
+
+
+@runtime_checkable
+class Polling(Protocol):
+    """A provider with its own pace for reading a host in transition (a cloud's rate limits)."""
+
+    @property
+    def poll_seconds(self) -> float: ...
 
 
 @runtime_checkable
@@ -122,9 +104,16 @@ async def with_retries(
 
 
 class CloudSettings(Protocol):
-    api_timeout_seconds: float
-    retries: int
-    retry_seconds: float
+    """A cloud provider's call settings (its frozen config block)."""
+
+    @property
+    def api_timeout_seconds(self) -> float: ...
+
+    @property
+    def retries(self) -> int: ...
+
+    @property
+    def retry_seconds(self) -> float: ...
 
 
 async def cloud_call(settings: CloudSettings, call: Callable[[], Awaitable[T]], *, what: str) -> T:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import builtins
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 
+from gpumanager.cloud import CloudState, HostInfo
 from gpumanager.config import Ec2ProviderConfig
 from gpumanager.errors import (
     CapacityError,
@@ -25,7 +26,7 @@ from gpumanager.errors import (
     ProviderTimeout,
     ProviderUnavailable,
 )
-from gpumanager.providers.base import CloudState, HostInfo, cloud_call
+from gpumanager.providers.base import cloud_call
 
 T = TypeVar("T")
 
@@ -149,7 +150,7 @@ class Ec2Provider:
         def pages() -> builtins.list[dict[str, Any]]:
             paginator = self._ec2.get_paginator("describe_instances")
             return [
-                instance
+                cast(dict[str, Any], instance)
                 for page in paginator.paginate(**kwargs)
                 for reservation in page["Reservations"]
                 for instance in reservation["Instances"]

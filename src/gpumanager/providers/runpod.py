@@ -17,10 +17,11 @@ import anyio
 import httpx
 from anyio.abc import TaskStatus
 
+from gpumanager.cloud import CloudState, HostInfo
 from gpumanager.config import RunpodProviderConfig
 from gpumanager.errors import HostNotFound, ProviderRejected, WakeFailed
-from gpumanager.providers.base import CloudState, HostInfo, cloud_call, http_json, require_secret
-from gpumanager.proxy.dialects import model_names
+from gpumanager.models import model_names
+from gpumanager.providers.base import cloud_call, http_json, require_secret
 
 ENDPOINT_FIELDS = "id name gpuIds idleTimeout templateId workersMin workersMax workersStandby"
 POD_FIELDS = (

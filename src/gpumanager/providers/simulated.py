@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from gpumanager.cloud import CloudState, HostInfo
 from gpumanager.config import SimulatedHostConfig, SimulatedProviderConfig
 from gpumanager.errors import HostNotFound, ProviderUnavailable
-from gpumanager.providers.base import CloudState, HostInfo
 from gpumanager.sim import SimOllama, SimServer, running_server
 from gpumanager.sim.server import free_port_on
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from gpumanager.cloud import CloudState, HostInfo
 from gpumanager.config import HostConfig
 from gpumanager.errors import HostNotFound
-from gpumanager.providers.base import CloudState, HostInfo
 
 
 class StaticProvider:

@@ -16,9 +16,10 @@ import anyio
 import httpx
 from anyio.abc import TaskStatus
 
+from gpumanager.cloud import CloudState, HostInfo
 from gpumanager.config import SurfProviderConfig
 from gpumanager.errors import ProviderRejected
-from gpumanager.providers.base import CloudState, HostInfo, cloud_call, http_json, require_secret
+from gpumanager.providers.base import cloud_call, http_json, require_secret
 
 STATES = {
     "running": CloudState.RUNNING,

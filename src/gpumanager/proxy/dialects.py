@@ -72,19 +72,6 @@ def _explain(message: str) -> str:
     return f"invalid field `{field}`: {message}" if field else message
 
 
-def model_names(name: str) -> tuple[str, ...]:
-    """The names a requested model may be listed under: Ollama adds `:latest` to an untagged name
-    (`llama3` == `llama3:latest`); an exact match is tried first, so ids such as Hugging Face's
-    `org/Model-7B` on an OpenAI-compatible upstream stay as they are."""
-    last = name.rsplit("/", 1)[-1]
-    return (name,) if ":" in last else (name, name + ":latest")
-
-
-def listed_name(models: frozenset[str], model: str) -> str:
-    """The name a host lists for `model` (an OpenAI-compatible server knows no `:latest` shorthand)."""
-    return next((name for name in model_names(model) if name in models), model)
-
-
 # -- errors ----------------------------------------------------------------------------------------
 
 

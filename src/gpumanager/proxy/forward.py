@@ -16,7 +16,7 @@ import httpx
 import msgspec
 from loguru import logger
 
-from gpumanager.errors import ClientError, UpstreamFailed
+from gpumanager.errors import ClientError, ConnectFailed, UpstreamFailed
 from gpumanager.fleet import Lease
 from gpumanager.hosts import Host
 from gpumanager.proxy.dialects import Dialect, error_body, error_headers, inband_error
@@ -47,10 +47,6 @@ RESPONSE_DROP = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "trailer", "upgrade", "proxy-authenticate", "date", "server"}
 )
 STREAM_TYPES = (b"application/x-ndjson", b"text/event-stream")
-
-
-class ConnectFailed(Exception):
-    """The host could not be reached; nothing was sent to the client, so another host may be tried."""
 
 
 class Exchange:

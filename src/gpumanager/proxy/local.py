@@ -7,17 +7,17 @@ every model even when everything sleeps.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from gpumanager.inventory import DEFAULT_VERSION
-from gpumanager.proxy.dialects import Dialect, error_payload, model_names
-
-if TYPE_CHECKING:
-    from gpumanager.app import Context
+from gpumanager.fleet import Fleet
+from gpumanager.hosts import Host
+from gpumanager.inventory import DEFAULT_VERSION, Inventory
+from gpumanager.models import model_names
+from gpumanager.proxy.dialects import Dialect, error_payload
 
 
 def _version_key(version: str) -> tuple[int, ...]:
@@ -40,9 +40,9 @@ def _openai_model(tag: dict[str, Any]) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": _created(tag.get("modified_at")), "owned_by": owner}
 
 
-def local_routes(ctx: Context) -> list[BaseRoute]:
-    def hosts() -> list[Any]:
-        return list(ctx.fleet.hosts.values())
+def local_routes(fleet: Fleet, inventory: Inventory) -> list[BaseRoute]:
+    def hosts() -> list[Host]:
+        return list(fleet.hosts.values())
 
     async def root(request: Request) -> Response:
         return PlainTextResponse("Ollama is running")
@@ -52,18 +52,18 @@ def local_routes(ctx: Context) -> list[BaseRoute]:
         return JSONResponse({"version": max(seen, key=_version_key) if seen else DEFAULT_VERSION})
 
     async def tags(request: Request) -> Response:
-        return JSONResponse({"models": ctx.inventory.tag_entries(hosts())})
+        return JSONResponse({"models": inventory.tag_entries(hosts())})
 
     async def ps(request: Request) -> Response:
-        return JSONResponse({"models": ctx.inventory.ps_entries(hosts())})
+        return JSONResponse({"models": inventory.ps_entries(hosts())})
 
     async def models(request: Request) -> Response:
-        data = [_openai_model(tag) for tag in ctx.inventory.tag_entries(hosts())]
+        data = [_openai_model(tag) for tag in inventory.tag_entries(hosts())]
         return JSONResponse({"object": "list", "data": data})
 
     async def model(request: Request) -> Response:
         wanted = request.path_params["model"]
-        tags = {str(t.get("name") or t.get("model")): t for t in ctx.inventory.tag_entries(hosts())}
+        tags = {str(t.get("name") or t.get("model")): t for t in inventory.tag_entries(hosts())}
         for name in model_names(wanted):
             if name in tags:
                 return JSONResponse(_openai_model(tags[name]))

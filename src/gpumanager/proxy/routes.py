@@ -8,8 +8,9 @@ management (`/api/pull`, ...) is for admins only, aimed at one host with `?host=
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, MutableMapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 import anyio
@@ -21,28 +22,44 @@ from gpumanager.auth import require_admin
 from gpumanager.errors import (
     BadRequest,
     ClientError,
+    ClientGone,
+    ConnectFailed,
     NotFound,
     PayloadTooLarge,
     ProviderError,
     UpstreamFailed,
     WakeTimeout,
 )
-from gpumanager.fleet import Lease
+from gpumanager.fleet import Fleet, Lease
 from gpumanager.hosts import Host
-from gpumanager.proxy.dialects import STREAM_CONTENT_TYPE, Dialect, heartbeat, parse_fields
-from gpumanager.proxy.forward import ConnectFailed, Exchange, Receive, forward, upstream_headers
+from gpumanager.inventory import Inventory
 from gpumanager.proxy import translate
+from gpumanager.proxy.dialects import STREAM_CONTENT_TYPE, Dialect, heartbeat, parse_fields
+from gpumanager.proxy.forward import Exchange, Receive, Upstream, forward, upstream_headers
 from gpumanager.proxy.local import local_routes
 from gpumanager.scheduler import Ask, Waiter
-
-if TYPE_CHECKING:
-    from gpumanager.app import Context
 
 Scope = MutableMapping[str, Any]
 
 
-class ClientGone(Exception):
-    pass
+class Readier(Protocol):
+    """Makes a host ready (waking it if needed), or raises `WakeFailed` (`Lifecycle.ensure_ready`)."""
+
+    async def ensure_ready(self, host: Host, model: str | None = None) -> None: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProxyParts:
+    """What the proxy's routes use of the running system, and nothing more."""
+
+    fleet: Fleet
+    inventory: Inventory
+    upstream: Upstream
+    upstream_auth: list[tuple[bytes, bytes]]  # the fleet's own token for hosts, if one is set
+    max_body: int  # bytes
+    keepalive_seconds: float  # a waiting stream's heartbeat interval
+    readier: Readier  # wakes the host that model management is aimed at
+    refresh: Callable[[Host], Awaitable[None]]  # re-reads a host's models after model management
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
@@ -76,8 +93,8 @@ async def _watch_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
 
 
 def _target(scope: Scope) -> str:
-    path = scope.get("raw_path") or scope["path"].encode()
-    query = scope.get("query_string", b"")
+    path: bytes = scope.get("raw_path") or scope["path"].encode()
+    query: bytes = scope.get("query_string", b"")
     return (path + b"?" + query).decode("latin-1") if query else path.decode("latin-1")
 
 
@@ -98,8 +115,8 @@ def _verbose(body: bytes) -> bool:
 class ModelRoute:
     """A route forwarded to a host chosen by the request's `model` (raw ASGI: this is the hot path)."""
 
-    def __init__(self, ctx: Context, route: str, dialect: Dialect, *, streams: bool, stream_default: bool) -> None:
-        self.ctx, self.route, self.dialect = ctx, route, dialect
+    def __init__(self, parts: ProxyParts, route: str, dialect: Dialect, *, streams: bool, stream_default: bool) -> None:
+        self.parts, self.route, self.dialect = parts, route, dialect
         self.streams, self.stream_default = streams, stream_default
 
     async def __call__(self, scope: Scope, receive: Receive, send: Any) -> None:
@@ -107,7 +124,7 @@ class ModelRoute:
         ex = Exchange(send, self.dialect)
         model = "-"
         try:
-            body = await read_body(scope, receive, self.ctx.max_body)
+            body = await read_body(scope, receive, self.parts.max_body)
             fields = parse_fields(body)
             model = fields.model
             stream = self.streams and (fields.stream if fields.stream is not None else self.stream_default)
@@ -162,7 +179,7 @@ class ModelRoute:
         stream: bool,
         on_body: Callable[[Host, bytes], None] | None,
     ) -> None:
-        ctx = self.ctx
+        parts = self.parts
         arrived = time.perf_counter()
         lease = await self._lease(ex, ask, stream)
         ex.wait_ms = (time.perf_counter() - arrived) * 1000
@@ -171,7 +188,7 @@ class ModelRoute:
                 with lease, anyio.CancelScope() as lease.scope:
                     await self._send(scope, ex, lease, ask, body, on_body)
             except ConnectFailed as exc:
-                ctx.lifecycle.watch.unhealthy(lease.host, str(exc))
+                parts.inventory.mark_unhealthy(lease.host, str(exc))
                 if attempt == 2:
                     raise UpstreamFailed(str(exc)) from None
                 try:  # once more, on another host: the unhealthy one is skipped now
@@ -192,28 +209,28 @@ class ModelRoute:
         body: bytes,
         on_body: Callable[[Host, bytes], None] | None,
     ) -> None:
-        host, ctx = lease.host, self.ctx
-        headers = upstream_headers(scope, host.auth if host.auth is not None else ctx.upstream_auth)
+        host, parts = lease.host, self.parts
+        headers = upstream_headers(scope, host.auth if host.auth is not None else parts.upstream_auth)
         if host.api == "openai" and self.dialect is Dialect.OLLAMA:
-            await translate.forward(ctx.upstream, ex, lease, self.route, ask.model, headers, body)
+            await translate.forward(parts.upstream, ex, lease, self.route, ask.model, headers, body)
         elif host.api == "openai":
             body = translate.with_listed_model(body, host.models, ask.model)
-            await forward(ctx.upstream, ex, lease, scope["method"], _target(scope), headers, body, on_body)
+            await forward(parts.upstream, ex, lease, scope["method"], _target(scope), headers, body, on_body)
         else:
-            await forward(ctx.upstream, ex, lease, scope["method"], _target(scope), headers, body, on_body)
+            await forward(parts.upstream, ex, lease, scope["method"], _target(scope), headers, body, on_body)
 
     async def _lease(self, ex: Exchange, ask: Ask, stream: bool) -> Lease:
-        got = self.ctx.fleet.admit(ask)
+        got = self.parts.fleet.admit(ask)
         if isinstance(got, Lease):
             return got
         return await self._wait(ex, got, ask, stream)
 
     async def _wait(self, ex: Exchange, waiter: Waiter, ask: Ask, stream: bool) -> Lease:
         """Wait for a slot; a streaming client gets its headers early and a heartbeat now and then."""
-        patience = self.ctx.config.timing.wake_keepalive_seconds if stream else None
+        patience = self.parts.keepalive_seconds if stream else None
         try:
             while True:
-                lease = await self.ctx.fleet.wait(waiter, patience)
+                lease = await self.parts.fleet.wait(waiter, patience)
                 if lease is not None:
                     return lease
                 if not ex.started:
@@ -223,12 +240,12 @@ class ModelRoute:
                 waiting_for = next(iter(sorted(waiter.waking)), "a free slot")
                 await ex.write(heartbeat(self.dialect, self.route, ask.model, waiting_for))
         except BaseException:  # gone while a heartbeat was written: leave the queue (or free the slot)
-            self.ctx.fleet.abandon(waiter)
+            self.parts.fleet.abandon(waiter)
             raise
 
     async def _cached_show(self, ex: Exchange, ask: Ask) -> bool:
-        hosts = [h.name for h in self.ctx.fleet.candidates(ask.model)]
-        answer = self.ctx.inventory.show(hosts, ask.model)
+        hosts = [h.name for h in self.parts.fleet.candidates(ask.model)]
+        answer = self.parts.inventory.show(hosts, ask.model)
         if answer is None:
             return False
         ex.host = "cache"
@@ -241,7 +258,7 @@ class ModelRoute:
 
         def remember(host: Host, body: bytes) -> None:
             try:
-                self.ctx.inventory.remember_show(host, model, msgspec.json.decode(body))
+                self.parts.inventory.remember_show(host, model, msgspec.json.decode(body))
             except msgspec.DecodeError:
                 pass
 
@@ -255,20 +272,20 @@ class HostRoute:
     slot, and its inventory is read again afterwards.
     """
 
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
+    def __init__(self, parts: ProxyParts) -> None:
+        self.parts = parts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Any) -> None:
-        ctx, ex = self.ctx, Exchange(send, Dialect.OLLAMA)
+        parts, ex = self.parts, Exchange(send, Dialect.OLLAMA)
         started = time.perf_counter()
         try:
             identity = require_admin(scope)
             name = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("host", [""])[0]
             if not name:
                 raise BadRequest(
-                    f"{scope['path']} changes one host: add ?host=NAME (hosts: {', '.join(sorted(ctx.fleet.hosts))})"
+                    f"{scope['path']} changes one host: add ?host=NAME (hosts: {', '.join(sorted(parts.fleet.hosts))})"
                 )
-            host = ctx.fleet.find(name)
+            host = parts.fleet.find(name)
             if host is None:
                 raise NotFound(f"no host named {name!r}")
             if host.api == "openai":
@@ -276,18 +293,18 @@ class HostRoute:
                     f"{host.name} is an OpenAI-compatible endpoint: its models are managed by its "
                     "provider, not through the Ollama API"
                 )
-            body = await read_body(scope, receive, ctx.max_body)
-            await ctx.lifecycle.ensure_ready(host)
-            with ctx.fleet.hold(host, identity.id) as lease:
+            body = await read_body(scope, receive, parts.max_body)
+            await parts.readier.ensure_ready(host)
+            with parts.fleet.hold(host, identity.id) as lease:
                 await forward(
-                    ctx.upstream,
+                    parts.upstream,
                     ex,
                     lease,
                     scope["method"],
                     _target(scope),
-                    upstream_headers(scope, ctx.upstream_auth),
+                    upstream_headers(scope, parts.upstream_auth),
                     body,
-                    before_end=lambda: ctx.lifecycle.watch.refresh(host),
+                    before_end=lambda: parts.refresh(host),
                 )
         except ClientError as exc:
             await ex.fail(exc)
@@ -309,14 +326,14 @@ class HostRoute:
             )
 
 
-def proxy_routes(ctx: Context) -> list[BaseRoute]:
+def proxy_routes(parts: ProxyParts) -> list[BaseRoute]:
     ollama, openai = Dialect.OLLAMA, Dialect.OPENAI
 
     def model_route(path: str, route: str, dialect: Dialect, *, streams: bool, stream_default: bool) -> Route:
-        endpoint = ModelRoute(ctx, route, dialect, streams=streams, stream_default=stream_default)
+        endpoint = ModelRoute(parts, route, dialect, streams=streams, stream_default=stream_default)
         return Route(path, endpoint, methods=["POST"])
 
-    host_route = HostRoute(ctx)
+    host_route = HostRoute(parts)
     return [
         model_route("/api/chat", "chat", ollama, streams=True, stream_default=True),
         model_route("/api/generate", "generate", ollama, streams=True, stream_default=True),
@@ -331,5 +348,5 @@ def proxy_routes(ctx: Context) -> list[BaseRoute]:
         Route("/api/create", host_route, methods=["POST"]),
         Route("/api/copy", host_route, methods=["POST"]),
         Route("/api/delete", host_route, methods=["DELETE"]),
-        *local_routes(ctx),
+        *local_routes(parts.fleet, parts.inventory),
     ]

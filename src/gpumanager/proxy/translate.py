@@ -16,10 +16,11 @@ import anyio
 import httpx
 import msgspec
 
-from gpumanager.errors import BadRequest, UpstreamFailed
+from gpumanager.errors import BadRequest, ConnectFailed, UpstreamFailed
 from gpumanager.fleet import Lease
-from gpumanager.proxy.dialects import STREAM_CONTENT_TYPE, Dialect, listed_name
-from gpumanager.proxy.forward import ConnectFailed, Exchange, Upstream, refused, routing_headers
+from gpumanager.models import listed_name
+from gpumanager.proxy.dialects import STREAM_CONTENT_TYPE, Dialect
+from gpumanager.proxy.forward import Exchange, Upstream, refused, routing_headers
 
 PATHS = {
     "chat": "/v1/chat/completions",

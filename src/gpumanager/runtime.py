@@ -1,0 +1,86 @@
+"""The running system: what the app's lifespan builds, wires and runs, and what the routes receive.
+
+This is the one place where the core pieces meet: the fleet is given the lifecycle as its `Waker`,
+the reconciler is given the fleet, the providers, the inventory and the waker, and the routes are
+given only the parts they use. `run()` opens the one task group that every background loop lives in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import anyio
+from anyio.abc import TaskStatus
+from loguru import logger
+
+from gpumanager.config import Config
+from gpumanager.fleet import Fleet
+from gpumanager.inventory import Inventory
+from gpumanager.keys import KeyStore
+from gpumanager.lifecycle import Lifecycle
+from gpumanager.providers import build_providers
+from gpumanager.providers.base import Service
+from gpumanager.proxy.forward import Upstream
+from gpumanager.proxy.routes import ProxyParts
+from gpumanager.reconcile import Reconciler
+
+UPSTREAM_TOKEN_ENV = "GPUMANAGER_UPSTREAM_TOKEN"
+
+
+class Runtime:
+    """Everything the app runs, built once per app from the config and the environment."""
+
+    def __init__(self, config: Config, environ: Mapping[str, str]) -> None:
+        self.config = config
+        self.keys = KeyStore(config.paths.api_keys_file)
+        token = environ.get(UPSTREAM_TOKEN_ENV, "")
+        self.upstream_auth = [(b"authorization", b"Bearer " + token.encode())] if token else []
+        self.upstream = Upstream(read_timeout=config.timing.upstream_read_timeout_seconds)
+        self.inventory = Inventory(
+            config.paths.state_dir,
+            self.upstream.client,
+            probe_timeout=config.timing.probe_timeout_seconds,
+            upstream_headers={"authorization": f"Bearer {token}"} if token else None,
+        )
+        self.providers = build_providers(config, environ, self.upstream.client)
+        self.fleet = Fleet(config)
+        self.lifecycle = Lifecycle(config, self.fleet, self.providers, self.inventory)
+        self.fleet.waker = self.lifecycle  # the fleet starts wakes through this seam alone
+        self.reconciler = Reconciler(
+            config, self.fleet, self.providers, self.inventory, self.lifecycle, clock=self.fleet.clock
+        )
+
+    def proxy_parts(self) -> ProxyParts:
+        return ProxyParts(
+            fleet=self.fleet,
+            inventory=self.inventory,
+            upstream=self.upstream,
+            upstream_auth=self.upstream_auth,
+            max_body=int(self.config.server.max_body_mb * 2**20),
+            keepalive_seconds=self.config.timing.wake_keepalive_seconds,
+            readier=self.lifecycle,
+            refresh=self.reconciler.refresh,
+        )
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Start the providers' services and the lifecycle, discover and probe every host, start the
+        loops, then say ready; everything runs until cancelled."""
+        async with self.upstream, anyio.create_task_group() as tg:
+            for provider in self.providers.values():
+                if isinstance(provider, Service):
+                    await tg.start(provider.run)
+            await tg.start(self.lifecycle.run)  # wakes that discovery starts run in its task group
+            await self.reconciler.reconcile()
+            with anyio.move_on_after(self.config.timing.probe_timeout_seconds * 4):
+                await self.reconciler.refresh_all()
+            tg.start_soon(self.reconciler.run)
+            if not self.keys.records():
+                logger.warning("no API keys in {}: make one with `gpumanager generate-key`", self.keys.path)
+            hosts = len(self.fleet.hosts)
+            logger.info(
+                "gpumanager is ready: {} host{}, models: {}",
+                hosts,
+                "" if hosts == 1 else "s",
+                ", ".join(self.fleet.models()) or "none yet",
+            )
+            task_status.started()
