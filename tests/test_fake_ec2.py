@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import boto3
@@ -20,6 +20,9 @@ from botocore.config import Config
 from botocore.exceptions import ClientError, ReadTimeoutError
 
 from tests.fakes.ec2 import FakeEC2
+
+if TYPE_CHECKING:
+    from botocore.config import _RetryDict
 
 pytestmark = pytest.mark.anyio
 
@@ -36,7 +39,7 @@ def session() -> boto3.session.Session:
 
 @contextmanager
 def client(
-    session: boto3.session.Session, fake: FakeEC2, retries: dict[str, Any] | None = None, **config: Any
+    session: boto3.session.Session, fake: FakeEC2, retries: _RetryDict | None = None, **config: Any
 ) -> Iterator[Any]:
     """A client of the proxy; by default ``total_max_attempts=1``, no retries, so every injected error shows."""
     creds = fake.credentials

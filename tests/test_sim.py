@@ -45,8 +45,9 @@ async def served() -> AsyncIterator[tuple[SimOllama, SimServer, httpx.AsyncClien
         yield sim, server, client
 
 
-async def _poll(condition: Callable[[], bool], timeout: float = 2.0) -> None:
-    with anyio.fail_after(timeout):
+async def _poll(condition: Callable[[], bool]) -> None:
+    with anyio.fail_after(2.0):
+        # The conditions read the sim's plain counters, which announce no change: polling is the point.
         while not condition():
             await anyio.sleep(0.005)
 

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from contextlib import AsyncExitStack
+from collections.abc import Iterable, Mapping
+from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from functools import partial
@@ -44,13 +44,12 @@ import anyio
 import anyio.lowlevel
 import boto3
 import httpx
-from anyio.abc import TaskGroup
 from moto.server import ThreadedMotoServer
 from starlette.types import Receive, Scope, Send
 
 from gpumanager.sim import SimOllama, SimServer, running_server
 from gpumanager.sim.server import free_port_on
-from tests.fakes.machine import SimPower, interrupt, launch
+from tests.fakes.machine import MachineCloud, SimMachine, until
 
 __all__ = ["FakeEC2", "free_port_for_all"]
 
@@ -206,29 +205,22 @@ def _wanted(state: str, wanted: Mapping[str, set[str]]) -> bool:
 
 
 @dataclass(eq=False)
-class _Instance:
+class _Instance(SimMachine):
     name: str
     iid: str
     ip: str
-    sim: SimOllama
     truth: str  # moto's state, "running" or "stopped"
     overlay: str | None = None  # "pending" or "stopping" while the proxy's transition runs
-    job: anyio.CancelScope | None = None  # the transition in progress
     next_start: _Failure | None = None
     hang_next_start: bool = False
     stop_failures: list[_Failure] = field(default_factory=list)
-
-    power: SimPower = field(init=False)  # its Ollama, up while the instance runs
-
-    def __post_init__(self) -> None:
-        self.power = SimPower(self.sim)
 
     @property
     def state(self) -> str:
         return self.overlay or self.truth
 
 
-class FakeEC2:
+class FakeEC2(MachineCloud[_Instance]):
     """moto's EC2 with realistic stop/start timing; see the module docstring. Use as ``async with``."""
 
     def __init__(
@@ -243,6 +235,7 @@ class FakeEC2:
         """``session``: a boto3 session to make the fake's own client from. Sharing one across fakes saves
         ~0.15 s each (botocore's EC2 model is parsed once per session); don't use it from another thread
         while the fake starts."""
+        super().__init__()
         self.boot_seconds, self.stop_seconds, self.region = boot_seconds, stop_seconds, region
         self._session = session
         self.ollama_port = ollama_port if ollama_port is not None else free_port_for_all(_SPARE_ADDRESSES)
@@ -260,9 +253,7 @@ class FakeEC2:
         self._failures: list[_Failure] = []
         self._delay = 0.0
         self._lock = anyio.Lock()
-        self._closing = anyio.Event()
         self._stack = AsyncExitStack()
-        self._tg: TaskGroup | None = None
         self._server: SimServer | None = None
         self._moto: ThreadedMotoServer | None = None
         self._admin: Any = None  # a boto3 EC2 client straight to moto, for setup and the console
@@ -300,10 +291,7 @@ class FakeEC2:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
-        self._closing.set()  # also cuts short the sleeps of slow_requests
-        for instance in self._instances.values():
-            self._interrupt(instance)
-            self._stop_sim(instance)
+        self._close_machines(self._instances.values())  # `_closing` also cuts short the sleeps of slow_requests
         return await self._stack.__aexit__(exc_type, exc, tb)
 
     async def _stop_moto(self, moto: ThreadedMotoServer) -> None:
@@ -323,10 +311,8 @@ class FakeEC2:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(stop)
                 while not done.is_set():
-                    try:
+                    with suppress(OSError):
                         await (await anyio.connect_tcp(host, port)).aclose()
-                    except OSError:
-                        pass
                     with anyio.move_on_after(0.01):
                         await done.wait()
 
@@ -429,11 +415,10 @@ class FakeEC2:
         ip = f"{_PREFIX}{len(self._instances) + 2}"
         iid = self._run_instance(ip, {"Name": name, **(tags or {})}, instance_type, running, public_ip)
         sim = SimOllama(name=name, models=models, slots=slots, token_delay=token_delay, **sim_options)
-        instance = _Instance(name, iid, ip, sim, "running" if running else "stopped")
+        instance = _Instance(name, iid, ip, "running" if running else "stopped", sim=sim)
         self._instances[name], self._by_id[iid], self.sims[name] = instance, instance, sim
         if running:
-            instance.power.wanted = True
-            self._tg.start_soon(self._ensure_sim, instance)
+            self._start_sim_soon(instance)
         return iid
 
     def instance_id(self, name: str) -> str:
@@ -452,12 +437,18 @@ class FakeEC2:
     def is_serving(self, name: str) -> bool:
         return self._instances[name].power.up
 
-    async def wait_for(self, name: str, state: str, *, serving: bool | None = None, timeout: float = 5.0) -> None:
+    async def wait_for(
+        self,
+        name: str,
+        state: str,
+        *,
+        serving: bool | None = None,
+        timeout: float = 5.0,
+    ) -> None:
         """Wait until the instance reports ``state`` (and its sim is up or down, if ``serving`` says)."""
         instance = self._instances[name]
         with anyio.fail_after(timeout):
-            while instance.state != state or (serving is not None and instance.power.up != serving):
-                await anyio.sleep(0.005)
+            await until(lambda: instance.state == state and (serving is None or instance.power.up == serving))
 
     # -- failure knobs and the console ----------------------------------------------------------------
 
@@ -673,19 +664,5 @@ class FakeEC2:
         self._stop_sim(instance)
         instance.overlay = None
 
-    def _launch(self, instance: _Instance, job: Callable[[], Awaitable[None]]) -> None:
-        # The caller set the overlay: the state the job starts from.
-        launch(self._tg, instance, job)
-
-    _interrupt = staticmethod(interrupt)
-
-    async def _ensure_sim(self, instance: _Instance) -> None:
-        """Start the instance's sim unless it runs; returns once it listens (or is not wanted any more)."""
-        if self._tg is None or self._closing.is_set():
-            instance.power.wanted = True
-            return
-        await instance.power.start(self._tg, instance.ip, self.ollama_port)
-
-    @staticmethod
-    def _stop_sim(instance: _Instance) -> None:
-        instance.power.stop()
+    def _sim_address(self, instance: _Instance) -> tuple[str, int]:
+        return instance.ip, self.ollama_port

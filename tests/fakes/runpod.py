@@ -79,23 +79,22 @@ import socket
 import string
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 from types import TracebackType
 from typing import Any
 
 import anyio
 import msgspec
-from anyio.abc import TaskGroup
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
 from gpumanager.sim import SimOllama, SimServer, running_server
-from tests.fakes.machine import SimPower, interrupt, launch
+from tests.fakes.machine import MachineCloud, SimMachine, until
 
 __all__ = ["DEFAULT_MODEL", "NO_GPUS", "FakeRunPod"]
 
@@ -140,7 +139,7 @@ def _new_id(length: int = 14) -> str:
 
 def _status_change(verb: str) -> str:
     # The shape RunPod puts in lastStatusChange, e.g. "Rented by User: Fri Feb 09 2024 15:42:48 GMT+0000 (...)".
-    return f"{verb} by User: {datetime.now(timezone.utc):%a %b %d %Y %H:%M:%S} GMT+0000 (Coordinated Universal Time)"
+    return f"{verb} by User: {datetime.now(UTC):%a %b %d %Y %H:%M:%S} GMT+0000 (Coordinated Universal Time)"
 
 
 def _count(value: Any) -> bool:
@@ -201,10 +200,9 @@ def _bearer(request: Request, *, bare_ok: bool = False) -> str | None:
 
 
 @dataclass(eq=False)
-class _Pod:
+class _Pod(SimMachine):
     id: str
     name: str
-    sim: SimOllama
     cost_per_hour: float
     gpus_asked: int
     desired: str = "EXITED"
@@ -215,13 +213,8 @@ class _Pod:
     gpu_count: int = 0
     billed: float = 0.0
     removed: bool = False
-    job: anyio.CancelScope | None = None
     next_start: str | None = None  # "fail", "hang" or "zero_gpus"
     stop_failures: list[int] = field(default_factory=list)
-    power: SimPower = field(init=False)  # its Ollama, up while the container runs
-
-    def __post_init__(self) -> None:
-        self.power = SimPower(self.sim)
 
 
 @dataclass(eq=False)
@@ -277,7 +270,7 @@ class _Endpoint:
     stop_failures: list[int] = field(default_factory=list)
 
 
-class FakeRunPod:
+class FakeRunPod(MachineCloud[_Pod]):
     """RunPod on loopback; see the module docstring. Use as ``async with FakeRunPod() as fake``."""
 
     def __init__(
@@ -289,6 +282,7 @@ class FakeRunPod:
         stop_seconds: float = 0.1,
         queue_timeout: float = 1.0,
     ) -> None:
+        super().__init__()
         self.api_key, self.read_only_key = api_key, read_only_key
         self.boot_seconds, self.stop_seconds, self.queue_timeout = boot_seconds, stop_seconds, queue_timeout
         self.calls: list[tuple[str, str]] = []
@@ -297,9 +291,7 @@ class FakeRunPod:
         self._pods: dict[str, _Pod] = {}
         self._endpoints: dict[str, _Endpoint] = {}
         self._by_id: dict[str, _Pod | _Endpoint] = {}
-        self._closing = anyio.Event()
         self._stack = AsyncExitStack()
-        self._tg: TaskGroup | None = None
         self._api: SimServer | None = None
         self._serverless: SimServer | None = None
 
@@ -315,21 +307,16 @@ class FakeRunPod:
             self._serverless = await stack.enter_async_context(
                 running_server(self._serverless_asgi, interface="asgi3", timeout_graceful_shutdown=1)
             )
-            for pod in self._pods.values():
-                if pod.power.wanted:
-                    await self._ensure_sim(pod)
+            await self._start_wanted_sims(self._pods.values())
             self._stack = stack.pop_all()
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
-        self._closing.set()
+        self._close_machines(self._pods.values())
         for ep in self._endpoints.values():
-            self._notify(ep)  # requests waiting for a worker give up at once
-        for pod in self._pods.values():
-            self._interrupt(pod)
-            self._stop_sim(pod)
+            self._notify(ep)  # requests waiting for a worker see `_closing` and give up at once
         # uvicorn's shutdown always sleeps 0.1 s: stop both servers side by side rather than in turn.
         with anyio.move_on_after(5, shield=True):
             async with anyio.create_task_group() as tg:
@@ -391,18 +378,16 @@ class FakeRunPod:
         pod = _Pod(
             self._unique_id(),
             name,
-            sim,
             cost_per_hour,
             gpu_count,
+            sim=sim,
             last_change=_status_change("Created"),
             gpu_count=gpu_count,
         )
         self._pods[name], self._by_id[pod.id], self.sims[name] = pod, pod, sim
         if running:
             self._set_desired(pod, "RUNNING")
-            pod.power.wanted = True
-            if self._tg is not None:
-                self._tg.start_soon(self._ensure_sim, pod)
+            self._start_sim_soon(pod)
         return pod.id
 
     def _check_new(self, name: str) -> None:
@@ -422,11 +407,16 @@ class FakeRunPod:
         self._prune(ep, now)
         return any(w.fault is None and now >= w.boot_end for w in ep.workers)
 
-    async def wait_for(self, name: str, serving: bool = True, *, timeout: float = 5.0) -> None:
+    async def wait_for(
+        self,
+        name: str,
+        serving: bool = True,
+        *,
+        timeout: float = 5.0,
+    ) -> None:
         """Wait until `is_serving` says ``serving``; TimeoutError after ``timeout`` seconds."""
         with anyio.fail_after(timeout):
-            while self.is_serving(name) != serving:  # polling memory is cheap and needs no plumbing
-                await anyio.sleep(0.005)
+            await until(lambda: self.is_serving(name) == serving)
 
     def billed_seconds(self, name: str) -> float:
         """Billed time so far: a pod's RUNNING time, or the summed lifetimes of an endpoint's healthy workers."""
@@ -830,25 +820,20 @@ class FakeRunPod:
         await self._halt(pod)
         await self._boot(pod, False)
 
-    def _launch(self, pod: _Pod, job: Callable[[], Awaitable[None]]) -> None:
-        launch(self._tg, pod, job)
-
-    _interrupt = staticmethod(interrupt)
+    def _sim_address(self, pod: _Pod) -> tuple[str, int]:
+        """Loopback, on the pod's old port while it is free."""
+        return "127.0.0.1", pod.port if pod.port and _bindable(pod.port) else 0
 
     async def _ensure_sim(self, pod: _Pod) -> None:
-        """Start the pod's sim unless it runs (on its old port while free); returns once it listens."""
-        if self._tg is None or self._closing.is_set():
-            pod.power.wanted = True
-            return
+        """Start the pod's sim unless it runs; a container that comes up keeps its port and up time."""
         started = pod.power.up
-        await pod.power.start(self._tg, "127.0.0.1", pod.port if pod.port and _bindable(pod.port) else 0)
+        await super()._ensure_sim(pod)
         if pod.power.server is not None and not started:
             pod.port, pod.up_since = pod.power.server.port, time.monotonic()
 
-    @staticmethod
-    def _stop_sim(pod: _Pod) -> None:
+    def _stop_sim(self, pod: _Pod) -> None:
         pod.up_since = None
-        pod.power.stop()
+        super()._stop_sim(pod)
 
     # -- endpoint workers -------------------------------------------------------------------------
 

@@ -20,14 +20,13 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from types import TracebackType
 from typing import Any
 
 import anyio
 import anyio.lowlevel
-from anyio.abc import TaskGroup
 from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -35,7 +34,7 @@ from starlette.types import Receive, Scope, Send
 
 from gpumanager.sim import SimOllama, SimServer, running_server
 from gpumanager.sim.server import free_port_on
-from tests.fakes.machine import SimPower, interrupt, launch
+from tests.fakes.machine import MachineCloud, SimMachine, until
 
 __all__ = ["FakeSurf", "free_port_for_all"]
 
@@ -87,26 +86,20 @@ class _ResumePlan:
 
 
 @dataclass(eq=False)
-class _Machine:
+class _Machine(SimMachine):
     record: dict[str, Any]  # the live wire object; responses are copies of it
-    sim: SimOllama
     ip: str
     resume_s: float
     pause_s: float
     ollama_delay: float
     deleted: bool
-    job: anyio.CancelScope | None = None  # the transition in progress
-    entry: dict[str, Any] | None = None  # its history entry
+    entry: dict[str, Any] | None = None  # the history entry of the transition in progress
     next_resume: _ResumePlan | None = None
     hanging: bool = False
     pause_failures: list[int] = field(default_factory=list)
-    power: SimPower = field(init=False)  # its Ollama, up while the workspace runs
-
-    def __post_init__(self) -> None:
-        self.power = SimPower(self.sim)
 
 
-class FakeSurf:
+class FakeSurf(MachineCloud[_Machine]):
     """SURF's workspace API on loopback; see the module docstring. Use as ``async with FakeSurf() as fake``."""
 
     def __init__(
@@ -119,6 +112,7 @@ class FakeSurf:
         history_newest_first: bool = False,
         co_name: str = "gpumanager-tests",
     ) -> None:
+        super().__init__()
         self.token, self.require_csrf, self.co_name = token, require_csrf, co_name
         self.ollama_port = ollama_port if ollama_port is not None else free_port_for_all(_SPARE_ADDRESSES)
         self.transition_seconds, self.history_newest_first = transition_seconds, history_newest_first
@@ -131,10 +125,8 @@ class FakeSurf:
         self._by_id: dict[str, _Machine] = {}
         self._failures: list[int] = []
         self._delay = 0.0
-        self._last_time = datetime.now(timezone.utc)
-        self._closing = anyio.Event()
+        self._last_time = datetime.now(UTC)
         self._stack = AsyncExitStack()
-        self._tg: TaskGroup | None = None
         self._server: SimServer | None = None
 
     # -- lifetime -----------------------------------------------------------------------------
@@ -147,19 +139,14 @@ class FakeSurf:
                 running_server(self._asgi, host="127.0.0.1", port=0, interface="asgi3", timeout_graceful_shutdown=1)
             )
             self._tg = tg
-            for m in self._machines.values():
-                if m.power.wanted:
-                    await self._ensure_sim(m)
+            await self._start_wanted_sims(self._machines.values())
             self._stack = stack.pop_all()
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
-        self._closing.set()  # also cuts short the sleeps of slow_requests
-        for m in self._machines.values():
-            self._interrupt(m, "The fake stopped.")
-            self._stop_sim(m)
+        self._close_machines(self._machines.values())  # `_closing` also cuts short the sleeps of slow_requests
         return await self._stack.__aexit__(exc_type, exc, tb)
 
     @property
@@ -198,19 +185,17 @@ class FakeSurf:
         record = self._record(name, ip, application_type, owner_id or self.owner_id)
         m = _Machine(
             record,
-            sim,
             ip,
             self.transition_seconds if resume_seconds is None else resume_seconds,
             self.transition_seconds if pause_seconds is None else pause_seconds,
             ollama_delay,
             deleted,
+            sim=sim,
         )
         self._machines[name], self._by_id[record["id"]], self.sims[name] = m, m, sim
         self._set_status(m, status)
         if status == "running":
-            m.power.wanted = True
-            if self._tg is not None:
-                self._tg.start_soon(self._ensure_sim, m)
+            self._start_sim_soon(m)
         return record
 
     def _record(self, name: str, ip: str, application_type: str, owner_id: str) -> dict[str, Any]:
@@ -245,13 +230,18 @@ class FakeSurf:
     def is_serving(self, name: str) -> bool:
         return self._machines[name].power.up
 
-    async def wait_for(self, name: str, status: str, *, serving: bool | None = None, timeout: float = 5.0) -> None:
+    async def wait_for(
+        self,
+        name: str,
+        status: str,
+        *,
+        serving: bool | None = None,
+        timeout: float = 5.0,
+    ) -> None:
         """Wait until the workspace has ``status`` (and its sim is up or down, if ``serving`` says)."""
         m = self._machines[name]
         with anyio.fail_after(timeout):
-            # Polling memory is cheap and keeps the transitions free of notification plumbing.
-            while m.record["status"] != status or (serving is not None and m.power.up != serving):
-                await anyio.sleep(0.005)
+            await until(lambda: m.record["status"] == status and (serving is None or m.power.up == serving))
 
     # -- failure knobs ------------------------------------------------------------------------
 
@@ -384,14 +374,14 @@ class FakeSurf:
         entry = self._entry(m, action)
         if action == "resume":
             plan, m.next_resume = m.next_resume, None
-            self._launch(m, entry, lambda: self._resume(m, entry, plan))
+            self._run_action(m, entry, lambda: self._resume(m, entry, plan))
             m.hanging = plan is not None and plan.error is None
             self._set_status(m, "resuming")
         elif action == "pause":
-            self._launch(m, entry, lambda: self._pause(m, entry))
+            self._run_action(m, entry, lambda: self._pause(m, entry))
             self._set_status(m, "pausing")
         elif action == "reboot":
-            self._launch(m, entry, lambda: self._reboot(m, entry))
+            self._run_action(m, entry, lambda: self._reboot(m, entry))
             self._set_status(m, "rebooting")
         else:
             _finish(entry)  # update_nsgs / update_storages change nothing a test can see
@@ -428,15 +418,16 @@ class FakeSurf:
         _finish(entry)
         self._set_status(m, "running")
 
-    def _launch(self, m: _Machine, entry: dict[str, Any], job: Callable[[], Awaitable[None]]) -> None:
-        """Run ``job`` as the workspace's only transition, interrupting the one before it."""
+    def _run_action(self, m: _Machine, entry: dict[str, Any], job: Callable[[], Awaitable[None]]) -> None:
+        """Run ``job`` as the workspace's only transition, recorded in ``entry``; the one before it fails."""
         self._interrupt(m, f"Interrupted by {entry['type']}.")
-        launch(self._tg, m, job)
+        self._launch(m, job)
         m.entry = entry
 
-    @staticmethod
-    def _interrupt(m: _Machine, why: str) -> None:
-        interrupt(m)
+    def _interrupt(self, m: _Machine, why: str = "The fake stopped.") -> None:
+        """End the transition in progress; its history entry, if still running, fails with ``why``
+        (by default, the reason given as the fake closes)."""
+        super()._interrupt(m)
         if m.entry is not None and m.entry["status"] == "running":
             _finish(m.entry, why)
         m.entry, m.hanging = None, False
@@ -458,18 +449,10 @@ class FakeSurf:
 
     def _now(self) -> datetime:
         # Strictly increasing, so "newest by time_created" is always well defined.
-        self._last_time = max(datetime.now(timezone.utc), self._last_time + timedelta(microseconds=1))
+        self._last_time = max(datetime.now(UTC), self._last_time + timedelta(microseconds=1))
         return self._last_time
 
     # -- the simulated Ollama of each workspace ------------------------------------------------
 
-    async def _ensure_sim(self, m: _Machine) -> None:
-        """Start the workspace's sim unless it runs; returns once it listens (or is not wanted any more)."""
-        if self._tg is None or self._closing.is_set():
-            m.power.wanted = True
-            return
-        await m.power.start(self._tg, m.ip, self.ollama_port)
-
-    @staticmethod
-    def _stop_sim(m: _Machine) -> None:
-        m.power.stop()
+    def _sim_address(self, m: _Machine) -> tuple[str, int]:
+        return m.ip, self.ollama_port

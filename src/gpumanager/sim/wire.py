@@ -14,13 +14,10 @@ import math
 import re
 import struct
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 import msgspec
-
-if TYPE_CHECKING:
-    from gpumanager.sim.ollama import SimOllama
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -71,7 +68,7 @@ def embedding_for(text: str, dim: int) -> list[float]:
 
 
 def rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
 def word_count(texts: Iterable[Any]) -> int:
@@ -130,12 +127,18 @@ async def respond_json(send: Send, obj: Any, status: int = 200) -> None:
     await respond(send, status, encode(obj))
 
 
+class BodyLog(Protocol):
+    """What a `Request` uses of the server that made it: where the last request body is kept."""
+
+    last_body: bytes
+
+
 class Request:
     """One HTTP exchange; the body is read only by the handlers that need it."""
 
     __slots__ = ("path", "receive", "send", "sim")
 
-    def __init__(self, path: str, receive: Receive, send: Send, sim: SimOllama) -> None:
+    def __init__(self, path: str, receive: Receive, send: Send, sim: BodyLog) -> None:
         self.path, self.receive, self.send, self.sim = path, receive, send, sim
 
     async def json(self) -> dict[str, Any]:
