@@ -1,0 +1,105 @@
+"""An in-memory cloud for unit tests of the core: the real `Provider` Protocol, no network.
+
+Machines boot and stop on the event loop's clock (virtual in the unit tests), so a test can say
+"this machine takes 40 s to boot" and see the fleet's timing without waiting. Its hosts' Ollama is
+an `httpx.MockTransport` handler answering `/api/version`, `/api/tags` and `/api/ps`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import anyio
+import httpx
+
+from gpumanager.cloud import CloudState, HostInfo
+from gpumanager.errors import HostNotFound, ProviderRejected
+
+
+@dataclass
+class MemoryMachine:
+    name: str
+    models: tuple[str, ...] = ("llama3.2:latest",)
+    boot_seconds: float = 30.0
+    pause_seconds: float = 5.0
+    running: bool = False
+    refuse_resume: str = ""  # the cloud refuses the resume with this message
+    hang: bool = False  # accepts the resume but never runs
+    changing_until: float = 0.0  # resuming or pausing until this time
+    target: bool = False  # running once the change is done
+
+
+@dataclass
+class MemoryCloud:
+    """The `Provider` Protocol in memory; also `ReadinessProbe` (Ollama answers once running)."""
+
+    name: str = "mem"
+    machines: dict[str, MemoryMachine] = field(default_factory=dict)
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    poll_seconds: float = 1.0
+
+    def add(self, machine: MemoryMachine) -> MemoryMachine:
+        self.machines[machine.name] = machine
+        return machine
+
+    def _machine(self, host_id: str) -> MemoryMachine:
+        try:
+            return self.machines[host_id]
+        except KeyError:
+            raise HostNotFound("no such machine", provider=self.name, host=host_id) from None
+
+    def _state(self, m: MemoryMachine) -> CloudState:
+        if anyio.current_time() < m.changing_until or (m.hang and m.target):
+            return CloudState.RESUMING if m.target else CloudState.PAUSING
+        m.running = m.target
+        return CloudState.RUNNING if m.running else CloudState.PAUSED
+
+    def _info(self, m: MemoryMachine) -> HostInfo:
+        state = self._state(m)
+        address = f"http://{m.name}.test:11434" if state is CloudState.RUNNING else None
+        return HostInfo(id=m.name, name=m.name, state=state, cloud_status=str(state), address=address, models=m.models)
+
+    async def list(self) -> list[HostInfo]:
+        return [self._info(m) for m in self.machines.values()]
+
+    async def inspect(self, host_id: str) -> HostInfo:
+        return self._info(self._machine(host_id))
+
+    async def resume(self, host_id: str) -> None:
+        m = self._machine(host_id)
+        self.calls.append(("resume", host_id))
+        if m.refuse_resume:
+            raise ProviderRejected(m.refuse_resume, provider=self.name, host=host_id, action="resume")
+        if not m.target:
+            m.target, m.changing_until = True, anyio.current_time() + m.boot_seconds
+
+    async def pause(self, host_id: str) -> None:
+        m = self._machine(host_id)
+        self.calls.append(("pause", host_id))
+        if m.target or m.running:
+            m.target, m.hang, m.changing_until = False, False, anyio.current_time() + m.pause_seconds
+
+    async def ready(self, info: HostInfo, model: str | None) -> bool | None:
+        return info.state is CloudState.RUNNING
+
+    def count(self, action: str, host_id: str) -> int:
+        return self.calls.count((action, host_id))
+
+    def ollama(self) -> httpx.MockTransport:
+        """The machines' Ollama: answers only while the machine runs."""
+
+        def handle(request: httpx.Request) -> httpx.Response:
+            name = (request.url.host or "").removesuffix(".test")
+            m = self.machines.get(name)
+            if m is None or not m.running:
+                raise httpx.ConnectError("connection refused", request=request)
+            if request.url.path == "/api/version":
+                return httpx.Response(200, json={"version": "0.32.0"})
+            if request.url.path == "/api/tags":
+                return httpx.Response(200, json={"models": [{"name": n, "model": n} for n in m.models]})
+            if request.url.path == "/api/ps":
+                return httpx.Response(200, json={"models": []})
+            return httpx.Response(404, content=json.dumps({"error": "not found"}).encode())
+
+        return httpx.MockTransport(handle)
