@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench server clean
+.PHONY: demo test lint bench server clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,8 +12,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# `make demo PORT=8001 HOST=0.0.0.0` and `make server PORT=8001` pass them on. HOST counts only on the
+# command line: some shells export HOST as the machine's name.
+LISTEN := $(if $(PORT),--port $(PORT)) $(if $(filter command line,$(origin HOST)),--host $(HOST))
+
 demo: $(STAMP)
-	$(BIN)/gpumanager demo
+	$(BIN)/gpumanager demo $(LISTEN)
 
 # The GPU node's door is tested against a real nginx: installed here when missing (Debian, as root).
 NGINX_MISSING := $(shell command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || echo yes)
@@ -25,14 +29,25 @@ ifeq ($(NGINX_MISSING),yes)
 		|| { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx >/dev/null; }; \
 	else echo "note: nginx is not installed; the GPU node door test needs it (sudo apt-get install nginx)"; fi
 endif
+	$(MAKE) --no-print-directory lint
 	$(BIN)/pytest -q -n 2
+
+# Types, lint, formatting and the import layers of pyproject.toml: part of `make test`, run first.
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py
 	$(BIN)/python bench/wake.py
 
 server: $(STAMP)
-	$(BIN)/gpumanager server
+	@if [ -z "$$GPUMANAGER_CONFIG" ] && [ ! -e config.toml ]; then \
+		echo "no config.toml here: write one with $(BIN)/gpumanager init --ollama http://HOST:11434 (see --help)"; \
+		exit 2; fi
+	$(BIN)/gpumanager server $(LISTEN)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

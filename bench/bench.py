@@ -358,10 +358,10 @@ def print_table(report: Report) -> None:
     widths = [max(len(r[i]) for r in [head, *report.rows]) for i in range(len(head))]
     line = "  ".join("-" * w for w in widths)
     print(line)
-    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)))
     print(line)
     for row in report.rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     print(line)
 
 

@@ -140,7 +140,7 @@ def cpu_seconds(pids: list[int]) -> dict[str, float]:
 
 
 class Tally:
-    __slots__ = ("ok", "bad", "running", "first_error")
+    __slots__ = ("bad", "first_error", "ok", "running")
 
     def __init__(self) -> None:
         self.ok = self.bad = 0

@@ -7,6 +7,7 @@ which then stops them in order) and get SIGTERM from the kernel if the bench its
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -76,10 +77,8 @@ def raise_nofile() -> tuple[int, int]:
 def _die_with_parent() -> None:
     """Runs in the child before exec: SIGTERM it if the bench dies without cleaning up (Linux only)."""
     os.setsid()
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _get(port: int, path: str) -> int:
@@ -115,7 +114,8 @@ class Procs:
             shutil.rmtree(self.root, ignore_errors=True)
 
     def _spawn(self, argv: list[str], folder: Path, **kwargs: Any) -> subprocess.Popen[Any]:
-        out = open(folder / "output.log", "ab")  # never a pipe nobody reads: a full pipe would stall the child
+        # Never a pipe nobody reads (a full pipe would stall the child); closed when the child is reaped.
+        out = open(folder / "output.log", "ab")  # noqa: SIM115
         try:
             proc = subprocess.Popen(
                 argv,
@@ -252,7 +252,9 @@ class Procs:
                     break
                 except subprocess.TimeoutExpired:
                     if time.monotonic() > deadline:
-                        raise RuntimeError(f"load generator ({spec['mode']}) still running after {timeout:.0f} s")
+                        raise RuntimeError(
+                            f"load generator ({spec['mode']}) still running after {timeout:.0f} s"
+                        ) from None
                     if tick:
                         tick()
         finally:

@@ -174,7 +174,8 @@ def _serve(
     proxy = stack.enter_context(
         portal.wrap_async_context_manager(running_server(app, lifespan="on", timeout_graceful_shutdown=1))
     )
-    return Stack(portal, proxy.url, app.state.runtime, sims, servers, admin_key, user_key, keys, config_path, exits=stack)
+    runtime = app.state.runtime
+    return Stack(portal, proxy.url, runtime, sims, servers, admin_key, user_key, keys, config_path, exits=stack)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> None:

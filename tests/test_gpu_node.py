@@ -12,6 +12,8 @@ No Docker engine is needed: every part runs as a real process here.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import re
@@ -202,10 +204,8 @@ def run_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
         if node.proc.poll() is None:
             os.killpg(node.proc.pid, signal.SIGKILL)
             node.proc.wait(timeout=5)
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(node.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def test_entrypoint_is_posix_sh_and_executable() -> None:
@@ -553,7 +553,7 @@ def test_nginx_is_installed() -> None:
 def render_template(text: str, env: dict[str, str]) -> str:
     """What the nginx image's envsubst does: replace $NAME and ${NAME} for the names given."""
     for name, value in env.items():
-        text = re.sub(r"\$(\{%s\}|%s\b)" % (name, name), lambda _m: value, text)
+        text = re.sub(rf"\$(\{{{name}\}}|{name}\b)", lambda _m, value=value: value, text)
     return text
 
 
@@ -699,7 +699,7 @@ def test_door_streams_chunk_by_chunk(client: httpx.Client, door: Door) -> None:
     # Unbuffered: the first chunk arrives well before the last one was even produced.
     spread = CHUNK_GAP * (CHAT_CHUNKS - 1)
     assert arrivals[-1] - arrivals[0] > spread * 0.6, arrivals
-    assert all(b - a > CHUNK_GAP * 0.3 for a, b in zip(arrivals, arrivals[1:])), arrivals
+    assert all(b - a > CHUNK_GAP * 0.3 for a, b in itertools.pairwise(arrivals)), arrivals
     (seen,) = door.upstream.seen
     assert seen["body"] == body
     assert seen["authorization"] is None

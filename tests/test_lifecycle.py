@@ -105,10 +105,8 @@ def test_an_idle_host_is_paused_after_its_window_and_one_with_an_open_stream_is_
     stack, cloud = one_paused
     with httpx.Client(base_url=stack.url, headers=stack.headers(), timeout=30) as client:
         with client.stream("POST", "/api/chat", json=chat(400, stream=True)) as response:  # 400 x 5 ms: 2 s
-            lines = 0
-            for _ in response.iter_lines():
-                lines += 1
-                if lines == 1:
+            for number, _ in enumerate(response.iter_lines()):
+                if number == 0:
                     started = time.monotonic()
             assert time.monotonic() - started > WINDOW * 2  # the stream outlived the window...
         assert cloud.pauses("gpu-1") == 0  # ...and the host stayed up while it ran
@@ -171,13 +169,12 @@ def test_a_hanging_resume_times_out_with_504_and_is_paused(tmp_path: Path, kind:
 def test_a_streaming_request_whose_wake_fails_gets_an_in_band_error(one_paused: tuple[Stack, Cloud]) -> None:
     stack, cloud = one_paused
     stack.call(cloud.fail_next_resume, "gpu-1")
-    with openai.OpenAI(base_url=stack.v1, api_key=stack.user_key, max_retries=0) as client:
-        with pytest.raises(openai.APIError) as error:  # heartbeats sent 200 first: the failure comes in-band
-            list(
-                client.chat.completions.create(
-                    model="llama3.2", stream=True, messages=[{"role": "user", "content": "x"}]
-                )
-            )
+    # Heartbeats sent 200 first: the failure comes in-band.
+    with (
+        openai.OpenAI(base_url=stack.v1, api_key=stack.user_key, max_retries=0) as client,
+        pytest.raises(openai.APIError) as error,
+    ):
+        list(client.chat.completions.create(model="llama3.2", stream=True, messages=[{"role": "user", "content": "x"}]))
     assert "gpu-1" in error.value.message
 
 

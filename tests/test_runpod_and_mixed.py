@@ -113,7 +113,7 @@ def test_an_endpoint_cut_to_max_workers_0_is_reported_not_woken_forever(tmp_path
 
 def test_a_missing_runpod_key_fails_at_start_naming_it(tmp_path: Path) -> None:
     (tmp_path / "config.toml").write_text('[[providers]]\ntype = "runpod"\nname = "rp"\nname_filter = "gpu"\n')
-    with pytest.raises(ConfigError, match="^RUNPOD_API_KEY is not set: put it in .env or the environment"):
+    with pytest.raises(ConfigError, match=r"^RUNPOD_API_KEY is not set: put it in \.env or the environment"):
         build_app(load(tmp_path / "config.toml"), environ={})
 
 

@@ -94,6 +94,7 @@ def admin_routes(fleet: Fleet, lifecycle: Lifecycle, reconcile: Callable[[], Awa
         host = find(request)
         fleet.protect(host, request.method == "POST")
         return JSONResponse(gpu(host))
+
     async def emergency_off(request: Request) -> Response:
         require_admin(request.scope)
         await lifecycle.emergency_off()

@@ -1,4 +1,4 @@
-"""The `gpumanager` command: server (the default), demo, generate-key, list-keys, revoke-key,
+"""The `gpumanager` command: server (the default), demo, init, generate-key, list-keys, revoke-key,
 check-config, hosts. Every subcommand takes `--config PATH` after its name; `GPUMANAGER_CONFIG`
 works for all. The `.env` beside the config is loaded into the environment at start (never
 overriding what is already set): the only place that writes the environment.
@@ -18,7 +18,8 @@ from gpumanager import __version__
 from gpumanager.config import CONFIG_ENV, Config, config_path, load
 from gpumanager.errors import ConfigError, GpuManagerError
 
-COMMANDS = ("server", "demo", "generate-key", "list-keys", "revoke-key", "check-config", "hosts")
+COMMANDS = ("server", "demo", "init", "generate-key", "list-keys", "revoke-key", "check-config", "hosts")
+PROBE_SECONDS = 2.0  # check-config's wait for a static host's /api/tags
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +63,53 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", help="folder for the demo's keys, state and log (default: a temporary one)")
     demo.add_argument("--once", action="store_true", help="exit after the narrated cycle (for scripts)")
 
+    init = sub.add_parser(
+        "init",
+        help="write a commented config.toml (and .env) for your Ollama hosts and clouds",
+        description="Write a commented config.toml for the hosts and clouds named by the options below, "
+        "and a .env beside it with the names of the secrets they need (empty values, mode 0600). "
+        "With no source option, the config has one static host: an Ollama on this machine at http://127.0.0.1:11434. "
+        "Refuses to overwrite an existing config.toml or .env without --force.",
+        epilog="example: gpumanager init --ollama http://10.0.0.5:11434 --surf gpu-",
+    )
+    init.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"where to write the config (default: ${CONFIG_ENV}, else ./config.toml); .env goes beside it",
+    )
+    init.add_argument(
+        "--ollama",
+        metavar="URL",
+        action="append",
+        default=[],
+        help="an always-on Ollama, e.g. http://10.0.0.5:11434: one static [[hosts]] entry, named after "
+        "the URL's host (repeatable)",
+    )
+    init.add_argument(
+        "--surf",
+        metavar="FILTER",
+        help="wake and pause the SURF Research Cloud workspaces whose name contains FILTER "
+        "(.env gets CLOUD_API_TOKEN and CLOUD_CSRF_TOKEN)",
+    )
+    init.add_argument(
+        "--ec2-tag",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        dest="ec2_tags",
+        help="start and stop the EC2 instances with this tag (repeatable: an instance needs all of them; "
+        ".env gets AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_DEFAULT_REGION)",
+    )
+    init.add_argument(
+        "--runpod-endpoint",
+        metavar="ID",
+        action="append",
+        default=[],
+        dest="runpod_endpoints",
+        help="wake and pause this RunPod serverless endpoint (repeatable; .env gets RUNPOD_API_KEY)",
+    )
+    init.add_argument("--force", action="store_true", help="overwrite an existing config.toml and .env")
+
     gen = sub.add_parser(
         "generate-key",
         help="make an API key (printed once, stored hashed)",
@@ -84,7 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(rev)
     rev.add_argument("key_id", metavar="ID_OR_PREFIX", help="the key's id, or the start of the key (gm_...)")
 
-    chk = sub.add_parser("check-config", help="validate the config and print the hosts it would manage")
+    chk = sub.add_parser(
+        "check-config",
+        help="validate the config and print the hosts it would manage",
+        description="Validate the config and print the hosts it would manage. The models of a static host "
+        f"are those its /api/tags lists now (asked with a {PROBE_SECONDS:g} s timeout, all hosts at once); "
+        "when it does not answer, the config's `models`, marked (from config).",
+    )
     _config_arg(chk)
 
     hosts = sub.add_parser("hosts", help="print the fleet of a running server (needs an admin key)")
@@ -198,25 +252,101 @@ def _revoke_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _init(args: argparse.Namespace) -> int:
+    from gpumanager.init import Sources, default_config_arg, report, write
+
+    path = config_path(args.config, os.environ)
+    sources = Sources(
+        ollama=args.ollama, surf=args.surf, ec2_tags=args.ec2_tags, runpod_endpoints=args.runpod_endpoints
+    )
+    written = write(path, sources, force=args.force)
+    print(report(written, config_arg=default_config_arg(path, os.environ)))
+    return 0
+
+
 def _check_config(args: argparse.Namespace) -> int:
     from gpumanager.config import describe
 
     config, path = load_config(args)
+    configured = {host.name for host in config.hosts}
+    live = _live_models({host.name: host.url for host in config.hosts if host.url})
     rows = [("NAME", "PROVIDER", "URL", "SLOTS", "MODELS", "PROTECTED")]
     for row in describe(config):
+        found = live.get(row["name"])
+        if isinstance(found, list):
+            models = ", ".join(found) or "(none pulled)"
+        elif row["name"] in configured:
+            models = (", ".join(row["models"]) or "none") + " (from config)"
+        else:
+            models = ", ".join(row["models"])
         rows.append(
             (
                 row["name"],
                 row["provider"],
                 row["url"],
                 str(row["slots"]),
-                ", ".join(row["models"]),
+                models,
                 "yes" if row["protected"] else "",
             )
         )
     print(f"{path}: ok")
     _print_table(rows)
+    if live:
+        failed = {name: why for name, why in live.items() if isinstance(why, str)}
+        print()
+        print("MODELS of static hosts: what their /api/tags lists now.")
+        if failed:
+            print("(from config): the host did not answer, so the config's `models` are shown:")
+        for name, why in failed.items():
+            print(f"  {name}: {why}")
     return 0
+
+
+def _live_models(urls: dict[str, str], timeout: float = PROBE_SECONDS) -> dict[str, list[str] | str]:
+    """GET `{url}/api/tags` of every host at once: its model names, or why it gave none."""
+    import anyio
+    import httpx
+
+    from gpumanager.init import UPSTREAM_TOKEN
+
+    token = os.environ.get(UPSTREAM_TOKEN, "")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    results: dict[str, list[str] | str] = {}
+
+    async def probe(client: httpx.AsyncClient, name: str, url: str) -> None:
+        where = f"{url}/api/tags"
+        try:
+            with anyio.fail_after(timeout):
+                response = await client.get(where, headers=headers)
+        except (TimeoutError, httpx.TimeoutException):
+            results[name] = f"{where}: no answer within {timeout:g} s"
+            return
+        except Exception as exc:  # a refused connection, a bad address: a diagnosis, never a crash
+            cause: BaseException = exc
+            while isinstance(cause, BaseExceptionGroup) and len(cause.exceptions) == 1:
+                cause = cause.exceptions[0]
+            results[name] = f"{where}: not reachable ({str(cause) or type(cause).__name__})"
+            return
+        if response.status_code != 200:
+            hint = f" (check {UPSTREAM_TOKEN})" if response.status_code in (401, 403) else ""
+            results[name] = f"{where}: HTTP {response.status_code}{hint}"
+            return
+        try:
+            results[name] = [str(model["name"]) for model in response.json()["models"]]
+        except (ValueError, KeyError, TypeError):
+            results[name] = f"{where}: not an Ollama answer"
+
+    async def probe_all() -> None:
+        async with (
+            httpx.AsyncClient(timeout=timeout, trust_env=False) as client,
+            anyio.create_task_group() as tg,
+        ):
+            for name, url in urls.items():
+                tg.start_soon(probe, client, name, url)
+
+    if urls:
+        anyio.run(probe_all)
+    return {name: results[name] for name in urls}
 
 
 def _hosts(args: argparse.Namespace) -> int:
@@ -272,6 +402,7 @@ def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
 _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "server": _server,
     "demo": _demo,
+    "init": _init,
     "generate-key": _generate_key,
     "list-keys": _list_keys,
     "revoke-key": _revoke_key,

@@ -8,6 +8,7 @@ answer, the idle window and the pause. Then it stays up for the newcomer's own r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import textwrap
@@ -107,10 +108,8 @@ def run_demo(args: argparse.Namespace) -> int:
         )
     )
     _banner(url, key, folder)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled, once it shut down
         anyio.run(_main, server, app.state.runtime, url, key, args.once)
-    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, once it has shut down
-        pass
     print("\nbye: the demo's files stay in", folder)
     return 0
 
@@ -119,7 +118,7 @@ async def _main(server: uvicorn.Server, runtime: Runtime, url: str, key: str, on
     async with anyio.create_task_group() as tg:
         tg.start_soon(_serve, server, tg.cancel_scope)
         with anyio.fail_after(30):
-            while not server.started:
+            while not server.started:  # noqa: ASYNC110 - uvicorn tells it by this flag alone
                 await anyio.sleep(0.05)
         tg.start_soon(_watch, runtime)
         await _narrate(runtime, url, key)
@@ -158,7 +157,8 @@ def _why(state: HostState) -> str:
 
 async def _narrate(runtime: Runtime, url: str, key: str) -> None:
     hosts = ", ".join(
-        f"{h.name} ({h.state}, {', '.join(sorted(h.models))}, {h.cost_per_hour}/h)" for h in runtime.fleet.hosts.values()
+        f"{h.name} ({h.state}, {', '.join(sorted(h.models))}, {h.cost_per_hour}/h)"
+        for h in runtime.fleet.hosts.values()
     )
     say(f"The fleet: {hosts}.")
     say("Asking for llama3.2: its only host, gpu-a, is paused, so gpumanager wakes it and holds the request.")
@@ -181,7 +181,7 @@ async def _narrate(runtime: Runtime, url: str, key: str) -> None:
         "then pauses if nobody uses it."
     )
     with anyio.fail_after(window + 30):
-        while runtime.fleet.hosts["gpu-a"].state is not HostState.PAUSED:
+        while runtime.fleet.hosts["gpu-a"].state is not HostState.PAUSED:  # noqa: ASYNC110 - narration pace
             await anyio.sleep(0.1)
     say("The whole cycle is done: wake, answer, idle window, pause. An idle fleet costs nothing.")
 
@@ -211,7 +211,8 @@ def _banner(url: str, key: str, folder: Path) -> None:
           curl {url}/gpu/discover -H "Authorization: Bearer {key}"
 
           {python} -c 'from openai import OpenAI; c = OpenAI(base_url="{url}/v1", api_key="{key}")
-          print(c.chat.completions.create(model="llama3.2", messages=[{{"role": "user", "content": "hi"}}]).choices[0].message.content)'
+          r = c.chat.completions.create(model="llama3.2", messages=[{{"role": "user", "content": "hi"}}])
+          print(r.choices[0].message.content)'
 
           {python} -c 'import ollama; c = ollama.Client(host="{url}", headers={{"Authorization": "Bearer {key}"}})
           print(c.generate(model="qwen2.5:7b", prompt="hi").response)'

@@ -44,7 +44,7 @@ class _NoWaker:
 class Lease:
     """One slot of one host, held by one request until `release()` (idempotent)."""
 
-    __slots__ = ("fleet", "host", "key", "released", "scope", "aborted", "counted")
+    __slots__ = ("aborted", "counted", "fleet", "host", "key", "released", "scope")
 
     def __init__(self, fleet: Fleet, host: Host, key: str, *, counted: bool = True) -> None:
         self.fleet, self.host, self.key, self.counted = fleet, host, key, counted

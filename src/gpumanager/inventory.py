@@ -66,7 +66,6 @@ _cache_decoder = msgspec.json.Decoder(dict[str, HostRecord])
 _encoder = msgspec.json.Encoder()
 
 
-
 class Inventory:
     def __init__(
         self,
@@ -142,9 +141,7 @@ class Inventory:
     def mark_unhealthy(self, host: Host, reason: str) -> None:
         """`host` does not answer: new requests skip it until a probe finds it answering again."""
         if host.healthy:
-            logger.bind(host=host.name).warning(
-                "{} does not answer ({}); skipping it until it does", host.name, reason
-            )
+            logger.bind(host=host.name).warning("{} does not answer ({}); skipping it until it does", host.name, reason)
         host.healthy = False
         host.last_error = reason
 

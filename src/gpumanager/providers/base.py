@@ -19,7 +19,7 @@ import httpx
 from anyio.abc import TaskStatus
 from loguru import logger
 
-from gpumanager.cloud import CloudState, HostInfo
+from gpumanager.cloud import HostInfo
 from gpumanager.errors import (
     CapacityError,
     ConfigError,
@@ -80,19 +80,20 @@ RETRYABLE = (ProviderTimeout, ProviderUnavailable)
 
 
 async def with_retries(
-    call: Callable[[], Awaitable[T]], *, what: str, attempts: int = 3, timeout: float = 30.0, backoff: float = 1.0
+    call: Callable[[], Awaitable[T]], *, what: str, attempts: int = 3, per_attempt: float = 30.0, backoff: float = 1.0
 ) -> T:
-    """Run `call` with a timeout, retrying timeouts and 5xx (`ProviderUnavailable`) with backoff.
+    """Run `call`, each attempt bounded by `per_attempt` seconds, retrying timeouts and 5xx
+    (`ProviderUnavailable`) with backoff.
 
     4xx (`ProviderRejected`) and every other error go straight to the caller.
     """
     delay = backoff
     for attempt in range(1, attempts + 1):
         try:
-            with anyio.fail_after(timeout):
+            with anyio.fail_after(per_attempt):
                 return await call()
         except TimeoutError:
-            error: ProviderError = ProviderTimeout(f"{what}: no answer within {timeout:g}s")
+            error: ProviderError = ProviderTimeout(f"{what}: no answer within {per_attempt:g}s")
         except RETRYABLE as exc:
             error = exc
         if attempt == attempts:
@@ -119,7 +120,11 @@ class CloudSettings(Protocol):
 async def cloud_call(settings: CloudSettings, call: Callable[[], Awaitable[T]], *, what: str) -> T:
     """`with_retries` with a cloud provider's configured timeout, attempts and backoff."""
     return await with_retries(
-        call, what=what, attempts=settings.retries, timeout=settings.api_timeout_seconds, backoff=settings.retry_seconds
+        call,
+        what=what,
+        attempts=settings.retries,
+        per_attempt=settings.api_timeout_seconds,
+        backoff=settings.retry_seconds,
     )
 
 

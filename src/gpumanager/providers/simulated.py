@@ -76,7 +76,7 @@ class SimulatedProvider:
         self.calls[f"resume:{host_id}"] += 1
         if machine.state in (CloudState.RUNNING, CloudState.RESUMING):
             return
-        while machine.state is CloudState.PAUSING:
+        while machine.state is CloudState.PAUSING:  # noqa: ASYNC110 - a cloud is polled, as real ones are
             await anyio.sleep(self.poll_seconds)
         machine.state, machine.error = CloudState.RESUMING, ""
         machine.history.append("resume")
@@ -136,7 +136,7 @@ class SimulatedProvider:
         if machine.stop is not None:
             machine.stop.set()
             machine.stop = None
-            while machine.server is not None:
+            while machine.server is not None:  # noqa: ASYNC110 - its server task clears it on the way out
                 await anyio.sleep(0.01)
         machine.state, machine.address = CloudState.PAUSED, None
 

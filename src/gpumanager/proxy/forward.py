@@ -52,7 +52,7 @@ STREAM_TYPES = (b"application/x-ndjson", b"text/event-stream")
 class Exchange:
     """One client request on its way through."""
 
-    __slots__ = ("send", "dialect", "started", "streaming", "status", "completed", "host", "wait_ms")
+    __slots__ = ("completed", "dialect", "host", "send", "started", "status", "streaming", "wait_ms")
 
     def __init__(self, send: Send, dialect: Dialect) -> None:
         self.send, self.dialect = send, dialect

@@ -7,6 +7,7 @@ management (`/api/pull`, ...) is for admins only, aimed at one host with `?host=
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -257,10 +258,8 @@ class ModelRoute:
         """Keep a host's non-verbose `/api/show` answer, so later ones need no host (nor a wake)."""
 
         def remember(host: Host, body: bytes) -> None:
-            try:
+            with contextlib.suppress(msgspec.DecodeError):  # not JSON: nothing worth keeping
                 self.parts.inventory.remember_show(host, model, msgspec.json.decode(body))
-            except msgspec.DecodeError:
-                pass
 
         return remember
 
