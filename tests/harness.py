@@ -97,14 +97,7 @@ def running_stack(
 ) -> Iterator[Stack]:
     """gpumanager in front of static simulated hosts."""
     with start_blocking_portal() as portal, contextlib.ExitStack() as stack:
-        sims: dict[str, SimOllama] = {}
-        servers: dict[str, SimServer] = {}
-        for spec in hosts:
-            sim = SimOllama(
-                name=spec.name, models=spec.models, slots=spec.sim_slots or spec.slots, token_delay=spec.token_delay
-            )
-            server = stack.enter_context(portal.wrap_async_context_manager(running_server(sim)))
-            sims[spec.name], servers[spec.name] = sim, server
+        sims, servers = _static_hosts(portal, stack, hosts)
         config_path = write_config(tmp_path, [(s.name, servers[s.name].url, s) for s in hosts], extra)
         yield _serve(portal, stack, config_path, environ or {}, sims, servers)
 
@@ -143,12 +136,7 @@ def running_mixed_stack(
             kind: stack.enter_context(portal.wrap_async_context_manager(CLOUDS[kind](machines, **options)))
             for kind, machines in fleet.items()
         }
-        sims: dict[str, SimOllama] = {}
-        servers: dict[str, SimServer] = {}
-        for spec in static:
-            sim = SimOllama(name=spec.name, models=spec.models, slots=spec.slots, token_delay=spec.token_delay)
-            servers[spec.name] = stack.enter_context(portal.wrap_async_context_manager(running_server(sim)))
-            sims[spec.name] = sim
+        sims, servers = _static_hosts(portal, stack, static)
         config = "\n".join([extra, *(cloud.config() for cloud in clouds.values())])
         config_path = write_config(tmp_path, [(s.name, servers[s.name].url, s) for s in static], config)
         environ = {k: v for cloud in clouds.values() for k, v in cloud.environ.items()}
@@ -156,6 +144,21 @@ def running_mixed_stack(
         for cloud in clouds.values():
             cloud.attach(running.runtime)
         yield running, clouds
+
+
+def _static_hosts(
+    portal: BlockingPortal, stack: contextlib.ExitStack, hosts: Sequence[SimHost]
+) -> tuple[dict[str, SimOllama], dict[str, SimServer]]:
+    """A simulated Ollama server on loopback for each static host, until `stack` closes."""
+    sims: dict[str, SimOllama] = {}
+    servers: dict[str, SimServer] = {}
+    for spec in hosts:
+        sim = SimOllama(
+            name=spec.name, models=spec.models, slots=spec.sim_slots or spec.slots, token_delay=spec.token_delay
+        )
+        servers[spec.name] = stack.enter_context(portal.wrap_async_context_manager(running_server(sim)))
+        sims[spec.name] = sim
+    return sims, servers
 
 
 def _serve(
