@@ -51,7 +51,9 @@ def chat(tokens: int, *, stream: bool = False, model: str = "llama3.2") -> dict[
 
 
 def state(stack: Stack, name: str) -> HostState:
-    return stack.runtime.fleet.hosts[name].state
+    """A host's state, read on the server's own event loop."""
+    value: HostState = stack.call(lambda: stack.runtime.fleet.hosts[name].state)
+    return value
 
 
 @pytest.fixture
@@ -280,7 +282,7 @@ def test_a_wake_goes_on_when_the_request_that_started_it_leaves(one_paused: tupl
     with pytest.raises(httpx.ReadTimeout):  # the client gives up long before the host is up
         httpx.post(stack.url + "/api/chat", json=chat(1), headers=stack.headers(), timeout=0.05)
     wait_until(lambda: state(stack, "gpu-1") is HostState.READY, timeout=5)
-    assert len(stack.runtime.fleet.queue) == 0 and cloud.resumes("gpu-1") == 1
+    assert stack.call(lambda: len(stack.runtime.fleet.queue)) == 0 and cloud.resumes("gpu-1") == 1
     wait_until(lambda: cloud.pauses("gpu-1") == 1, timeout=5)  # woken without use: the fallback window
 
 

@@ -188,7 +188,7 @@ def test_models_seen_once_are_routable_after_a_restart_while_paused(tmp_path: Pa
         running,
         extra="[timing]\nfallback_reservation_minutes = 0.005\nollama_readiness_wait_seconds = 0.05\n",
     ) as (stack, cloud):
-        wait_until(lambda: stack.runtime.fleet.hosts["gpu-1"].state == "paused", timeout=10)
+        wait_until(lambda: stack.call(lambda: stack.runtime.fleet.hosts["gpu-1"].state) == "paused", timeout=10)
     (tmp_path / "api_keys.json").unlink()
     paused = [Machine("gpu-1", models=("phi3:latest",), announce_models=False)]
     with running_cloud_stack(tmp_path, "surf", paused, extra="[timing]\nollama_readiness_wait_seconds = 0.05\n") as (

@@ -31,10 +31,33 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     pass
 
 
+# The origins Ollama allows by default: local pages on any port, and desktop apps' own schemes.
+OLLAMA_CORS_ORIGINS = [
+    "http://localhost",
+    "https://localhost",
+    "http://localhost:*",
+    "https://localhost:*",
+    "http://127.0.0.1",
+    "https://127.0.0.1",
+    "http://127.0.0.1:*",
+    "https://127.0.0.1:*",
+    "http://0.0.0.0",
+    "https://0.0.0.0",
+    "http://0.0.0.0:*",
+    "https://0.0.0.0:*",
+    "app://*",
+    "file://*",
+    "tauri://*",
+]
+
+
 class ServerConfig(_Section, frozen=True):
     host: str = "0.0.0.0"
     port: Port = 8000
     max_body_mb: Positive = 32
+    cors_origins: list[str] = msgspec.field(default_factory=lambda: list(OLLAMA_CORS_ORIGINS))
+    client_timeout_seconds: Positive = 30  # a request body that stalls longer between two reads: 408
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 10_000  # uvicorn's limit_concurrency
 
 
 class CloudApiConfig(_Section, frozen=True):
@@ -59,6 +82,7 @@ class TimingConfig(_Section, frozen=True):
     upstream_read_timeout_seconds: Positive = 600
     shutdown_grace_seconds: NonNegative = 10
     pause_retry_seconds: Positive = 5
+    upstream_idle_seconds: Positive = 120  # a host silent this long mid-answer ends the stream
 
 
 class PathsConfig(_Section, frozen=True):
@@ -85,6 +109,8 @@ class HostConfig(_Section, frozen=True):
     models: list[str] = []
     cost_per_hour: NonNegative | None = None
     protected: bool = False
+    api: Literal["ollama", "openai"] = "ollama"  # "openai": vLLM, llama-server, SGLang, TGI, LM Studio
+    api_key_env: str | None = None  # the variable holding an OpenAI-compatible static host's bearer token
 
 
 class _ProviderBase(_Section, frozen=True, tag_field="type"):
