@@ -22,7 +22,7 @@ def build_providers(config: Config, environ: Mapping[str, str], http: httpx.Asyn
 
     A provider whose secret is missing fails here, at start, naming the variable.
     """
-    providers: dict[str, Provider] = {"static": StaticProvider(config.hosts)}
+    providers: dict[str, Provider] = {"static": StaticProvider(config.hosts, environ)}
     for pconf in config.all_providers():
         if isinstance(pconf, SimulatedProviderConfig):
             from gpumanager.providers.simulated import SimulatedProvider
