@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -59,7 +60,39 @@ def test_the_demo_refuses_a_busy_port_clearly(tmp_path: Path) -> None:
             text=True,
             timeout=60,
         )
-    assert done.returncode == 2 and "is in use" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == (
+        f"gpumanager: error: cannot listen on 127.0.0.1:{port}: Address already in use; "
+        "try `gpumanager demo --port 8001`"
+    )
+
+
+def test_ctrl_c_during_the_demos_wake_ends_it_cleanly(tmp_path: Path) -> None:
+    """Ctrl-C while the narrated request waits for its host: the request is told, nothing is a traceback."""
+    demo = subprocess.Popen(
+        [sys.executable, "-u", "-m", "gpumanager", "demo", "--port", str(free_port()), "--dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert demo.stdout is not None
+        seen = []
+        for line in demo.stdout:
+            seen.append(line)
+            if "paused -> resuming" in line:
+                break
+        demo.send_signal(signal.SIGINT)
+        out, err = demo.communicate(timeout=30)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.communicate()
+    assert demo.returncode == 0, err
+    assert "Traceback" not in out + err and "ExceptionGroup" not in out + err
+    assert "bye: the demo's files stay in" in out
+    log = (tmp_path / "gpumanager.log").read_text()
+    assert "SIGINT: draining" in log and "Traceback" not in log
 
 
 def test_hosts_prints_the_fleet_of_a_running_server(

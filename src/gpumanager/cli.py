@@ -177,27 +177,29 @@ def load_config(args: argparse.Namespace, *, required: bool = True) -> tuple[Con
 
 
 def _server(args: argparse.Namespace) -> int:
-    import uvicorn
+    import anyio
 
     from gpumanager import logs
     from gpumanager.app import build_app
+    from gpumanager.serve import bind, local_url, raise_open_file_limit, serve_app, server_for
 
     config, _ = load_config(args)
     logs.setup(args.log_level, config.paths.log_file)
-    app = build_app(config)
-    uv = uvicorn.Config(
-        app,
-        host=args.host or config.server.host,
-        port=args.port or config.server.port,
-        log_config=None,
-        access_log=False,
-        server_header=False,
-        lifespan="on",
-        # uvicorn waits this long for open streams (it takes fractions too).
-        timeout_graceful_shutdown=config.timing.shutdown_grace_seconds,  # type: ignore[arg-type]
-        timeout_keep_alive=75,
-    )
-    uvicorn.Server(uv).run()
+    host, port = args.host or config.server.host, args.port or config.server.port
+    try:
+        sock = bind(host, port)
+    except OSError as exc:
+        print(f"gpumanager: error: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    with sock:
+        raise_open_file_limit(config.server.max_connections)
+        app = build_app(config)
+        server = server_for(app, max_connections=config.server.max_connections)
+        url = local_url(host, sock.getsockname()[1])
+        try:
+            anyio.run(serve_app, server, sock, app.state.runtime, url, config.timing.shutdown_grace_seconds)
+        except SystemExit as exc:  # uvicorn's answer to a start-up that failed (it logged why)
+            return int(exc.code or 1)
     return 0
 
 
@@ -383,8 +385,9 @@ def _hosts(args: argparse.Namespace) -> int:
 
 
 def _local_url(config: Config) -> str:
-    host = config.server.host
-    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{config.server.port}"
+    from gpumanager.serve import local_url
+
+    return local_url(config.server.host, config.server.port)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ answer, the idle window and the pause. Then it stays up for the newcomer's own r
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import sys
 import tempfile
 import textwrap
@@ -17,7 +17,6 @@ from pathlib import Path
 
 import anyio
 import httpx
-import uvicorn
 
 from gpumanager import logs
 from gpumanager.app import build_app
@@ -25,7 +24,7 @@ from gpumanager.config import load
 from gpumanager.hosts import HostState
 from gpumanager.keys import KeyStore
 from gpumanager.runtime import Runtime
-from gpumanager.sim.server import port_is_free
+from gpumanager.serve import bind, local_url, serve_app, server_for
 
 ANSWER = (
     "A GPU that sleeps costs nothing. gpumanager woke this simulated host for your request, "
@@ -82,55 +81,43 @@ def say(message: str) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     folder = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="gpumanager-demo-"))
     folder.mkdir(parents=True, exist_ok=True)
-    if not port_is_free(args.host, args.port):
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as exc:
         print(
-            f"gpumanager: error: port {args.port} on {args.host} is in use; try `gpumanager demo --port 8001`",
+            f"gpumanager: error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}; "
+            "try `gpumanager demo --port 8001`",
             file=sys.stderr,
         )
-        return 2
+        return 1
     config_path = folder / "config.toml"
     config_path.write_text(CONFIG.format(host=args.host, port=args.port, answer=ANSWER))
     config = load(config_path)
     logs.setup("INFO", config.paths.log_file, console=False)
     key = KeyStore(config.paths.api_keys_file).generate("demo", "demo@localhost", admin=True)[1]
     app = build_app(config, environ={})
-    url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}"
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=args.host,
-            port=args.port,
-            log_config=None,
-            access_log=False,
-            server_header=False,
-            lifespan="on",
-            timeout_graceful_shutdown=2,
-        )
-    )
+    runtime: Runtime = app.state.runtime
+    url = local_url(args.host, args.port)
+    server = server_for(app, max_connections=config.server.max_connections)
     _banner(url, key, folder)
-    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled, once it shut down
-        anyio.run(_main, server, app.state.runtime, url, key, args.once)
+
+    async def narrate() -> None:
+        tg_watch = anyio.create_task_group()
+        async with tg_watch:
+            tg_watch.start_soon(_watch, runtime)
+            try:
+                await _narrate(runtime, url, key)
+            except (httpx.HTTPError, TimeoutError) as exc:
+                say(f"The demo's own request did not finish ({exc or type(exc).__name__}).")
+            if args.once:
+                server.should_exit = True
+            else:
+                say("Your turn: try the examples above (Ctrl-C to stop). Watch hosts wake and pause here.")
+
+    with sock:
+        anyio.run(functools.partial(serve_app, server, sock, runtime, url, 2.0, when_ready=narrate))
     print("\nbye: the demo's files stay in", folder)
     return 0
-
-
-async def _main(server: uvicorn.Server, runtime: Runtime, url: str, key: str, once: bool) -> None:
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(_serve, server, tg.cancel_scope)
-        with anyio.fail_after(30):
-            while not server.started:  # noqa: ASYNC110 - uvicorn tells it by this flag alone
-                await anyio.sleep(0.05)
-        tg.start_soon(_watch, runtime)
-        await _narrate(runtime, url, key)
-        if once:
-            server.should_exit = True
-        else:
-            say("Your turn: try the examples above (Ctrl-C to stop). Watch hosts wake and pause here.")
-
-
-async def _serve(server: uvicorn.Server, scope: anyio.CancelScope) -> None:
-    await server.serve()  # returns on Ctrl-C (uvicorn handles the signal) or should_exit
-    scope.cancel()
 
 
 async def _watch(runtime: Runtime) -> None:

@@ -15,8 +15,11 @@
     │   ├── MethodNotAllowed        405
     │   ├── Conflict                409 an admin action the host's state does not allow
     │   ├── PayloadTooLarge         413 body over [server] max_body_mb
+    │   ├── RequestTimeout          408 the request body stalled past [server] client_timeout_seconds
     │   ├── TooManyRequests         429 queue full, or one key over max_per_key
+    │   ├── InternalError           500 a bug in gpumanager (logged once, with its traceback)
     │   ├── UpstreamFailed          502 the host failed before any byte reached the client
+    │   │   └── UpstreamSilent          ...or sent nothing for [timing] upstream_idle_seconds mid-answer
     │   ├── NoCapacity              503 no host can serve now, or the queue wait timed out (Retry-After)
     │   └── WakeTimeout             504 the host woken for this request did not become ready
     └── ProviderError           a cloud call failed: says which provider, host and action
@@ -122,6 +125,18 @@ class PayloadTooLarge(ClientError):
     status = 413
 
 
+class RequestTimeout(ClientError):
+    status = 408
+
+
+class InternalError(ClientError):
+    status = 500
+    kind = "server_error"
+
+    def __init__(self, message: str = "internal error in gpumanager; see its log") -> None:
+        super().__init__(message)
+
+
 class TooManyRequests(ClientError):
     status = 429
     kind = "rate_limit_error"
@@ -131,6 +146,10 @@ class TooManyRequests(ClientError):
 class UpstreamFailed(ClientError):
     status = 502
     kind = "api_error"
+
+
+class UpstreamSilent(UpstreamFailed):
+    """The host stopped sending mid-answer: the stream is ended and the host skipped until it answers."""
 
 
 class NoCapacity(ClientError):

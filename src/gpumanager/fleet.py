@@ -131,6 +131,13 @@ class Fleet:
     def leases_of(self, host: Host) -> set[Lease]:
         return self._leases.get(host, set())
 
+    def all_leases(self) -> list[Lease]:
+        return [lease for leases in self._leases.values() for lease in leases]
+
+    def lease_count(self) -> int:
+        """Open leases of the whole fleet (admin holds included): the requests still running."""
+        return sum(len(leases) for leases in self._leases.values())
+
     # -- admission ---------------------------------------------------------------------------------
 
     def admit(self, ask: Ask) -> Lease | Waiter:
@@ -178,6 +185,13 @@ class Fleet:
             raise waiter.error
         assert isinstance(waiter.lease, Lease)
         return waiter.lease
+
+    def fail_waiters(self, error: ClientError) -> None:
+        """End every wait in the queue with `error` (a shutdown)."""
+        for waiter in list(self.queue):
+            self.queue.remove(waiter)
+            waiter.error = error
+            waiter.ready.set()  # type: ignore[attr-defined]
 
     def abandon(self, waiter: Waiter) -> None:
         """The request behind `waiter` is gone: leave the queue, or free the lease it was just handed."""

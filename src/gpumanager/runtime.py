@@ -14,6 +14,7 @@ from anyio.abc import TaskStatus
 from loguru import logger
 
 from gpumanager.config import Config
+from gpumanager.errors import NoCapacity
 from gpumanager.fleet import Fleet
 from gpumanager.inventory import Inventory
 from gpumanager.keys import KeyStore
@@ -49,6 +50,28 @@ class Runtime:
         self.reconciler = Reconciler(
             config, self.fleet, self.providers, self.inventory, self.lifecycle, clock=self.fleet.clock
         )
+        self.draining = False  # a shutdown has begun: new requests are refused with 503
+
+    async def drain(self, grace: float) -> None:
+        """Refuse new requests, give open streams `grace` seconds to finish, then end the rest with an
+        in-band error ("gpumanager is shutting down") and wait (briefly) until they have said so."""
+        self.draining = True
+        fleet = self.fleet
+
+        def busy() -> int:
+            return fleet.lease_count() + len(fleet.queue)
+
+        with anyio.move_on_after(grace):
+            while busy():  # noqa: ASYNC110 - leases end and waiters leave by many paths; a shutdown can poll
+                await anyio.sleep(0.05)
+        if busy():
+            logger.warning("ending {} open requests: shutdown_grace_seconds ({:g}s) passed", busy(), grace)
+            fleet.fail_waiters(NoCapacity("gpumanager is shutting down; try again", retry_after=5))
+            for lease in fleet.all_leases():
+                lease.abort("gpumanager is shutting down")
+            with anyio.move_on_after(2):
+                while busy():  # noqa: ASYNC110 - as above
+                    await anyio.sleep(0.05)
 
     def proxy_parts(self) -> ProxyParts:
         return ProxyParts(
@@ -57,6 +80,8 @@ class Runtime:
             upstream=self.upstream,
             upstream_auth=self.upstream_auth,
             max_body=int(self.config.server.max_body_mb * 2**20),
+            client_timeout_seconds=self.config.server.client_timeout_seconds,
+            upstream_idle_seconds=self.config.timing.upstream_idle_seconds,
             keepalive_seconds=self.config.timing.wake_keepalive_seconds,
             readier=self.lifecycle,
             refresh=self.reconciler.refresh,
@@ -76,11 +101,4 @@ class Runtime:
             tg.start_soon(self.reconciler.run)
             if not self.keys.records():
                 logger.warning("no API keys in {}: make one with `gpumanager generate-key`", self.keys.path)
-            hosts = len(self.fleet.hosts)
-            logger.info(
-                "gpumanager is ready: {} host{}, models: {}",
-                hosts,
-                "" if hosts == 1 else "s",
-                ", ".join(self.fleet.models()) or "none yet",
-            )
             task_status.started()

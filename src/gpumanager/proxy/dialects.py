@@ -32,9 +32,14 @@ class Options(msgspec.Struct):
 class RouteFields(msgspec.Struct):
     """Only what routing needs; the body itself is forwarded byte for byte, so unknown fields survive."""
 
-    model: str
+    model: str = ""
     stream: bool | None = None
     options: Options | None = None
+    name: str = ""  # the legacy name of `model` (older Open WebUI sends it to /api/show)
+
+
+MAX_MODEL_NAME = 256
+_control = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 _fields_decoder = msgspec.json.Decoder(RouteFields)
@@ -42,8 +47,9 @@ _encoder = msgspec.json.Encoder()
 _at = re.compile(r" - at `\$\.?(.*)`$")
 
 
-def parse_fields(body: bytes) -> RouteFields:
-    """Decode the routing fields of a request body, or raise `BadRequest` saying what is wrong."""
+def parse_fields(body: bytes, *, legacy_name: bool = False) -> RouteFields:
+    """Decode the routing fields of a request body, or raise `BadRequest` saying what is wrong.
+    With `legacy_name`, a body without `model` may name it in `name`, as Ollama accepts there."""
     if not body.strip():
         raise BadRequest("missing request body")
     try:
@@ -52,8 +58,16 @@ def parse_fields(body: bytes) -> RouteFields:
         raise BadRequest(_explain(str(exc))) from None
     except msgspec.DecodeError:
         raise BadRequest("request body is not valid JSON") from None
+    except RecursionError:  # msgspec's answer to JSON nested a thousand levels deep, anywhere in the body
+        raise BadRequest("request body is nested too deeply") from None
+    if not fields.model and legacy_name and fields.name:
+        fields.model = fields.name
     if not fields.model.strip():
         raise BadRequest("model is required")
+    if len(fields.model) > MAX_MODEL_NAME:
+        raise BadRequest(f"model name is longer than {MAX_MODEL_NAME} characters")
+    if _control.search(fields.model):
+        raise BadRequest("model name contains control characters")
     return fields
 
 

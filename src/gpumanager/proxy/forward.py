@@ -52,7 +52,18 @@ STREAM_TYPES = (b"application/x-ndjson", b"text/event-stream")
 class Exchange:
     """One client request on its way through."""
 
-    __slots__ = ("completed", "dialect", "host", "send", "started", "status", "streaming", "wait_ms")
+    __slots__ = (
+        "completed",
+        "dialect",
+        "host",
+        "last_read",
+        "lease",
+        "send",
+        "started",
+        "status",
+        "streaming",
+        "wait_ms",
+    )
 
     def __init__(self, send: Send, dialect: Dialect) -> None:
         self.send, self.dialect = send, dialect
@@ -60,6 +71,8 @@ class Exchange:
         self.status = 0
         self.host = ""
         self.wait_ms = 0.0
+        self.last_read = 0.0  # when the host's last chunk arrived (anyio clock); 0 before the first
+        self.lease: Lease | None = None  # the slot the answer streams from, while it does
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.started, self.status = True, status
@@ -157,18 +170,34 @@ async def forward(
     `before_end` runs after the last upstream byte and before the client sees the answer end, so
     what the client asks next sees its effects.
     """
-    ex.host = lease.host.name
-    try:
-        response = await upstream.send(method, lease.host.url + target, headers, body)
-    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-        raise ConnectFailed(f"cannot connect to {lease.host.name}: {exc or type(exc).__name__}") from None
-    except httpx.HTTPError as exc:
-        raise UpstreamFailed(f"host {lease.host.name} failed: {exc or type(exc).__name__}") from None
+    ex.host, ex.lease = lease.host.name, lease
+    response = await send_upstream(upstream, lease.host, method, target, headers, body)
     try:
         await _relay(response, ex, lease, on_body, before_end)
     finally:
         with anyio.CancelScope(shield=True):
             await response.aclose()
+
+
+async def send_upstream(
+    upstream: Upstream, host: Host, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes
+) -> httpx.Response:
+    """The host's response (headers read), or `ConnectFailed` / `UpstreamFailed` saying what happened."""
+    try:
+        return await upstream.send(method, host.url + target, headers, body)
+    except (httpx.ConnectError, httpx.ConnectTimeout):
+        raise ConnectFailed(f"cannot connect to host {host.name}") from None
+    except httpx.TimeoutException:
+        raise UpstreamFailed(f"host {host.name} did not answer in time") from None
+    except httpx.HTTPError:
+        raise UpstreamFailed(f"host {host.name} closed the connection before answering") from None
+
+
+def mid_answer(host: Host, exc: httpx.HTTPError) -> UpstreamFailed:
+    """A failure after the host began to answer, in words (no library internals)."""
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamFailed(f"host {host.name} stopped sending mid-answer (upstream_read_timeout_seconds)")
+    return UpstreamFailed(f"host {host.name} closed the connection mid-answer")
 
 
 def refused(response: httpx.Response, host: Host, body: bytes) -> UpstreamFailed:
@@ -198,11 +227,12 @@ async def _relay(
     kept: list[bytes] | None = [] if on_body is not None and response.status_code == 200 else None
     try:
         async for chunk in response.aiter_raw():
+            ex.last_read = anyio.current_time()
             await ex.write(chunk)
             if kept is not None:
                 kept.append(chunk)
     except httpx.HTTPError as exc:
-        raise UpstreamFailed(f"host {lease.host.name} failed mid-answer: {exc or type(exc).__name__}") from None
+        raise mid_answer(lease.host, exc) from None
     if before_end is not None:
         await before_end()
     await ex.finish()

@@ -65,8 +65,8 @@ def local_routes(fleet: Fleet, inventory: Inventory) -> list[BaseRoute]:
         wanted = request.path_params["model"]
         tags = {str(t.get("name") or t.get("model")): t for t in inventory.tag_entries(hosts())}
         for name in model_names(wanted):
-            if name in tags:
-                return JSONResponse(_openai_model(tags[name]))
+            if name in tags:  # the id as the client asked for it (`llama3.2`, not `llama3.2:latest`), as Ollama does
+                return JSONResponse({**_openai_model(tags[name]), "id": wanted})
         return JSONResponse(
             error_payload(
                 Dialect.OPENAI,

@@ -16,11 +16,11 @@ import anyio
 import httpx
 import msgspec
 
-from gpumanager.errors import BadRequest, ConnectFailed, UpstreamFailed
+from gpumanager.errors import BadRequest, UpstreamFailed
 from gpumanager.fleet import Lease
 from gpumanager.models import listed_name
 from gpumanager.proxy.dialects import STREAM_CONTENT_TYPE, Dialect
-from gpumanager.proxy.forward import Exchange, Upstream, refused, routing_headers
+from gpumanager.proxy.forward import Exchange, Upstream, mid_answer, refused, routing_headers, send_upstream
 
 PATHS = {
     "chat": "/v1/chat/completions",
@@ -163,14 +163,9 @@ async def forward(
     request = _decode.decode(body)
     path, translated, stream = openai_request(route, request)
     translated["model"] = listed_name(lease.host.models, model)
-    ex.host = lease.host.name
+    ex.host, ex.lease = lease.host.name, lease
     headers = [(k, v) for k, v in headers if k != b"content-type"] + [(b"content-type", b"application/json")]
-    try:
-        response = await upstream.send("POST", lease.host.url + path, headers, _encode.encode(translated))
-    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-        raise ConnectFailed(f"cannot connect to {lease.host.name}: {exc or type(exc).__name__}") from None
-    except httpx.HTTPError as exc:
-        raise UpstreamFailed(f"host {lease.host.name} failed: {exc or type(exc).__name__}") from None
+    response = await send_upstream(upstream, lease.host, "POST", path, headers, _encode.encode(translated))
     answer = Answer(route, request.get("model", model))
     try:
         if response.status_code != 200:
@@ -180,7 +175,7 @@ async def forward(
         else:
             await _whole(ex, response, answer, route, lease)
     except httpx.HTTPError as exc:
-        raise UpstreamFailed(f"host {lease.host.name} failed mid-answer: {exc or type(exc).__name__}") from None
+        raise mid_answer(lease.host, exc) from None
     finally:
         with anyio.CancelScope(shield=True):
             await response.aclose()
@@ -227,6 +222,7 @@ async def _stream(ex: Exchange, response: httpx.Response, answer: Answer, lease:
         await ex.start(200, [(b"content-type", STREAM_CONTENT_TYPE[Dialect.OLLAMA]), *routing_headers(ex)])
     pending = b""
     async for chunk in response.aiter_raw():
+        ex.last_read = anyio.current_time()
         pending += chunk.replace(b"\r\n", b"\n")
         *events, pending = pending.split(b"\n\n")
         out = b"".join(_frames(events, answer, lease))
