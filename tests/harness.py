@@ -46,6 +46,7 @@ class Stack:
     keys: KeyStore
     config_path: Path
     exits: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    app: Any = None  # the Starlette app itself, for a test that adds a route of its own
 
     @property
     def v1(self) -> str:
@@ -178,7 +179,9 @@ def _serve(
         portal.wrap_async_context_manager(running_server(app, lifespan="on", timeout_graceful_shutdown=1))
     )
     runtime = app.state.runtime
-    return Stack(portal, proxy.url, runtime, sims, servers, admin_key, user_key, keys, config_path, exits=stack)
+    return Stack(
+        portal, proxy.url, runtime, sims, servers, admin_key, user_key, keys, config_path, exits=stack, app=app
+    )
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> None:

@@ -310,7 +310,7 @@ def test_check_config_shows_what_a_live_host_serves_and_marks_the_config_s_model
     live, dead = row_of(out, live_name), row_of(out, down_name)
     assert "llama3.2:latest, qwen2.5:7b" in live and "(from config)" not in live and "llama3.1" not in live
     assert "llama3.1:8b (from config)" in dead and down in dead
-    assert "MODELS of static hosts: what their /api/tags lists now." in out
+    assert "MODELS of static hosts: what their /api/tags (OpenAI-only hosts: /v1/models) lists now." in out
     assert f"  {down_name}: {down}/api/tags: not reachable" in out
 
 

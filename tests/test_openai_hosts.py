@@ -258,3 +258,25 @@ def test_a_host_whose_models_stop_answering_is_skipped_until_they_answer(tmp_pat
         servers["lm-a"].models_down = False
         wait_until(lambda: host_of(stack, "lm-a").healthy, timeout=10)
         assert servers["lm-a"].native == [] and servers["lm-b"].native == []
+
+
+def test_api_on_an_override_entry_is_refused_naming_the_key(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text('[[hosts]]\nname = "gpu-1"\napi = "openai"\n')
+    with pytest.raises(ConfigError, match=r"hosts\[0\]\.api: only a static host"):
+        load(tmp_path / "config.toml")
+
+
+def test_check_config_reads_an_openai_hosts_models_with_its_own_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gpumanager.cli import main
+
+    server = OpenAIServer(SimOllama(name="vllm", models=(HF,)), token=VLLM_KEY)
+    with start_blocking_portal() as portal, portal.wrap_async_context_manager(running_server(server)) as running:
+        spec = OpenAIHost("vllm", (HF,), api_key_env="VLLM_API_KEY", url_suffix="/v1")
+        (tmp_path / "config.toml").write_text(_host_entry(spec, running.url) + "\n")
+        monkeypatch.setenv("VLLM_API_KEY", VLLM_KEY)
+        assert main(["check-config", "--config", str(tmp_path / "config.toml")]) == 0
+    out = capsys.readouterr().out
+    assert HF in out and "(from config)" not in out
+    assert server.requests["/v1/models"] == 1 and server.authorization == {f"Bearer {VLLM_KEY}"}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -35,20 +37,28 @@ def host_url() -> Iterator[str]:
         yield server.url
 
 
-def start_server(tmp_path: Path, host_url: str, grace: float) -> tuple[subprocess.Popen[str], str, str]:
+def start_server(
+    tmp_path: Path, host_url: str, grace: float, *, server: str = "", open_files: int | None = None
+) -> tuple[subprocess.Popen[str], str, str]:
     port = free_port()
     (tmp_path / "config.toml").write_text(
-        f'[server]\nhost = "127.0.0.1"\nport = {port}\n[timing]\nshutdown_grace_seconds = {grace}\n'
+        f'[server]\nhost = "127.0.0.1"\nport = {port}\n{server}[timing]\nshutdown_grace_seconds = {grace}\n'
         f'[[hosts]]\nname = "box"\nurl = "{host_url}"\n'
     )
     key = KeyStore(tmp_path / "api_keys.json").generate("cli", "cli@example.org")[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUMANAGER_")}
+
+    def limit_open_files() -> None:
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
     process = subprocess.Popen(
         [sys.executable, "-m", "gpumanager", "--config", str(tmp_path / "config.toml")],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
+        preexec_fn=limit_open_files,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -190,3 +200,27 @@ def test_the_env_file_beside_the_config_provides_the_secrets(tmp_path: Path) -> 
         output = process.communicate()[0]
     assert "listing the hosts of surf failed" in output  # it ran, with the token, and told why SURF is unreachable
     assert "from-the-env-file" not in output
+
+
+def test_max_connections_caps_open_connections_and_a_low_file_limit_is_told(tmp_path: Path, host_url: str) -> None:
+    process, url, _ = start_server(tmp_path, host_url, grace=0.2, server="max_connections = 40\n", open_files=64)
+    try:
+        address = (httpx.URL(url).host, httpx.URL(url).port)
+        with contextlib.ExitStack() as held:
+            for _ in range(38):  # idle connections count too; with the probe's own, 39 are open
+                held.enter_context(socket.create_connection(address, timeout=10))
+            assert httpx.get(url + "/health", timeout=10).status_code == 200
+            held.enter_context(socket.create_connection(address, timeout=10))
+            refused = httpx.get(url + "/health", timeout=10)
+            assert refused.status_code == 503  # uvicorn's own answer past limit_concurrency
+        wait_until_ok = time.monotonic() + 10
+        while httpx.get(url + "/health", timeout=10).status_code != 200:  # the connections closed: served again
+            assert time.monotonic() < wait_until_ok
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=30)[0]
+        assert "the open-file limit is 64 but max_connections = 40 needs 80" in output
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()

@@ -15,7 +15,7 @@ from pathlib import Path
 from dotenv import load_dotenv
 
 from gpumanager import __version__
-from gpumanager.config import CONFIG_ENV, Config, config_path, load
+from gpumanager.config import CONFIG_ENV, Config, HostConfig, config_path, load
 from gpumanager.errors import ConfigError, GpuManagerError
 
 COMMANDS = ("server", "demo", "init", "generate-key", "list-keys", "revoke-key", "check-config", "hosts")
@@ -271,7 +271,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
     config, path = load_config(args)
     configured = {host.name for host in config.hosts}
-    live = _live_models({host.name: host.url for host in config.hosts if host.url})
+    live = _live_models({host.name: host for host in config.hosts if host.url})
     rows = [("NAME", "PROVIDER", "URL", "SLOTS", "MODELS", "PROTECTED")]
     for row in describe(config):
         found = live.get(row["name"])
@@ -296,7 +296,7 @@ def _check_config(args: argparse.Namespace) -> int:
     if live:
         failed = {name: why for name, why in live.items() if isinstance(why, str)}
         print()
-        print("MODELS of static hosts: what their /api/tags lists now.")
+        print("MODELS of static hosts: what their /api/tags (OpenAI-only hosts: /v1/models) lists now.")
         if failed:
             print("(from config): the host did not answer, so the config's `models` are shown:")
         for name, why in failed.items():
@@ -304,19 +304,23 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _live_models(urls: dict[str, str], timeout: float = PROBE_SECONDS) -> dict[str, list[str] | str]:
-    """GET `{url}/api/tags` of every host at once: its model names, or why it gave none."""
+def _live_models(hosts: dict[str, HostConfig], timeout: float = PROBE_SECONDS) -> dict[str, list[str] | str]:
+    """GET `{url}/api/tags` of every static host at once (`/v1/models` of an OpenAI-only one): its
+    model names, or why it gave none."""
     import anyio
     import httpx
 
     from gpumanager.init import UPSTREAM_TOKEN
 
-    token = os.environ.get(UPSTREAM_TOKEN, "")
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
     results: dict[str, list[str] | str] = {}
 
-    async def probe(client: httpx.AsyncClient, name: str, url: str) -> None:
-        where = f"{url}/api/tags"
+    async def probe(client: httpx.AsyncClient, name: str, host: HostConfig) -> None:
+        openai = host.api == "openai"
+        url = (host.url or "").rstrip("/").removesuffix("/v1") if openai else (host.url or "").rstrip("/")
+        where = f"{url}/v1/models" if openai else f"{url}/api/tags"
+        variable = host.api_key_env or UPSTREAM_TOKEN
+        token = os.environ.get(variable, "")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
             with anyio.fail_after(timeout):
                 response = await client.get(where, headers=headers)
@@ -330,25 +334,28 @@ def _live_models(urls: dict[str, str], timeout: float = PROBE_SECONDS) -> dict[s
             results[name] = f"{where}: not reachable ({str(cause) or type(cause).__name__})"
             return
         if response.status_code != 200:
-            hint = f" (check {UPSTREAM_TOKEN})" if response.status_code in (401, 403) else ""
+            hint = f" (check {variable})" if response.status_code in (401, 403) else ""
             results[name] = f"{where}: HTTP {response.status_code}{hint}"
             return
         try:
-            results[name] = [str(model["name"]) for model in response.json()["models"]]
+            if openai:
+                results[name] = [str(model["id"]) for model in response.json()["data"]]
+            else:
+                results[name] = [str(model["name"]) for model in response.json()["models"]]
         except (ValueError, KeyError, TypeError):
-            results[name] = f"{where}: not an Ollama answer"
+            results[name] = f"{where}: not an {'OpenAI' if openai else 'Ollama'} answer"
 
     async def probe_all() -> None:
         async with (
             httpx.AsyncClient(timeout=timeout, trust_env=False) as client,
             anyio.create_task_group() as tg,
         ):
-            for name, url in urls.items():
-                tg.start_soon(probe, client, name, url)
+            for name, host in hosts.items():
+                tg.start_soon(probe, client, name, host)
 
-    if urls:
+    if hosts:
         anyio.run(probe_all)
-    return {name: results[name] for name in urls}
+    return {name: results[name] for name in hosts}
 
 
 def _hosts(args: argparse.Namespace) -> int:

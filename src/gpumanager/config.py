@@ -289,6 +289,9 @@ def _check(config: Config, path: str) -> None:
         seen.add(host.name)
         if host.url is not None and not re.match(r"^https?://[^/]+", host.url):
             raise ConfigError(path, f"hosts[{i}].url", f"must start with http:// or https://, got {host.url!r}")
+        if host.url is None and (host.api != "ollama" or host.api_key_env):
+            key = "api" if host.api != "ollama" else "api_key_env"
+            raise ConfigError(path, f"hosts[{i}].{key}", "only a static host (one with a `url`) takes it")
     names = {"static"}
     labelled = [(f"providers[{i}]", p) for i, p in enumerate(config.providers)]
     if config.cloud_api is not None:

@@ -107,7 +107,8 @@ class Reconciler:
         if host.always_on:  # always running, and answering or not: health decides, not the lifecycle
             host.apply(EV.CLOUD_RUNNING)
             host.apply(EV.OLLAMA_READY)
-        logger.bind(host=host.name).info("found host {} ({}, {})", host.name, provider, info.cloud_status)
+        found = "a static host" if host.always_on else f"{provider}, {info.cloud_status}"
+        logger.bind(host=host.name).info("found host {} ({})", host.name, found)
         return host
 
     def _observe(self, host: Host, info: HostInfo) -> None:

@@ -36,6 +36,7 @@ from gpumanager.errors import (
 from gpumanager.fleet import Fleet, Lease
 from gpumanager.hosts import Host
 from gpumanager.inventory import Inventory
+from gpumanager.logs import clean
 from gpumanager.proxy import translate
 from gpumanager.proxy.dialects import STREAM_CONTENT_TYPE, Dialect, heartbeat, parse_fields
 from gpumanager.proxy.forward import Exchange, Receive, Upstream, forward, upstream_headers
@@ -164,7 +165,7 @@ class ModelRoute:
                 scope["method"],
                 scope["path"],
                 scope["auth"].id,
-                model,
+                clean(model, 100),
                 ex.host or "-",
                 status,
                 ex.wait_ms,

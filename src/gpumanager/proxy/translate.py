@@ -1,4 +1,4 @@
-"""Ollama requests for a host that speaks only OpenAI (a RunPod serverless endpoint), translated.
+"""Ollama requests for a host that speaks only OpenAI (a RunPod serverless endpoint, vLLM, llama-server...), translated.
 
 `/api/chat` becomes a chat completion, `/api/generate` a completion, `/api/embed` and
 `/api/embeddings` embeddings; the answer comes back in Ollama's shape, streamed as NDJSON frame by
@@ -59,7 +59,7 @@ def openai_request(route: str, request: dict[str, Any]) -> tuple[str, dict[str, 
         raise BadRequest(f"/api/{route} has no equivalent on an OpenAI-compatible host")
     for field in UNTRANSLATABLE.get(route, ()):
         if request.get(field) not in (None, False, "", [], {}):
-            raise BadRequest(f"`{field}` cannot be translated for an OpenAI-compatible host (a RunPod endpoint)")
+            raise BadRequest(f"`{field}` cannot be translated for an OpenAI-compatible host")
     model = request["model"]
     if route in ("embed", "embeddings"):
         text = request.get("input") if route == "embed" else request.get("prompt")
@@ -95,7 +95,7 @@ def _message(message: Any) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise BadRequest("each of `messages` must be an object")
     if message.get("images"):
-        raise BadRequest("`images` cannot be translated for an OpenAI-compatible host (a RunPod endpoint)")
+        raise BadRequest("`images` cannot be translated for an OpenAI-compatible host")
     return {"role": message.get("role", "user"), "content": message.get("content") or ""}
 
 

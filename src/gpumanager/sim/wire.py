@@ -150,6 +150,8 @@ class Request:
             data = _decode(body)
         except msgspec.DecodeError as exc:
             raise HTTPError(400, f"invalid JSON: {exc}") from None
+        except RecursionError:  # as Ollama's own decoder refuses it
+            raise HTTPError(400, "invalid JSON: nested too deeply") from None
         if not isinstance(data, dict):
             raise HTTPError(400, "request body must be a JSON object")
         return data
