@@ -111,6 +111,7 @@ class HostConfig(_Section, frozen=True):
     protected: bool = False
     api: Literal["ollama", "openai"] = "ollama"  # "openai": vLLM, llama-server, SGLang, TGI, LM Studio
     api_key_env: str | None = None  # the variable holding an OpenAI-compatible static host's bearer token
+    stream_usage: bool = True  # false: never send it `stream_options` (its OpenAI streams go uncounted)
 
 
 class _ProviderBase(_Section, frozen=True, tag_field="type"):
@@ -175,6 +176,15 @@ class RunpodProviderConfig(_CloudBase, frozen=True, tag="runpod"):
     poll_seconds: Positive = 2
 
 
+class MetricsConfig(_Section, frozen=True):
+    public: bool = False  # /metrics without an admin key (only behind a network you trust)
+
+
+class UsageConfig(_Section, frozen=True):
+    database_url: str = ""  # "" = sqlite:///<state_dir>/usage.db
+    retention_days: Annotated[int, msgspec.Meta(ge=1)] = 400  # older rows are pruned
+
+
 ProviderConfig = SurfProviderConfig | SimulatedProviderConfig | Ec2ProviderConfig | RunpodProviderConfig
 
 
@@ -191,6 +201,8 @@ class Config(_Section, frozen=True):
     timing: TimingConfig = TimingConfig()
     paths: PathsConfig = PathsConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    usage: UsageConfig = UsageConfig()
     hosts: list[HostConfig] = []
     providers: list[ProviderConfig] = []
 

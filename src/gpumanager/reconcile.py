@@ -100,6 +100,7 @@ class Reconciler:
             models=frozenset(override.models if override and override.models else info.models),
         )
         host.api = info.api
+        host.stream_usage = override.stream_usage if override is not None else True
         source = self.providers.get(provider)
         if isinstance(source, UpstreamAuth):
             host.auth = source.upstream_auth(info.id)

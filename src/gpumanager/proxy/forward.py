@@ -8,6 +8,7 @@ chunk to the client as it arrives.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -20,6 +21,7 @@ from gpumanager.errors import ClientError, ConnectFailed, UpstreamFailed
 from gpumanager.fleet import Lease
 from gpumanager.hosts import Host
 from gpumanager.proxy.dialects import Dialect, error_body, error_headers, inband_error
+from gpumanager.proxy.usage import Meter
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -40,6 +42,7 @@ REQUEST_DROP = frozenset(
         b"authorization",
         b"x-api-key",
         b"expect",
+        b"accept-encoding",  # answers come back uncompressed, so their token counts can be read
     }
 )
 # Never passed back: hop-by-hop headers, and those uvicorn writes itself.
@@ -54,25 +57,36 @@ class Exchange:
 
     __slots__ = (
         "completed",
+        "completion_tokens",
         "dialect",
+        "first_byte",
         "host",
         "last_read",
         "lease",
+        "prompt_tokens",
         "send",
+        "sent",
         "started",
         "status",
+        "stream_asked",
         "streaming",
+        "upstream_done",
         "wait_ms",
     )
 
     def __init__(self, send: Send, dialect: Dialect) -> None:
         self.send, self.dialect = send, dialect
         self.started = self.streaming = self.completed = False
+        self.stream_asked = False  # the client asked for a stream
         self.status = 0
         self.host = ""
         self.wait_ms = 0.0
         self.last_read = 0.0  # when the host's last chunk arrived (anyio clock); 0 before the first
         self.lease: Lease | None = None  # the slot the answer streams from, while it does
+        self.prompt_tokens: int | None = None  # read from the answer as it passed (None: not sent)
+        self.completion_tokens: int | None = None
+        # perf_counter marks: request sent upstream, first byte to the client, last upstream byte
+        self.sent = self.first_byte = self.upstream_done = 0.0
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.started, self.status = True, status
@@ -99,6 +113,10 @@ class Exchange:
             # A plain body cut short: the response is left unfinished, so the server drops the
             # connection and the client sees a truncated answer, never a complete-looking one.
             logger.warning("answer from {} cut short: {}", self.host or "the host", exc.message)
+
+
+class UsageRefused(Exception):
+    """The host refused `stream_options` (added to count a stream's tokens): send it again without."""
 
 
 class Upstream:
@@ -138,6 +156,7 @@ class Upstream:
 
 def upstream_headers(scope: MutableMapping[str, Any], extra: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     headers = [(k, v) for k, v in scope["headers"] if k not in REQUEST_DROP]
+    headers.append((b"accept-encoding", b"identity"))
     headers.extend(extra)
     return headers
 
@@ -162,18 +181,21 @@ async def forward(
     body: bytes,
     on_body: Callable[[Host, bytes], None] | None = None,
     before_end: Callable[[], Awaitable[None]] | None = None,
+    meter: Meter | None = None,
 ) -> None:
     """Send one request to the lease's host and stream the answer to the client.
 
     Raises `ConnectFailed` when the host cannot be reached (nothing was sent to the client yet).
     `on_body`, when given, sees the whole body of a successful non-streamed answer (for caches).
     `before_end` runs after the last upstream byte and before the client sees the answer end, so
-    what the client asks next sees its effects.
+    what the client asks next sees its effects. `meter` reads the answer's token counts as it
+    passes; `UsageRefused` says the host refused the `stream_options` the meter asked for.
     """
     ex.host, ex.lease = lease.host.name, lease
+    ex.sent = time.perf_counter()
     response = await send_upstream(upstream, lease.host, method, target, headers, body)
     try:
-        await _relay(response, ex, lease, on_body, before_end)
+        await _relay(response, ex, lease, on_body, before_end, meter)
     finally:
         with anyio.CancelScope(shield=True):
             await response.aclose()
@@ -215,9 +237,15 @@ async def _relay(
     lease: Lease,
     on_body: Callable[[Host, bytes], None] | None,
     before_end: Callable[[], Awaitable[None]] | None,
+    meter: Meter | None,
 ) -> None:
     if response.status_code in (401, 403):
         raise refused(response, lease.host, await response.aread())
+    if response.status_code == 400 and meter is not None and meter.drop_usage:
+        refusal = await response.aread()
+        if b"stream_options" in refusal:  # an OpenAI-compatible server that refuses it (older Ollama)
+            raise UsageRefused(lease.host.name)
+        response = httpx.Response(400, headers=response.headers, content=refusal)
     if ex.started and response.status_code != 200:
         # Heartbeats already sent a 200: the upstream's error can only be told in-band.
         detail = _error_message(await response.aread())
@@ -225,14 +253,28 @@ async def _relay(
     if not ex.started:
         await ex.start(response.status_code, response_headers(response, ex))
     kept: list[bytes] | None = [] if on_body is not None and response.status_code == 200 else None
+    if meter is not None and response.status_code != 200:
+        meter = None  # an error body carries no counts
     try:
         async for chunk in response.aiter_raw():
             ex.last_read = anyio.current_time()
+            if meter is not None:
+                chunk = meter.feed(chunk)
+                if not chunk:
+                    continue
             await ex.write(chunk)
+            if not ex.first_byte:
+                ex.first_byte = time.perf_counter()
             if kept is not None:
                 kept.append(chunk)
     except httpx.HTTPError as exc:
         raise mid_answer(lease.host, exc) from None
+    ex.upstream_done = time.perf_counter()
+    if meter is not None:
+        rest = meter.finish()
+        ex.prompt_tokens, ex.completion_tokens = meter.prompt, meter.completion
+        if rest:
+            await ex.write(rest)
     if before_end is not None:
         await before_end()
     await ex.finish()

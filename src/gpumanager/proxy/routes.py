@@ -37,9 +37,9 @@ from gpumanager.fleet import Fleet, Lease
 from gpumanager.hosts import Host
 from gpumanager.inventory import Inventory
 from gpumanager.logs import clean
-from gpumanager.proxy import translate
+from gpumanager.proxy import translate, usage
 from gpumanager.proxy.dialects import STREAM_CONTENT_TYPE, Dialect, heartbeat, parse_fields
-from gpumanager.proxy.forward import Exchange, Receive, Upstream, forward, upstream_headers
+from gpumanager.proxy.forward import Exchange, Receive, Upstream, UsageRefused, forward, upstream_headers
 from gpumanager.proxy.local import local_routes
 from gpumanager.scheduler import Ask, Waiter
 
@@ -141,6 +141,7 @@ class ModelRoute:
             fields = parse_fields(body, legacy_name=self.route == "show")
             model = fields.model
             stream = self.streams and (fields.stream if fields.stream is not None else self.stream_default)
+            ex.stream_asked = stream
             ask = Ask(model, scope["auth"].id, fields.options.num_ctx if fields.options else None)
             on_body = None
             if self.route == "show" and not _verbose(body):
@@ -161,7 +162,7 @@ class ModelRoute:
         finally:
             status = ex.status if ex.completed else 499
             logger.info(
-                "{} {} key={} model={} host={} status={} wait_ms={:.0f} ms={:.0f}",
+                "{} {} key={} model={} host={} status={} wait_ms={:.0f} ms={:.0f} tokens={}/{}",
                 scope["method"],
                 scope["path"],
                 scope["auth"].id,
@@ -170,6 +171,8 @@ class ModelRoute:
                 status,
                 ex.wait_ms,
                 (time.perf_counter() - started) * 1000,
+                "-" if ex.prompt_tokens is None else ex.prompt_tokens,
+                "-" if ex.completion_tokens is None else ex.completion_tokens,
             )
 
     async def _watch(self, receive: Receive, done: anyio.CancelScope, ex: Exchange) -> None:
@@ -251,11 +254,21 @@ class ModelRoute:
         headers = upstream_headers(scope, host.auth if host.auth is not None else parts.upstream_auth)
         if host.api == "openai" and self.dialect is Dialect.OLLAMA:
             await translate.forward(parts.upstream, ex, lease, self.route, ask.model, headers, body)
-        elif host.api == "openai":
+            return
+        if host.api == "openai":
             body = translate.with_listed_model(body, host.models, ask.model)
-            await forward(parts.upstream, ex, lease, scope["method"], _target(scope), headers, body, on_body)
-        else:
-            await forward(parts.upstream, ex, lease, scope["method"], _target(scope), headers, body, on_body)
+        target = _target(scope)
+        streams = ex.stream_asked
+        if streams and self.dialect is Dialect.OPENAI and host.stream_usage and not usage.asks_for_usage(body):
+            try:  # count this stream's tokens too: ask for the usage event, and keep it from the client
+                meter = usage.Meter(streaming=True, drop_usage=True)
+                await forward(parts.upstream, ex, lease, "POST", target, headers, usage.with_usage(body), meter=meter)
+                return
+            except UsageRefused:
+                logger.bind(host=host.name).info("{} refuses stream_options: its streams go uncounted", host.name)
+                host.stream_usage = False
+        meter = usage.Meter(streaming=streams)
+        await forward(parts.upstream, ex, lease, scope["method"], target, headers, body, on_body, meter=meter)
 
     async def _lease(self, ex: Exchange, ask: Ask, stream: bool) -> Lease:
         got = self.parts.fleet.admit(ask)

@@ -1,0 +1,1 @@
+"""The usage ledger: who used what, when, and what it cost (DESIGN.md §10)."""
