@@ -38,17 +38,27 @@ log() {
 # child that the job waits for, so a SIGTERM from the main shell stops it at once.
 pull_models() {
     child=
+    forking=
+    stopping=
     stop_child() {
         if [ -n "$child" ]; then
             kill -TERM "$child" 2>/dev/null || true
             wait "$child" 2>/dev/null || true
         fi
+        exit 143
     }
-    trap 'stop_child; exit 143' TERM
+    # A trap runs between two commands, so it can come after `"$@" &` and
+    # before `child=$!`, when $child does not name the new child yet (and $!
+    # of this job is inherited: before its first child it is the server's
+    # pid). Then run() stops the child itself once it knows its pid.
+    trap 'stopping=1; [ -n "$forking" ] || stop_child' TERM
 
     run() {
+        forking=1
         "$@" &
         child=$!
+        forking=
+        if [ -n "$stopping" ]; then stop_child; fi
         wait "$child"
     }
 
@@ -89,19 +99,29 @@ pull_models() {
 
 server_pid=
 puller_pid=
+stopping=
 stop() {
     log "received SIG$1, stopping ollama"
+    stopping=1
     if [ -n "$puller_pid" ]; then kill -TERM "$puller_pid" 2>/dev/null || true; fi
     if [ -n "$server_pid" ]; then kill -TERM "$server_pid" 2>/dev/null || true; fi
 }
+# A shell cannot trap a signal that was ignored when it started (POSIX), so
+# SIGINT does nothing here if this script inherits it ignored (e.g. from a
+# program started as a background job of a non-interactive shell). A
+# container's first process starts with no signal ignored.
 trap 'stop TERM' TERM
 trap 'stop INT' INT
 
 ollama serve &
 server_pid=$!
+# A signal that came before server_pid was set stopped nothing: stop now.
+if [ -n "$stopping" ]; then kill -TERM "$server_pid" 2>/dev/null || true; fi
 
-pull_models &
-puller_pid=$!
+if [ -z "$stopping" ]; then
+    pull_models &
+    puller_pid=$!
+fi
 
 # `wait` returns early when a trapped signal arrives: wait again until the
 # server is really gone (kill -0 still succeeds while it is an unreaped zombie).
@@ -113,7 +133,9 @@ done
 
 # The server is gone (stopped by a signal, or it died): stop the pulls too,
 # so the container exits and its restart policy applies.
-kill -TERM "$puller_pid" 2>/dev/null || true
-wait "$puller_pid" 2>/dev/null || true
+if [ -n "$puller_pid" ]; then
+    kill -TERM "$puller_pid" 2>/dev/null || true
+    wait "$puller_pid" 2>/dev/null || true
+fi
 log "ollama exited with status $status"
 exit "$status"

@@ -22,6 +22,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import tomllib
@@ -94,11 +95,22 @@ def live_group_members(pgid: int) -> list[str]:
 
 STANDIN_OLLAMA = r"""#!/bin/sh
 # Stand-in for `ollama`: records each call's arguments, one line per call.
+# The TERM traps are set before the call is recorded and the pid published: a
+# test signals once it sees them, and the signal must find the trap.
+case "$1" in
+serve)
+    trap 'echo "serve stopped by TERM" >> "$STANDIN_LOG"; exit 0' TERM
+    ;;
+pull)
+    case " ${STANDIN_PULL_HANG:-} " in
+    *" $2 "*) trap 'echo "pull $2 stopped by TERM" >> "$STANDIN_LOG"; exit 143' TERM ;;
+    esac
+    ;;
+esac
 printf '%s\n' "$*" >> "$STANDIN_LOG"
 case "$1" in
 serve)
     echo $$ > "$STANDIN_DIR/serve.pid"
-    trap 'echo "serve stopped by TERM" >> "$STANDIN_LOG"; exit 0' TERM
     if [ -n "${STANDIN_SERVE_EXIT:-}" ]; then
         sleep 0.3
         echo "serve exits $STANDIN_SERVE_EXIT" >> "$STANDIN_LOG"
@@ -117,7 +129,6 @@ pull)
     esac
     case " ${STANDIN_PULL_HANG:-} " in
     *" $2 "*)
-        trap 'echo "pull $2 stopped by TERM"  >> "$STANDIN_LOG"; exit 143' TERM
         while :; do sleep 0.02; done
         ;;
     esac
@@ -125,6 +136,31 @@ pull)
     ;;
 esac
 """
+
+
+# Starts the entrypoint the way a container's first process starts: with no signal ignored.
+# A shell cannot trap a signal ignored on entry, and pytest may run with SIGINT ignored (a
+# background job of a non-interactive shell does), which its children would inherit.
+# (Popen's preexec_fn could do this too, but it is not safe while other threads run.)
+WITH_DEFAULT_SIGNALS = """
+import os, signal, sys
+for signum in signal.valid_signals():
+    try:
+        signal.signal(signum, signal.SIG_DFL)
+    except (OSError, ValueError):
+        pass  # SIGKILL, SIGSTOP, and the ones libc keeps for itself
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+def ignored_signals(pid: int) -> set[int] | None:
+    """The signals a process ignores (from procfs; None where there is none)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return None
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
+    return {signum for signum in range(1, 65) if mask >> (signum - 1) & 1}
 
 
 @dataclass
@@ -188,7 +224,7 @@ def run_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
         }
         with open(stderr_path, "wb") as err:
             proc = subprocess.Popen(
-                [str(ENTRYPOINT)],
+                [sys.executable, "-c", WITH_DEFAULT_SIGNALS, str(ENTRYPOINT)],
                 env=full_env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -252,6 +288,8 @@ def test_a_signal_during_a_pull_stops_the_pull_and_the_server(run_node: Callable
     node = run_node(PULL_MODELS="huge-model,next-model", STANDIN_PULL_HANG="huge-model")
     wait_until(lambda: "pull huge-model" in node.calls(), 5, "the pull to start")
     serve_pid = node.serve_pid()
+    ignored = ignored_signals(node.proc.pid)
+    assert ignored is None or signum not in ignored, f"the entrypoint started with {signum!r} ignored"
 
     status, took = node.stop(signum)
 

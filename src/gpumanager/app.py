@@ -20,11 +20,12 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpumanager.admin import admin_routes
-from gpumanager.auth import AuthMiddleware
+from gpumanager.auth import PUBLIC_PATHS, AuthMiddleware
 from gpumanager.config import Config
 from gpumanager.errors import ClientError, InternalError, MethodNotAllowed, NoCapacity, NotFound
 from gpumanager.hosts import HostState
 from gpumanager.logs import clean
+from gpumanager.metrics import metrics_route
 from gpumanager.proxy.dialects import dialect_for, error_body, error_headers
 from gpumanager.proxy.routes import proxy_routes
 from gpumanager.runtime import Runtime
@@ -144,14 +145,16 @@ def build_app(config: Config, *, environ: Mapping[str, str] | None = None) -> St
         _health_route(runtime),
         *proxy_routes(runtime.proxy_parts()),
         *admin_routes(runtime.fleet, runtime.lifecycle, runtime.reconciler.reconcile),
+        metrics_route(runtime.metrics, public=config.metrics.public),
     ]
+    public = PUBLIC_PATHS | ({"/metrics"} if config.metrics.public else set())
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
         middleware=[
             Middleware(Guard, runtime=runtime),
             cors(config.server.cors_origins),  # before the key check: a preflight carries no key
-            Middleware(AuthMiddleware, keys=runtime.keys),
+            Middleware(AuthMiddleware, keys=runtime.keys, public=public),
         ],
         exception_handlers={ClientError: _client_error, HTTPException: _http_error},
     )

@@ -28,7 +28,7 @@ class HostInfo(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     state: CloudState
     cloud_status: str  # the provider's own word
-    address: str | None = None  # base URL of the host's Ollama (or OpenAI-compatible upstream)
+    address: str | None = None  # base URL of its Ollama (or OpenAI API), as soon as the cloud resumes it
     details: dict[str, Any] = {}  # flavour, region, last action error... shown by the admin API
     error: str = ""  # the newest failure the cloud reports for this host
     slots: int | None = None  # what the cloud knows of the host's parallelism, if anything

@@ -32,6 +32,7 @@ from gpumanager.providers.base import Polling, Provider, ReadinessProbe
 from gpumanager.tasks import forever, guarded
 
 EV, ST = HostEvent, HostState
+MAX_PROBES = 8  # readiness probes of one wake in flight at once, at most
 
 
 class Lifecycle:
@@ -159,7 +160,8 @@ class Lifecycle:
             self.fleet.notify()
 
     async def _resume(self, host: Host, wake: Wake) -> float:
-        """Resume (if needed), wait for the cloud and then for Ollama; returns when the cloud was done."""
+        """Resume (if needed), then wait for Ollama, watching the cloud meanwhile; returns when the cloud
+        was done (it said running, or Ollama answered first)."""
         provider = self.providers[host.provider]
         if host.pausing is not None:
             logger.bind(host=host.name).info("{} is pausing; it is resumed once the pause is done", host.name)
@@ -172,10 +174,7 @@ class Lifecycle:
                 "resuming {} for {}", host.name, ", ".join(sorted(wake.models)) or "an admin"
             )
             await provider.resume(host.id)
-        info = await self._until_running(host, provider)
-        cloud_done = self.now()
-        await self._until_ollama(host, provider, info, wake)
-        return cloud_done
+        return await self._until_ready(host, provider, wake)
 
     def _wake_failed(self, host: Host, wake: Wake, error: str) -> None:
         wake.error = error
@@ -192,18 +191,47 @@ class Lifecycle:
         )
         self.request_pause(host, "its wake failed", drain=False)
 
-    async def _until_running(self, host: Host, provider: Provider) -> HostInfo:
+    async def _until_ready(self, host: Host, provider: Provider, wake: Wake) -> float:
+        """Poll the cloud and, as soon as it gave the host's address, probe Ollama alongside, so that
+        readiness is seen within one `ollama_readiness_wait_seconds` however slowly the cloud is polled.
+
+        The cloud's half ends the wake when the cloud reports a failure; Ollama's half ends it when
+        Ollama answers with the model, which proves the machine runs even if the cloud has not said
+        so yet. Returns when the cloud was done.
+        """
+        progress = _Progress()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._until_running, host, provider, progress)
+                await self._until_ollama(host, provider, progress, wake)
+                tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # one half failed (the other was cancelled): its error alone
+            raise _first(group) from None
+        if host.state is ST.RESUMING:
+            host.apply(EV.CLOUD_RUNNING)
+        return progress.running if progress.running is not None else self.now()
+
+    async def _until_running(self, host: Host, provider: Provider, progress: _Progress) -> None:
+        """Poll the cloud every `poll_seconds` until it says the host runs and gives its address.
+
+        Every address it gives for the host while it resumes or runs goes to the Ollama probe: some
+        clouds know it before the machine runs. A failure the cloud reports raises `WakeFailed`; a
+        blip (timeout, 5xx) is asked about again, within the wake's deadline.
+        """
         while True:
             try:
                 info = await provider.inspect(host.id)
-            except (ProviderTimeout, ProviderUnavailable) as exc:  # a blip; the wake's deadline bounds it
+            except (ProviderTimeout, ProviderUnavailable) as exc:
                 logger.bind(host=host.name).warning("checking on {} failed: {}; asking again", host.name, exc)
             else:
                 host.adopt(info)
+                if info.address and info.state in (CloudState.RESUMING, CloudState.RUNNING):
+                    progress.located(info)
                 if info.state is CloudState.RUNNING and info.address:
+                    progress.running = self.now()
                     if host.state is ST.RESUMING:
                         host.apply(EV.CLOUD_RUNNING)
-                    return info
+                    return
                 if info.error and info.state in (CloudState.PAUSED, CloudState.FAILED):
                     raise WakeFailed(f"the cloud reports: {info.error}", provider=host.provider, host=host.name)
                 if info.state is CloudState.FAILED:
@@ -212,20 +240,46 @@ class Lifecycle:
                     )
             await anyio.sleep(self._poll(host))
 
-    async def _until_ollama(self, host: Host, provider: Provider, info: HostInfo, wake: Wake) -> None:
+    async def _until_ollama(self, host: Host, provider: Provider, progress: _Progress, wake: Wake) -> None:
+        """Once the host's address is known, probe it every `ollama_readiness_wait_seconds` until it
+        answers with the model, then read its inventory.
+
+        A probe starts on time even while earlier ones still wait out `probe_timeout_seconds` (a
+        machine not yet on the network drops packets rather than refusing them); a few at most are
+        in flight, so a host that never answers is not flooded.
+        """
+        await progress.address_known.wait()
         interval = self.host_timing(host).ollama_readiness_wait_seconds
+        most = min(MAX_PROBES, math.ceil(self.inventory.probe_timeout / interval) + 1)
         model = next(iter(wake.models), None)
-        while True:
-            ready = await provider.ready(info, model) if isinstance(provider, ReadinessProbe) else None
-            if ready is None:
-                ready = await self.inventory.probe(host, model)
-            if ready:
-                try:
+        ready = anyio.Event()
+        in_flight = 0
+
+        async def probe(info: HostInfo) -> None:
+            nonlocal in_flight
+            in_flight += 1
+            try:
+                if await self._probe(host, provider, info, model):
                     await self.inventory.refresh(host)
-                    return
-                except ProbeFailed:
-                    pass
-            await anyio.sleep(interval)
+                    ready.set()
+            except ProbeFailed:
+                pass
+            finally:
+                in_flight -= 1
+
+        async with anyio.create_task_group() as probes:
+            while not ready.is_set():
+                if in_flight < most:
+                    assert progress.info is not None
+                    probes.start_soon(probe, progress.info)
+                with anyio.move_on_after(interval):
+                    await ready.wait()
+            probes.cancel_scope.cancel()
+
+    async def _probe(self, host: Host, provider: Provider, info: HostInfo, model: str | None) -> bool:
+        """One readiness probe: the provider's own (RunPod endpoints), else Ollama's."""
+        ready = await provider.ready(info, model) if isinstance(provider, ReadinessProbe) else None
+        return await self.inventory.probe(host, model) if ready is None else ready
 
     # -- pausing -----------------------------------------------------------------------------------
 
@@ -363,6 +417,25 @@ class Lifecycle:
         return (
             self.timing.reservation_minutes * 60 if host.reserved_key else self.timing.fallback_reservation_minutes * 60
         )
+
+
+class _Progress:
+    """What the cloud has told of a waking host so far, shared by the two halves of its wake."""
+
+    def __init__(self) -> None:
+        self.address_known = anyio.Event()  # set once the cloud gave the host's address
+        self.info: HostInfo | None = None  # the cloud's newest answer with the address
+        self.running: float | None = None  # when the cloud was first seen to say the host runs
+
+    def located(self, info: HostInfo) -> None:
+        self.info = info
+        self.address_known.set()
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first error in a (nested) exception group of a task group."""
+    first = group.exceptions[0]
+    return _first(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def _describe(exc: BaseException, timeout: float) -> str:

@@ -19,6 +19,7 @@ from gpumanager.fleet import Fleet
 from gpumanager.inventory import Inventory
 from gpumanager.keys import KeyStore
 from gpumanager.lifecycle import Lifecycle
+from gpumanager.metrics import Metrics
 from gpumanager.providers import build_providers
 from gpumanager.providers.base import Service
 from gpumanager.proxy.forward import Upstream
@@ -45,6 +46,7 @@ class Runtime:
         )
         self.providers = build_providers(config, environ, self.upstream.client)
         self.fleet = Fleet(config)
+        self.metrics = Metrics(self.fleet)  # the core's Recorder
         self.lifecycle = Lifecycle(config, self.fleet, self.providers, self.inventory)
         self.fleet.waker = self.lifecycle  # the fleet starts wakes through this seam alone
         self.reconciler = Reconciler(
@@ -84,6 +86,7 @@ class Runtime:
             upstream_idle_seconds=self.config.timing.upstream_idle_seconds,
             keepalive_seconds=self.config.timing.wake_keepalive_seconds,
             readier=self.lifecycle,
+            recorder=self.metrics,
             refresh=self.reconciler.refresh,
         )
 

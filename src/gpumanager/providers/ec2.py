@@ -209,7 +209,9 @@ class Ec2Provider:
             name=tags.get("Name") or instance["InstanceId"],
             state=state,
             cloud_status=str(instance.get("State", {}).get("Name", "unknown")),
-            address=f"http://{ip}:{self.config.ollama_port}" if ip and state is CloudState.RUNNING else None,
+            address=f"http://{ip}:{self.config.ollama_port}"
+            if ip and state in (CloudState.RESUMING, CloudState.RUNNING)
+            else None,
             error=error if state is not CloudState.RUNNING else "",
             models=models,
             details={

@@ -197,11 +197,10 @@ class RunpodProvider:
         else:
             state = CloudState.UNKNOWN
         address = None
-        if state is CloudState.RUNNING and port is not None:
-            if self.config.pod_address == "direct" and port.get("isIpPublic"):
-                address = f"http://{port['ip']}:{port['publicPort']}"
-            elif self.config.pod_address == "proxy":
-                address = self.config.pod_proxy_url.format(pod_id=pod["id"], port=self.config.ollama_port)
+        if self.config.pod_address == "proxy" and state in (CloudState.RESUMING, CloudState.RUNNING):
+            address = self.config.pod_proxy_url.format(pod_id=pod["id"], port=self.config.ollama_port)
+        elif state is CloudState.RUNNING and port is not None and port.get("isIpPublic"):
+            address = f"http://{port['ip']}:{port['publicPort']}"
         return HostInfo(
             id=str(pod["id"]),
             name=str(pod.get("name") or pod["id"]),

@@ -35,6 +35,7 @@ class Machine:
     hang_resume: bool = False
     fail_pauses: int = 0
     boots: int = 0
+    resumes: int = 0  # a boot belongs to the resume that asked for it: an older one's boot is dropped
     ollama_up: float = 0.0  # time.monotonic() when its Ollama last started answering
     pause_asked: float = 0.0  # time.monotonic() of the last pause call
     history: list[str] = field(default_factory=list)
@@ -59,7 +60,7 @@ class SimulatedProvider:
             self._tg = tg
             for machine in self.machines.values():
                 if machine.config.running:
-                    await self._boot(machine, delay=0)
+                    await self._boot(machine, 0, machine.resumes)
             task_status.started()
             await anyio.sleep_forever()
 
@@ -79,11 +80,13 @@ class SimulatedProvider:
         while machine.state is CloudState.PAUSING:  # noqa: ASYNC110 - a cloud is polled, as real ones are
             await anyio.sleep(self.poll_seconds)
         machine.state, machine.error = CloudState.RESUMING, ""
+        machine.address = f"http://127.0.0.1:{free_port_on(['127.0.0.1'])}"  # known while it boots
+        machine.resumes += 1
         machine.history.append("resume")
         if machine.hang_resume:
             return
         assert self._tg is not None
-        self._tg.start_soon(self._boot, machine, machine.config.boot_seconds)
+        self._tg.start_soon(self._boot, machine, machine.config.boot_seconds, machine.resumes)
 
     async def pause(self, host_id: str) -> None:
         machine = self._machine(host_id)
@@ -103,23 +106,26 @@ class SimulatedProvider:
 
     # -- the machines ------------------------------------------------------------------------------
 
-    async def _boot(self, machine: Machine, delay: float) -> None:
+    async def _boot(self, machine: Machine, delay: float, resume: int) -> None:
         await anyio.sleep(delay)
-        if machine.state is CloudState.PAUSING:
-            return  # paused while booting
+        if machine.state is CloudState.PAUSING or resume != machine.resumes:
+            return  # paused while booting (and maybe resumed again: that resume's boot goes on)
         if machine.fail_resume:
             machine.state, machine.error = CloudState.PAUSED, "no GPU available for this flavour (simulated)"
+            machine.address = None
             return
         machine.stop = anyio.Event()
         assert self._tg is not None
         await self._tg.start(self._serve, machine)
 
     async def _serve(self, machine: Machine, *, task_status: TaskStatus[None]) -> None:
-        """The machine runs (its address is known) at once; its Ollama answers `ollama_seconds` later."""
+        """The machine runs at once, at the address its resume chose; its Ollama answers `ollama_seconds` later."""
         stop = machine.stop
         assert stop is not None
-        port = free_port_on(["127.0.0.1"])
-        machine.address, machine.state = f"http://127.0.0.1:{port}", CloudState.RUNNING
+        if machine.address is None:  # started from the console: no resume chose its address
+            machine.address = f"http://127.0.0.1:{free_port_on(['127.0.0.1'])}"
+        port = int(machine.address.rsplit(":", 1)[1])
+        machine.state = CloudState.RUNNING
         machine.boots += 1
         task_status.started()
         with anyio.move_on_after(machine.config.ollama_seconds):
@@ -146,7 +152,8 @@ class SimulatedProvider:
         assert self._tg is not None
         if running and machine.state is CloudState.PAUSED:
             machine.state = CloudState.RESUMING
-            self._tg.start_soon(self._boot, machine, 0)
+            machine.resumes += 1
+            self._tg.start_soon(self._boot, machine, 0, machine.resumes)
         elif not running and machine.state is CloudState.RUNNING:
             machine.state = CloudState.PAUSING
             self._tg.start_soon(self._shutdown, machine)

@@ -31,6 +31,7 @@ STATES = {
     "failed": CloudState.FAILED,
 }
 MAX_PAGES = 50
+AWAKE = (CloudState.RESUMING, CloudState.RUNNING)  # its IP is its own: Ollama may be probed there
 
 
 class SurfProvider:
@@ -151,7 +152,7 @@ class SurfProvider:
             name=str(workspace.get("name", workspace["id"])),
             state=state,
             cloud_status=status,
-            address=f"http://{ip}:{self.config.ollama_port}" if ip and state is CloudState.RUNNING else None,
+            address=f"http://{ip}:{self.config.ollama_port}" if ip and state in AWAKE else None,
             error=_failed_resume(workspace) if state is not CloudState.RUNNING else "",
             details={
                 "flavor": size,

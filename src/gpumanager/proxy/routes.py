@@ -41,6 +41,7 @@ from gpumanager.proxy import translate, usage
 from gpumanager.proxy.dialects import STREAM_CONTENT_TYPE, Dialect, heartbeat, parse_fields
 from gpumanager.proxy.forward import Exchange, Receive, Upstream, UsageRefused, forward, upstream_headers
 from gpumanager.proxy.local import local_routes
+from gpumanager.recorder import Recorder, RequestRecord
 from gpumanager.scheduler import Ask, Waiter
 
 Scope = MutableMapping[str, Any]
@@ -66,6 +67,7 @@ class ProxyParts:
     keepalive_seconds: float  # a waiting stream's heartbeat interval
     readier: Readier  # wakes the host that model management is aimed at
     refresh: Callable[[Host], Awaitable[None]]  # re-reads a host's models after model management
+    recorder: Recorder  # told of every finished request
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int, stall: float) -> bytes:
@@ -125,6 +127,27 @@ def _verbose(body: bytes) -> bool:
         raise BadRequest("`verbose` must be a boolean") from None
 
 
+def _record(scope: Scope, ex: Exchange, model: str, status: int, started: float) -> RequestRecord:
+    end = time.perf_counter()
+    wait = ex.wait_ms / 1000
+    overhead = None
+    if ex.sent and ex.upstream_done:  # receipt -> sent upstream (less the wait), upstream end -> client end
+        overhead = max(0.0, ex.sent - started - wait) + max(0.0, end - ex.upstream_done)
+    return RequestRecord(
+        route=scope["path"],
+        model=model,
+        status=status,
+        key=scope["auth"].id,
+        host=ex.host if ex.host != "cache" else "",
+        wait_seconds=wait,
+        first_byte_seconds=ex.first_byte - started if ex.first_byte else None,
+        duration_seconds=end - started,
+        overhead_seconds=overhead,
+        prompt_tokens=ex.prompt_tokens,
+        completion_tokens=ex.completion_tokens,
+    )
+
+
 class ModelRoute:
     """A route forwarded to a host chosen by the request's `model` (raw ASGI: this is the hot path)."""
 
@@ -174,6 +197,7 @@ class ModelRoute:
                 "-" if ex.prompt_tokens is None else ex.prompt_tokens,
                 "-" if ex.completion_tokens is None else ex.completion_tokens,
             )
+            self.parts.recorder.request(_record(scope, ex, model, status, started))
 
     async def _watch(self, receive: Receive, done: anyio.CancelScope, ex: Exchange) -> None:
         """End the exchange when the client disconnects, and its answer when the host falls silent.

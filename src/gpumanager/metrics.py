@@ -1,0 +1,140 @@
+"""Prometheus series of one gpumanager, through prometheus-client (no hand-written exposition).
+
+`Metrics` is the core's `Recorder`: counters and histograms are fed as things happen, on the
+event loop, each call a few microseconds. Gauges of the fleet (queue depth, in-flight requests,
+slots, host states) are read from the fleet when Prometheus scrapes, so they are never stale. Each
+app has its own registry. Label values are bounded: `model` is a model the fleet knows, else
+`other`, and `key` is a key's id, so a client cannot create series at will.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gpumanager.auth import require_admin
+from gpumanager.fleet import Fleet
+from gpumanager.hosts import HostState
+from gpumanager.models import model_names
+from gpumanager.recorder import RequestRecord
+
+# Waits include cold starts of several minutes; answers can stream for as long.
+SLOW = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200)
+FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Metrics:
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+        p = "gpumanager_"
+        self.requests = Counter(p + "requests", "Requests answered", ["route", "model", "status"], registry=registry)
+        self.duration = Histogram(
+            p + "request_duration_seconds", "Receipt to last byte", ["route"], buckets=SLOW, registry=registry
+        )
+        self.first_byte = Histogram(
+            p + "time_to_first_byte_seconds", "Receipt to first byte", ["route"], buckets=SLOW, registry=registry
+        )
+        self.queue_wait = Histogram(
+            p + "queue_wait_seconds", "Wait for a slot, a wake included", buckets=SLOW, registry=registry
+        )
+        self.overhead = Histogram(
+            p + "overhead_seconds", "gpumanager's own time per request", buckets=FAST, registry=registry
+        )
+        self.tokens = Counter(p + "tokens", "Tokens counted in answers", ["key", "model", "kind"], registry=registry)
+        self.wakes = Counter(p + "wakes", "Wakes ended", ["host", "outcome"], registry=registry)
+        self.phases = Histogram(
+            p + "wake_phase_seconds", "One phase of a wake", ["host", "phase"], buckets=SLOW, registry=registry
+        )
+        self.pauses = Counter(p + "pauses", "Pauses asked of the cloud", ["host", "reason"], registry=registry)
+        registry.register(_FleetCollector(fleet))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def model_label(self, model: str) -> str:
+        known = self.fleet.candidates(model)
+        if not known:
+            return "other"
+        listed = known[0].models
+        return next((name for name in model_names(model) if name in listed), "other")
+
+    # -- the Recorder ------------------------------------------------------------------------------
+
+    def request(self, record: RequestRecord) -> None:
+        model = self.model_label(record.model)
+        route = record.route
+        self.requests.labels(route, model, str(record.status)).inc()
+        self.duration.labels(route).observe(record.duration_seconds)
+        if record.first_byte_seconds is not None:
+            self.first_byte.labels(route).observe(record.first_byte_seconds)
+        if record.host:
+            self.queue_wait.observe(record.wait_seconds)
+        if record.overhead_seconds is not None:
+            self.overhead.observe(record.overhead_seconds)
+        if record.prompt_tokens:
+            self.tokens.labels(record.key, model, "prompt").inc(record.prompt_tokens)
+        if record.completion_tokens:
+            self.tokens.labels(record.key, model, "completion").inc(record.completion_tokens)
+
+    def wake(self, host: str, outcome: str) -> None:
+        self.wakes.labels(host, outcome).inc()
+
+    def wake_phase(self, host: str, phase: str, seconds: float) -> None:
+        self.phases.labels(host, phase).observe(seconds)
+
+    def paused(self, host: str, reason: str) -> None:
+        self.pauses.labels(host, reason).inc()
+
+
+class _FleetCollector:
+    """Gauges read from the fleet at scrape time."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # created at collect time: the hosts are discovered after start
+
+    def collect(self) -> Iterable[Metric]:
+        p = "gpumanager_"
+        depth = GaugeMetricFamily(p + "queue_depth", "Requests waiting for a slot", labels=["model"])
+        inflight = GaugeMetricFamily(p + "inflight", "Requests being served", labels=["host"])
+        slots = GaugeMetricFamily(p + "slots", "Concurrent requests a host is given", labels=["host"])
+        state = GaugeMetricFamily(p + "host_state", "1 for the host's current state", labels=["host", "state"])
+        waiting: dict[str, int] = {}
+        for waiter in self.fleet.queue:
+            hosts = self.fleet.candidates(waiter.ask.model)
+            model = next((n for n in model_names(waiter.ask.model) if hosts and n in hosts[0].models), "other")
+            waiting[model] = waiting.get(model, 0) + 1
+        for model in self.fleet.models():
+            depth.add_metric([model], waiting.get(model, 0))
+        if "other" in waiting:
+            depth.add_metric(["other"], waiting["other"])
+        for host in list(self.fleet.hosts.values()):
+            inflight.add_metric([host.name], host.leases)
+            slots.add_metric([host.name], host.slots)
+            for name in HostState:
+                state.add_metric([host.name, str(name)], 1.0 if host.state is name else 0.0)
+        return [depth, inflight, slots, state]
+
+
+def metrics_route(metrics: Metrics, *, public: bool) -> Route:
+    async def scrape(request: Request) -> Response:
+        if not public:
+            require_admin(request.scope)
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return Route("/metrics", scrape, methods=["GET"])

@@ -1,0 +1,55 @@
+"""The seam through which the core reports what happened: requests, wakes and pauses.
+
+The core is given a `Recorder` and calls it on its own task, never awaiting: an implementation
+must return at once (count, enqueue) and must not raise. `NoopRecorder` records nothing; the
+Prometheus series (`metrics.py`) and, later, the ledger implement it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+
+
+class RequestRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One finished request, as the proxy saw it."""
+
+    route: str  # "/api/chat", "/v1/chat/completions", ...
+    model: str
+    status: int  # 499: the client went away first
+    key: str  # the key's id, never the key
+    host: str  # "" when no host served it
+    wait_seconds: float  # in the queue (a wake included)
+    first_byte_seconds: float | None  # receipt -> first body byte to the client
+    duration_seconds: float
+    overhead_seconds: float | None  # gpumanager's own time: receipt -> sent upstream, upstream end -> client end
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+
+class Recorder(Protocol):
+    def request(self, record: RequestRecord) -> None: ...
+
+    def wake(self, host: str, outcome: str) -> None:
+        """A wake ended: `outcome` is "ready", "failed" or "stopped"."""
+
+    def wake_phase(self, host: str, phase: str, seconds: float) -> None:
+        """One phase of a wake took `seconds`: "resume", "boot", "model" or "first_byte"."""
+
+    def paused(self, host: str, reason: str) -> None:
+        """A pause was asked of the cloud: "idle", "admin", "emergency" or "failed_wake"."""
+
+
+class NoopRecorder:
+    def request(self, record: RequestRecord) -> None:
+        pass
+
+    def wake(self, host: str, outcome: str) -> None:
+        pass
+
+    def wake_phase(self, host: str, phase: str, seconds: float) -> None:
+        pass
+
+    def paused(self, host: str, reason: str) -> None:
+        pass
