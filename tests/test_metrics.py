@@ -11,7 +11,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import FAST_TIMING, SimHost, Stack, running_stack
+from tests.clouds import Machine
+from tests.harness import FAST_TIMING, SimHost, Stack, running_cloud_stack, running_stack, wait_until
 
 PROMPT = [{"role": "user", "content": "one two three"}]  # 3 prompt tokens on the simulated Ollama
 
@@ -82,3 +83,39 @@ def test_public_metrics_need_no_key(tmp_path: Path) -> None:
     with running_stack(tmp_path, [SimHost("gpu")], extra=FAST_TIMING + "[metrics]\npublic = true\n") as s:
         assert httpx.get(s.url + "/metrics").status_code == 200
         assert httpx.get(s.url + "/api/tags").status_code == 401  # nothing else became public
+
+
+LIFE = """
+[timing]
+reservation_minutes = 0.01
+fallback_reservation_minutes = 0.01
+startup_timeout_seconds = 10
+ollama_readiness_wait_seconds = 0.05
+probe_timeout_seconds = 1
+reconcile_interval_seconds = 0.3
+wake_keepalive_seconds = 0.5
+shutdown_grace_seconds = 1
+"""
+
+
+def test_wakes_their_phases_and_pauses_are_on_metrics(tmp_path: Path) -> None:
+    with running_cloud_stack(tmp_path, "simulated", [Machine("gpu-1")], extra=LIFE) as (stack, cloud):
+        with openai.OpenAI(base_url=stack.v1, api_key=stack.user_key, max_retries=0) as client:
+            answer = client.chat.completions.create(model="llama3.2", max_tokens=2, messages=PROMPT)  # type: ignore[call-overload]
+        assert answer.choices[0].message.content
+        wait_until(lambda: cloud.pauses("gpu-1") == 1, timeout=10)  # idle past its window
+        m = scrape(stack)
+        assert m[("gpumanager_wakes_total", (("host", "gpu-1"), ("outcome", "ready")))] == 1
+        for phase in ("resume", "boot", "first_byte"):
+            assert m[("gpumanager_wake_phase_seconds_count", (("host", "gpu-1"), ("phase", phase)))] == 1, phase
+        resume = m[("gpumanager_wake_phase_seconds_sum", (("host", "gpu-1"), ("phase", "resume")))]
+        assert resume >= 0.2  # the simulated machine boots for boot_seconds before it runs
+        assert m[("gpumanager_pauses_total", (("host", "gpu-1"), ("reason", "idle")))] == 1
+        admin = {"Authorization": f"Bearer {stack.admin_key}"}
+        assert httpx.post(stack.url + "/gpu/gpu-1/resume", headers=admin).status_code == 202
+        wait_until(lambda: stack.call(lambda: str(stack.runtime.fleet.hosts["gpu-1"].state)) == "ready", timeout=10)
+        assert httpx.post(stack.url + "/gpu/gpu-1/pause", headers=admin).status_code == 202
+        wait_until(lambda: cloud.pauses("gpu-1") == 2, timeout=10)
+        m = scrape(stack)
+        assert m[("gpumanager_pauses_total", (("host", "gpu-1"), ("reason", "admin")))] == 1
+        assert m[("gpumanager_wakes_total", (("host", "gpu-1"), ("outcome", "ready")))] == 2

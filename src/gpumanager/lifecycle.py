@@ -29,6 +29,7 @@ from gpumanager.fleet import Fleet
 from gpumanager.hosts import Host, HostEvent, HostState, Wake
 from gpumanager.inventory import Inventory
 from gpumanager.providers.base import Polling, Provider, ReadinessProbe
+from gpumanager.recorder import NoopRecorder, Recorder
 from gpumanager.tasks import forever, guarded
 
 EV, ST = HostEvent, HostState
@@ -51,8 +52,10 @@ class Lifecycle:
         fleet: Fleet,
         providers: Mapping[str, Provider],
         inventory: Inventory,
+        recorder: Recorder | None = None,
     ) -> None:
         self.config, self.timing = config, config.timing
+        self.recorder: Recorder = recorder or NoopRecorder()
         self.fleet, self.providers, self.inventory = fleet, providers, inventory
         self._host_timing = {name: config.host_timing(name) for name in providers}
         self._tg: TaskGroup | None = None
@@ -137,12 +140,17 @@ class Lifecycle:
             if wake.scope.cancel_called:
                 raise WakeFailed(wake.stopped_by or "the wake was stopped")
         except (TimeoutError, ProviderError) as exc:
+            self.recorder.wake(host.name, "stopped" if wake.stopped_by else "failed")
             self._wake_failed(host, wake, _describe(exc, self.host_timing(host).startup_timeout_seconds))
         except Exception as exc:  # a bug, or an answer no one foresaw: the host must not be left half-woken
             log.opt(exception=exc).error("waking {} failed unexpectedly", host.name)
+            self.recorder.wake(host.name, "failed")
             self._wake_failed(host, wake, f"unexpected error: {exc!r}")
         else:
             now = self.now()
+            self.recorder.wake(host.name, "ready")
+            self.recorder.wake_phase(host.name, "resume", cloud_done - wake.started)
+            self.recorder.wake_phase(host.name, "boot", now - cloud_done)
             host.ready_since, host.healthy, host.last_error = now, True, ""
             host.idle_deadline = max(host.idle_deadline, now + self.timing.fallback_reservation_minutes * 60)
             log.info(
@@ -189,7 +197,7 @@ class Lifecycle:
             error,
             self.timing.failed_cooldown_seconds,
         )
-        self.request_pause(host, "its wake failed", drain=False)
+        self.request_pause(host, "its wake failed", drain=False, kind="failed_wake")
 
     async def _until_ready(self, host: Host, provider: Provider, wake: Wake) -> float:
         """Poll the cloud and, as soon as it gave the host's address, probe Ollama alongside, so that
@@ -288,12 +296,13 @@ class Lifecycle:
         waits for. `Conflict` when the host is paused or pausing already, or is static."""
         if host.state in (ST.PAUSED, ST.PAUSING) or host.pausing is not None:
             raise Conflict(f"{host.name} is {host.state}: there is nothing to pause")
-        self.request_pause(host, reason)
+        self.request_pause(host, reason, kind="admin")
         return len(self.fleet.leases_of(host))
 
-    def request_pause(self, host: Host, reason: str, *, drain: bool = True) -> None:
+    def request_pause(self, host: Host, reason: str, *, drain: bool = True, kind: str = "idle") -> None:
         """Pause `host` in the background: no new leases, open streams finish (unless not `drain`).
-        A wake in progress is stopped first."""
+        A wake in progress is stopped first. `kind` is why, for the metrics: "idle", "admin",
+        "emergency" or "failed_wake"."""
         if host.always_on:
             raise Conflict(f"{host.name} is a static host: it is always on and cannot be paused")
         if host.pausing is not None:
@@ -302,6 +311,7 @@ class Lifecycle:
         self.stop_wake(host, f"{host.name} is being paused ({reason})")
         host.pausing = anyio.Event()
         host.draining = True
+        self.recorder.paused(host.name, kind)
         self.spawn(self._pause, host, reason, drain, stopped)
 
     async def _pause(self, host: Host, reason: str, drain: bool, stopped: Wake | None) -> None:
@@ -373,7 +383,7 @@ class Lifecycle:
                 continue
             for lease in list(self.fleet.leases_of(host)):
                 lease.abort(f"host {host.name} was paused by an administrator (emergency-off)")
-            self.request_pause(host, "emergency-off", drain=False)
+            self.request_pause(host, "emergency-off", drain=False, kind="emergency")
         await anyio.lowlevel.checkpoint()  # let the stopped wakes and streams unwind
         self.fleet.dispatch()
 

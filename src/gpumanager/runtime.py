@@ -47,7 +47,7 @@ class Runtime:
         self.providers = build_providers(config, environ, self.upstream.client)
         self.fleet = Fleet(config)
         self.metrics = Metrics(self.fleet)  # the core's Recorder
-        self.lifecycle = Lifecycle(config, self.fleet, self.providers, self.inventory)
+        self.lifecycle = Lifecycle(config, self.fleet, self.providers, self.inventory, self.metrics)
         self.fleet.waker = self.lifecycle  # the fleet starts wakes through this seam alone
         self.reconciler = Reconciler(
             config, self.fleet, self.providers, self.inventory, self.lifecycle, clock=self.fleet.clock

@@ -60,6 +60,7 @@ class Exchange:
         "completion_tokens",
         "dialect",
         "first_byte",
+        "first_byte_at",
         "host",
         "last_read",
         "lease",
@@ -72,6 +73,7 @@ class Exchange:
         "streaming",
         "upstream_done",
         "wait_ms",
+        "woke",
     )
 
     def __init__(self, send: Send, dialect: Dialect) -> None:
@@ -87,6 +89,8 @@ class Exchange:
         self.completion_tokens: int | None = None
         # perf_counter marks: request sent upstream, first byte to the client, last upstream byte
         self.sent = self.first_byte = self.upstream_done = 0.0
+        self.first_byte_at = 0.0  # the first byte's time on the anyio clock (that of hosts' `ready_since`)
+        self.woke: Host | None = None  # the host this request waited for a wake of, and got
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.started, self.status = True, status
@@ -264,7 +268,7 @@ async def _relay(
                     continue
             await ex.write(chunk)
             if not ex.first_byte:
-                ex.first_byte = time.perf_counter()
+                ex.first_byte, ex.first_byte_at = time.perf_counter(), anyio.current_time()
             if kept is not None:
                 kept.append(chunk)
     except httpx.HTTPError as exc:

@@ -198,6 +198,9 @@ class ModelRoute:
                 "-" if ex.completion_tokens is None else ex.completion_tokens,
             )
             self.parts.recorder.request(_record(scope, ex, model, status, started))
+            woke = ex.woke
+            if woke is not None and woke.ready_since is not None and ex.first_byte_at:
+                self.parts.recorder.wake_phase(woke.name, "first_byte", ex.first_byte_at - woke.ready_since)
 
     async def _watch(self, receive: Receive, done: anyio.CancelScope, ex: Exchange) -> None:
         """End the exchange when the client disconnects, and its answer when the host falls silent.
@@ -307,6 +310,8 @@ class ModelRoute:
             while True:
                 lease = await self.parts.fleet.wait(waiter, patience)
                 if lease is not None:
+                    if lease.host.name in waiter.waking:
+                        ex.woke = lease.host  # the wake's last phase ends with this request's first byte
                     return lease
                 if not ex.started:
                     await ex.start(
