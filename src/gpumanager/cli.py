@@ -1,5 +1,5 @@
 """The `gpumanager` command: server (the default), demo, init, generate-key, list-keys, revoke-key,
-check-config, hosts. Every subcommand takes `--config PATH` after its name; `GPUMANAGER_CONFIG`
+check-config, hosts, usage. Every subcommand takes `--config PATH` after its name; `GPUMANAGER_CONFIG`
 works for all. The `.env` beside the config is loaded into the environment at start (never
 overriding what is already set): the only place that writes the environment.
 """
@@ -18,7 +18,7 @@ from gpumanager import __version__
 from gpumanager.config import CONFIG_ENV, Config, HostConfig, config_path, load
 from gpumanager.errors import ConfigError, GpuManagerError
 
-COMMANDS = ("server", "demo", "init", "generate-key", "list-keys", "revoke-key", "check-config", "hosts")
+COMMANDS = ("server", "demo", "init", "generate-key", "list-keys", "revoke-key", "check-config", "hosts", "usage")
 PROBE_SECONDS = 2.0  # check-config's wait for a static host's /api/tags
 
 
@@ -145,6 +145,40 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(hosts)
     hosts.add_argument("--url", help="the server's URL (default: from [server] of the config)")
     hosts.add_argument("--key", help="admin key (default: $GPUMANAGER_API_KEY)")
+
+    usage = sub.add_parser(
+        "usage",
+        help="print who used the GPUs and what it cost, from the usage ledger",
+        description="""Print requests, tokens, GPU-seconds and dollars of a period from the usage ledger
+([usage] database_url, by default <state_dir>/usage.db), read directly: the server need not run.
+Keys show with their names from the key file. Billed time that served no request (waking, reserved,
+draining, ...) is charged to the key that caused it, or shows as `unattributed`, with its reason.
+Token sums leave out requests whose host sent no counts (the NO COUNTS column). The table ends with
+each priced host's savings against running it the whole period (cost_per_hour from the config).""",
+        epilog="""TIME is a span back from now (90m, 24h, 7d, 2w), a UTC date (2026-05-01) or time (2026-05-01T13:30,
+or with an offset: 2026-05-01T13:30+02:00), or now. Days and hours are UTC.
+
+examples:
+  gpumanager usage                                  the last 24 hours by key
+  gpumanager usage --since 7d --by day              the last week, day by day
+  gpumanager usage --since 2026-05-01 --until 2026-06-01 --by host --format csv > may.csv
+  gpumanager usage --key 1a2b3c4d --by model --format json""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _config_arg(usage)
+    usage.add_argument("--since", metavar="TIME", type=_when, default="24h", help="start of the period (default 24h)")
+    usage.add_argument("--until", metavar="TIME", type=_when, default="now", help="end of the period (default now)")
+    usage.add_argument(
+        "--by", choices=["key", "model", "host", "day", "hour"], default="key", help="one row per ... (default key)"
+    )
+    usage.add_argument("--key", metavar="ID", help="only this key's use (its id, or its name in the key file)")
+    usage.add_argument(
+        "--format",
+        choices=["table", "csv", "json"],
+        default="table",
+        help="table (default); csv: dollars to the micro-dollar, savings after a blank line; "
+        "json: money in integer micro-dollars, times in Unix seconds",
+    )
     return parser
 
 
@@ -403,6 +437,44 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _when(text: str) -> float:
+    import time
+
+    from gpumanager.ledger.report import parse_when
+
+    try:
+        return parse_when(text, time.time())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _usage(args: argparse.Namespace) -> int:
+    from gpumanager.errors import KeyStoreError
+    from gpumanager.keys import KeyStore
+    from gpumanager.ledger import reader, report
+    from gpumanager.ledger.schema import database_path
+
+    config, _ = load_config(args, required=False)
+    if args.since >= args.until:
+        print("gpumanager: error: --since must be before --until", file=sys.stderr)
+        return 2
+    try:
+        names = {r.id: r.name for r in KeyStore(config.paths.api_keys_file).records()}
+    except KeyStoreError as exc:  # names are a courtesy: the ledger is still worth reading
+        print(f"gpumanager: warning: key names not shown: {exc}", file=sys.stderr)
+        names = {}
+    key = args.key
+    if key is not None and key not in names:
+        by_name = [key_id for key_id, name in names.items() if name == key]
+        key = by_name[0] if len(by_name) == 1 else key
+    path = database_path(config)
+    prices = report.host_prices(config, reader.hosts(path, args.since, args.until))
+    result = reader.usage(path, args.since, args.until, args.by, key, prices=prices).with_names(names)
+    render = {"table": report.render_table, "csv": report.render_csv, "json": report.render_json}[args.format]
+    print(render(result))
+    return 0
+
+
 def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -418,6 +490,7 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "revoke-key": _revoke_key,
     "check-config": _check_config,
     "hosts": _hosts,
+    "usage": _usage,
 }
 
 if __name__ == "__main__":

@@ -357,7 +357,12 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         state_dir=resolve(paths.state_dir),
         log_file=resolve(paths.log_file) if paths.log_file else "",
     )
-    return msgspec.structs.replace(config, paths=resolved)
+    # "" is SQLite in the state folder; a relative `sqlite:///path` is relative to the config's folder.
+    url = config.usage.database_url or "sqlite:///" + str(Path(resolved.state_dir) / "usage.db")
+    if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
+        url = "sqlite:///" + resolve(url.removeprefix("sqlite:///"))
+    usage = msgspec.structs.replace(config.usage, database_url=url)
+    return msgspec.structs.replace(config, paths=resolved, usage=usage)
 
 
 def describe(config: Config) -> list[dict[str, Any]]:

@@ -3,6 +3,8 @@
     GpuManagerError
     ├── ConfigError             the config file is wrong: names the file, the key and the problem
     ├── KeyStoreError           the API key file cannot be read or written, or a key id is unknown
+    ├── LedgerError             the usage ledger cannot be opened (none yet, a newer schema, an unknown URL);
+    │                               defined in ledger/schema.py, beside what raises it
     ├── InvalidTransition       a bug: a host state change that the transition table does not allow
     ├── ProbeFailed             a host's Ollama did not answer a probe as it should (not ready, not healthy)
     ├── ConnectFailed           a host could not be reached; nothing went to the client, so another may be tried

@@ -1,0 +1,364 @@
+"""Reading the ledger: a period's usage by key, model, host, day or hour, and one key's own use.
+
+Readers open the file read-only, never migrate it and work while the server is down (or running:
+WAL lets them read beside the writer). A request counts wholly in the period, day or hour in which
+it finished; an interval counts pro rata for the part of it inside the period (and, by day or hour,
+inside each day or hour), so the sums of a period are what the hosts were billed in it. Days and
+hours are UTC. Money is integer micro-dollars, rounded once per sum.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime, tzinfo
+from pathlib import Path
+from typing import Literal, get_args
+from urllib.parse import quote
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import msgspec
+
+from gpumanager.ledger.rows import MICRO
+from gpumanager.ledger.schema import SCHEMA_VERSION, LedgerError, version
+
+By = Literal["key", "model", "host", "day", "hour"]
+BY: tuple[str, ...] = get_args(By)
+UNATTRIBUTED = "unattributed"  # the owner of intervals no key pays for (`key_id` NULL)
+NOT_SERVING = "(not serving)"  # by model: billed time of hosts serving no request
+NO_HOST = "(no host)"  # by host: requests refused before any host took them
+
+_DAY_FORMAT = "%Y-%m-%d"
+_HOUR_FORMAT = "%Y-%m-%d %H:00"
+_SQL_GROUP = {
+    "key": "key_id",
+    "model": "model",
+    "host": "host",
+    "day": f"strftime('{_DAY_FORMAT}', ts, 'unixepoch')",
+    "hour": f"strftime('{_HOUR_FORMAT}', ts, 'unixepoch')",
+}
+
+
+class Totals(msgspec.Struct, frozen=True, kw_only=True):
+    """Sums over some requests and intervals. Token sums are of the requests whose host sent
+    counts; `without_counts` requests lack one or both (unknown, never guessed)."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    without_counts: int = 0
+    serving_gpu_seconds: float = 0.0
+    serving_cost_micro: int = 0
+    interval_gpu_seconds: float = 0.0  # billed time serving no request (waking, reserved, ...)
+    interval_cost_micro: int = 0
+    interval_cost_by_reason: dict[str, int] = {}
+    gpu_seconds: float = 0.0  # serving + intervals
+    cost_micro: int = 0
+
+
+class Group(msgspec.Struct, frozen=True, kw_only=True):
+    group: str  # a key id (or "unattributed"), a model, a host, a day "2026-05-01", an hour "2026-05-01 13:00"
+    name: str = ""  # by key: the key's name, when the caller knows it
+    totals: Totals
+
+
+class HostSavings(msgspec.Struct, frozen=True, kw_only=True):
+    """A host's price for running the whole period, against what it was billed in it."""
+
+    host: str
+    price_per_hour: float  # dollars
+    always_on_micro: int
+    billed_micro: int
+    saved_micro: int
+
+
+class Report(msgspec.Struct, frozen=True, kw_only=True):
+    since: float
+    until: float
+    by: str
+    key: str | None  # only this key's rows (and no savings: they are the fleet's)
+    groups: list[Group]
+    total: Totals
+    savings: list[HostSavings]
+    unpriced_hosts: list[str]  # hosts in the period without a price: no savings line
+
+    def with_names(self, names: Mapping[str, str]) -> Report:
+        """The report with each key's name beside its id (by key)."""
+        groups = [msgspec.structs.replace(g, name=names.get(g.group, g.name)) for g in self.groups]
+        return msgspec.structs.replace(self, groups=groups)
+
+
+class Window(msgspec.Struct, frozen=True, kw_only=True):
+    since: float
+    until: float
+    totals: Totals
+
+
+class MyUsage(msgspec.Struct, frozen=True, kw_only=True):
+    """One key's own use: today and this month in its time zone, and since a given time."""
+
+    key_id: str
+    timezone: str
+    today: Window
+    month: Window
+    since: Window | None
+
+
+class _Sum:
+    """A mutable `Totals` while rows are added up; money stays fractional until `freeze()`."""
+
+    __slots__ = (
+        "completion",
+        "cost",
+        "gpu",
+        "interval_cost",
+        "interval_gpu",
+        "prompt",
+        "reasons",
+        "requests",
+        "unknown",
+    )
+
+    def __init__(self) -> None:
+        self.requests = self.prompt = self.completion = self.unknown = 0
+        self.gpu = self.cost = self.interval_gpu = self.interval_cost = 0.0
+        self.reasons: dict[str, float] = {}
+
+    def add_requests(self, count: int, prompt: int, completion: int, unknown: int, gpu: float, cost: float) -> None:
+        self.requests += count
+        self.prompt += prompt
+        self.completion += completion
+        self.unknown += unknown
+        self.gpu += gpu
+        self.cost += cost
+
+    def add_interval(self, reason: str, gpu: float, cost: float) -> None:
+        self.interval_gpu += gpu
+        self.interval_cost += cost
+        self.reasons[reason] = self.reasons.get(reason, 0.0) + cost
+
+    def merge(self, other: _Sum) -> None:
+        self.add_requests(other.requests, other.prompt, other.completion, other.unknown, other.gpu, other.cost)
+        for reason, cost in other.reasons.items():
+            self.reasons[reason] = self.reasons.get(reason, 0.0) + cost
+        self.interval_gpu += other.interval_gpu
+        self.interval_cost += other.interval_cost
+
+    def freeze(self) -> Totals:
+        return Totals(
+            requests=self.requests,
+            prompt_tokens=self.prompt,
+            completion_tokens=self.completion,
+            without_counts=self.unknown,
+            serving_gpu_seconds=self.gpu,
+            serving_cost_micro=round(self.cost),
+            interval_gpu_seconds=self.interval_gpu,
+            interval_cost_micro=round(self.interval_cost),
+            interval_cost_by_reason={reason: round(cost) for reason, cost in sorted(self.reasons.items())},
+            gpu_seconds=self.gpu + self.interval_gpu,
+            cost_micro=round(self.cost + self.interval_cost),
+        )
+
+
+def connect(db_path: str | Path) -> sqlite3.Connection:
+    """The ledger opened read-only. Raises `LedgerError` when there is none yet, or it is not one
+    this gpumanager can read."""
+    path = Path(db_path)
+    if not path.is_file():
+        raise LedgerError(f"no usage recorded yet at {path}: the server writes it")
+    try:
+        conn = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True)
+        found = version(conn)
+    except sqlite3.Error as exc:
+        raise LedgerError(f"{path}: cannot read the usage ledger: {exc}") from None
+    if found == 0:
+        conn.close()
+        raise LedgerError(f"no usage recorded yet at {path}: the server writes it")
+    if found > SCHEMA_VERSION:
+        conn.close()
+        raise LedgerError(f"{path}: written by a newer gpumanager (schema {found}, this one reads {SCHEMA_VERSION})")
+    return conn
+
+
+def usage(
+    db_path: str | Path,
+    since: float,
+    until: float,
+    by: By,
+    key: str | None = None,
+    *,
+    prices: Mapping[str, float] | None = None,
+) -> Report:
+    """The period [since, until) by `by`, with totals, and (for the whole fleet, not one `key`)
+    savings against always-on for each host with a price in `prices` (dollars per hour)."""
+    if by not in BY:
+        raise ValueError(f"by must be one of {', '.join(BY)}, not {by!r}")
+    conn = connect(db_path)
+    try:
+        sums = _request_sums(conn, since, until, by, key)
+        by_host = _request_sums(conn, since, until, "host", key)
+        billed = {host: s.cost for host, s in by_host.items() if host != NO_HOST}
+        for interval in _intervals(conn, since, until, key):
+            billed[interval.host] = billed.get(interval.host, 0.0) + interval.cost
+            for label, part in _split(interval, by):
+                sums.setdefault(label, _Sum()).add_interval(interval.reason, part.gpu, part.cost)
+    except sqlite3.Error as exc:
+        raise LedgerError(f"{db_path}: cannot read the usage ledger: {exc}") from None
+    finally:
+        conn.close()
+    total = _Sum()
+    for s in sums.values():
+        total.merge(s)
+    groups = [Group(group=label, totals=s.freeze()) for label, s in sums.items()]
+    prices = prices or {}
+    return Report(
+        since=since,
+        until=until,
+        by=by,
+        key=key,
+        groups=_ordered(groups, by),
+        total=total.freeze(),
+        savings=[] if key is not None else _savings(prices, billed, until - since),
+        unpriced_hosts=[] if key is not None else sorted(h for h in billed if prices.get(h, 0.0) <= 0),
+    )
+
+
+def hosts(db_path: str | Path, since: float, until: float) -> list[str]:
+    """The hosts that served a request or were billed in [since, until)."""
+    conn = connect(db_path)
+    try:
+        found = conn.execute(
+            """SELECT host FROM requests WHERE ts >= ? AND ts < ? AND host != ''
+            UNION SELECT host FROM intervals WHERE "end" > ? AND "start" < ? ORDER BY 1""",
+            (since, until, since, until),
+        ).fetchall()
+    except sqlite3.Error as exc:
+        raise LedgerError(f"{db_path}: cannot read the usage ledger: {exc}") from None
+    finally:
+        conn.close()
+    return [str(host) for (host,) in found]
+
+
+def me(db_path: str | Path, key_id: str, now: float, tz: str = "UTC", since: float | None = None) -> MyUsage:
+    """`key_id`'s own requests, tokens, GPU-seconds and dollars: today and this month (midnight and
+    the first of the month in `tz`, an IANA name), and since `since` when given, all up to `now`."""
+    zone = _zone(tz)
+    local = datetime.fromtimestamp(now, zone)
+    day_start = local.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+    month_start = local.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
+
+    def window(start: float) -> Window:
+        return Window(since=start, until=now, totals=usage(db_path, start, now, "key", key_id).total)
+
+    return MyUsage(
+        key_id=key_id,
+        timezone=tz,
+        today=window(day_start),
+        month=window(month_start),
+        since=window(since) if since is not None else None,
+    )
+
+
+def _zone(tz: str) -> tzinfo:
+    if tz.upper() == "UTC":
+        return UTC
+    try:
+        return ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise LedgerError(f"unknown time zone {tz!r} (an IANA name such as Europe/Amsterdam)") from None
+
+
+def _request_sums(conn: sqlite3.Connection, since: float, until: float, by: str, key: str | None) -> dict[str, _Sum]:
+    params: list[float | str] = [since, until]
+    where = "ts >= ? AND ts < ?"
+    if key is not None:
+        where += " AND key_id = ?"
+        params.append(key)
+    query = f"""SELECT {_SQL_GROUP[by]}, COUNT(*), TOTAL(prompt_tokens), TOTAL(completion_tokens),
+        SUM(prompt_tokens IS NULL OR completion_tokens IS NULL), TOTAL(gpu_seconds), TOTAL(cost_micro)
+        FROM requests WHERE {where} GROUP BY 1"""
+    sums: dict[str, _Sum] = {}
+    for label, count, prompt, completion, unknown, gpu, cost in conn.execute(query, params):
+        s = sums.setdefault(NO_HOST if by == "host" and not label else str(label), _Sum())
+        s.add_requests(count, int(prompt), int(completion), int(unknown), gpu, cost)
+    return sums
+
+
+class _Interval(msgspec.Struct, frozen=True):
+    """An interval clipped to the period: its owner's label, and its GPU-seconds and cost inside."""
+
+    host: str
+    start: float
+    end: float
+    reason: str
+    owner: str
+    gpu: float
+    cost: float
+
+
+def _intervals(conn: sqlite3.Connection, since: float, until: float, key: str | None) -> Iterator[_Interval]:
+    params: list[float | str] = [since, until]
+    where = '"end" > ? AND "start" < ?'
+    if key is not None:
+        where += " AND key_id = ?"
+        params.append(key)
+    query = f'SELECT host, "start", "end", reason, key_id, gpu_seconds, cost_micro FROM intervals WHERE {where}'
+    for host, start, end, reason, key_id, gpu, cost in conn.execute(query, params):
+        owner = key_id if key_id is not None else UNATTRIBUTED
+        if end <= start:
+            yield _Interval(host, start, end, reason, owner, gpu, cost)
+            continue
+        clipped_start, clipped_end = max(start, since), min(end, until)
+        share = (clipped_end - clipped_start) / (end - start)
+        yield _Interval(host, clipped_start, clipped_end, reason, owner, gpu * share, cost * share)
+
+
+def _split(interval: _Interval, by: str) -> Iterator[tuple[str, _Interval]]:
+    """`interval` under the labels of `by`: by day or hour, cut at each boundary, pro rata."""
+    if by == "key":
+        yield interval.owner, interval
+    elif by == "model":
+        yield NOT_SERVING, interval
+    elif by == "host":
+        yield interval.host, interval
+    else:
+        step, fmt = (86_400, _DAY_FORMAT) if by == "day" else (3_600, _HOUR_FORMAT)
+        length = interval.end - interval.start
+        start = interval.start
+        while True:
+            end = min(interval.end, (start // step + 1) * step)
+            share = (end - start) / length if length > 0 else 1.0
+            part = msgspec.structs.replace(
+                interval, start=start, end=end, gpu=interval.gpu * share, cost=interval.cost * share
+            )
+            yield datetime.fromtimestamp(start, UTC).strftime(fmt), part
+            if end >= interval.end:
+                return
+            start = end
+
+
+def _ordered(groups: list[Group], by: str) -> list[Group]:
+    """Days and hours in order; keys, models and hosts by cost, most first, the catch-all rows last."""
+    if by in ("day", "hour"):
+        return sorted(groups, key=lambda g: g.group)
+    last = {UNATTRIBUTED, NOT_SERVING, NO_HOST}
+    return sorted(groups, key=lambda g: (g.group in last, -g.totals.cost_micro, g.group))
+
+
+def _savings(prices: Mapping[str, float], billed: Mapping[str, float], seconds: float) -> list[HostSavings]:
+    rows = []
+    for host, price in sorted(prices.items()):
+        if price <= 0:
+            continue
+        always_on = round(price * MICRO * seconds / 3600)
+        cost = round(billed.get(host, 0.0))
+        rows.append(
+            HostSavings(
+                host=host,
+                price_per_hour=price,
+                always_on_micro=always_on,
+                billed_micro=cost,
+                saved_micro=always_on - cost,
+            )
+        )
+    return rows

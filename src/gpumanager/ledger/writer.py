@@ -1,0 +1,244 @@
+"""The batched ledger writer: rows in on the request path, transactions out in a worker thread."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import msgspec
+from anyio.abc import TaskStatus
+from loguru import logger
+
+from gpumanager.ledger.rows import IntervalRow, RequestRow
+from gpumanager.ledger.schema import DAY, LedgerError, open_database, prune, transaction
+
+Row = RequestRow | IntervalRow
+
+MAX_BUFFERED = 100_000  # rows held while the database cannot take them; past it, new rows are dropped
+FLUSH_ROWS = 10_000  # a buffer this full is written at once rather than at the next tick
+WARN_SECONDS = 60.0  # at most one warning of each kind a minute
+
+
+def _insert(table: str, fields: tuple[str, ...]) -> str:
+    columns = ", ".join(f'"{name}"' for name in fields)
+    return f"INSERT INTO {table} ({columns}) VALUES ({', '.join('?' for _ in fields)})"
+
+
+_INSERT_REQUEST = _insert("requests", RequestRow.__struct_fields__)
+_INSERT_INTERVAL = _insert("intervals", IntervalRow.__struct_fields__)
+
+
+def _statements(batch: list[Row]) -> list[tuple[str, list[tuple[object, ...]]]]:
+    """The inserts of `batch`, a row's fields in their declared order (a `Reason` binds as its text)."""
+    requests = [msgspec.structs.astuple(row) for row in batch if isinstance(row, RequestRow)]
+    intervals = [msgspec.structs.astuple(row) for row in batch if isinstance(row, IntervalRow)]
+    return [(sql, params) for sql, params in ((_INSERT_REQUEST, requests), (_INSERT_INTERVAL, intervals)) if params]
+
+
+class WriterStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of a `LedgerWriter` (for metrics and the admin API)."""
+
+    buffered: int  # rows waiting to be written
+    written: int  # rows committed since start
+    dropped: int  # rows lost because the buffer was full
+    transactions: int  # commits that wrote rows
+
+
+class LedgerWriter:
+    """Writes `RequestRow`s and `IntervalRow`s to the ledger in batches, off the request path.
+
+    Owns a bounded buffer of rows and the one SQLite connection that writes the ledger file.
+
+    - `add(row)` runs on the event loop's thread, on any task (the request path): it appends to the
+      buffer and returns; it never blocks, never does I/O and never raises. When `max_buffered` rows
+      are waiting, a new row is dropped and counted in `dropped`.
+    - `run()` is one task of the app's task group (start it with `tg.start(writer.run)`: it reports
+      started once it has tried to open the file). It commits what is buffered at least every
+      `flush_seconds`, sooner when `FLUSH_ROWS` are waiting, in a worker thread
+      (`anyio.to_thread.run_sync`); the connection is only ever used by one such call at a time. It
+      opens the file (creating, migrating and pruning it), prunes rows older than `retention_days`
+      at most once a day by `clock`, and on cancellation makes a last, shielded flush bounded by
+      `final_flush_seconds` before it closes the file: an orderly shutdown loses nothing, a killed
+      process what came in since the last flush.
+    - While the file cannot be opened or written, rows stay buffered and every tick tries again
+      with a fresh connection; failures and drops are each logged as a warning at most once a
+      minute.
+
+    `clock` (Unix seconds) decides pruning and the warnings' pace; the flush tick is real time.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        retention_days: float = 400,
+        flush_seconds: float = 1.0,
+        max_buffered: int = MAX_BUFFERED,
+        final_flush_seconds: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path)
+        self.dropped = 0
+        self._retention = retention_days * DAY
+        self._flush_seconds = flush_seconds
+        self._max_buffered = max_buffered
+        self._final_flush_seconds = final_flush_seconds
+        self._clock = clock
+        self._buffer: deque[Row] = deque()
+        self._conn: sqlite3.Connection | None = None
+        self._next_prune = 0.0
+        self._written = 0
+        self._transactions = 0
+        # Set by the worker thread after a commit, read back on the loop once the thread is done:
+        # even a flush whose caller was cancelled meanwhile has its rows taken off the buffer.
+        self._committed = 0
+        self._rejected = 0  # rows of the last flush the database refused (a bug in whoever made them)
+        self._error: str | None = None
+        self._healthy = True
+        self._kick: anyio.Event | None = None
+        self._failure_warned = float("-inf")
+        self._drops_warned = float("-inf")
+        self._overflowed = 0  # of `dropped`, the rows that found the buffer full
+        self._overflow_reported = 0
+
+    def add(self, row: Row) -> None:
+        """Buffer `row` for the next flush. Never blocks, never raises."""
+        if len(self._buffer) >= self._max_buffered:
+            self.dropped += 1
+            self._overflowed += 1
+            return
+        self._buffer.append(row)
+        if len(self._buffer) >= FLUSH_ROWS and self._healthy and self._kick is not None:
+            self._kick.set()
+
+    def statistics(self) -> WriterStatistics:
+        return WriterStatistics(
+            buffered=len(self._buffer), written=self._written, dropped=self.dropped, transactions=self._transactions
+        )
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        try:
+            self._kick = anyio.Event()
+            await self._flush()
+            task_status.started()
+            while True:
+                with anyio.move_on_after(self._flush_seconds):
+                    await self._kick.wait()
+                self._kick = anyio.Event()
+                await self._flush()
+                if self._healthy and len(self._buffer) >= FLUSH_ROWS:
+                    self._kick.set()
+        finally:
+            with anyio.move_on_after(self._final_flush_seconds, shield=True):
+                await self._flush(final=True)
+            if self._buffer:
+                logger.warning("usage ledger: {} rows not written to {} at shutdown", len(self._buffer), self.path)
+
+    async def _flush(self, *, final: bool = False) -> None:
+        batch = list(self._buffer)
+        if not (batch or final or self._conn is None or self._clock() >= self._next_prune):
+            return
+        try:
+            # The last flush may be abandoned at its deadline: its thread then finishes (and
+            # closes the connection) on its own, and nothing else touches the connection again.
+            await anyio.to_thread.run_sync(self._write, batch, final, abandon_on_cancel=final)
+        finally:
+            self._settle()
+        self._report()
+
+    def _settle(self) -> None:
+        """Take what the last flush committed off the buffer. `add()` only appends and only this
+        removes, so the committed rows are still the buffer's first ones."""
+        committed, self._committed = self._committed, 0
+        rejected, self._rejected = self._rejected, 0
+        for _ in range(committed):
+            self._buffer.popleft()
+        self._written += committed - rejected
+        self.dropped += rejected
+
+    # -- in the worker thread ----------------------------------------------------------------------
+
+    def _write(self, batch: list[Row], final: bool) -> None:
+        try:
+            conn = self._connection()
+            if batch:
+                self._commit(conn, batch)
+            if self._clock() >= self._next_prune:
+                prune(conn, before=self._clock() - self._retention)
+                self._next_prune = self._clock() + DAY
+            self._error = None
+        except (sqlite3.Error, OSError, LedgerError) as exc:
+            self._error = str(exc) or type(exc).__name__
+            self._close()
+        finally:
+            if final:
+                self._close()
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            now = self._clock()
+            self._conn = open_database(self.path, retention_days=self._retention / DAY, now=now)
+            self._next_prune = now + DAY
+        return self._conn
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[Row]) -> None:
+        try:
+            with transaction(conn):
+                for statement, params in _statements(batch):
+                    conn.executemany(statement, params)
+        except (sqlite3.IntegrityError, sqlite3.InterfaceError):
+            self._commit_each(conn, batch)
+        else:
+            self._committed = len(batch)
+        self._transactions += 1
+
+    def _commit_each(self, conn: sqlite3.Connection, batch: list[Row]) -> None:
+        """A batch with a row the database refuses: write the others, drop that one, and say so,
+        rather than retry the same batch forever."""
+        rejected = 0
+        with transaction(conn):
+            for row in batch:
+                for statement, params in _statements([row]):
+                    try:
+                        conn.executemany(statement, params)
+                    except (sqlite3.IntegrityError, sqlite3.InterfaceError) as exc:
+                        rejected += 1
+                        logger.error("usage ledger: dropped a row the database refused ({}): {!r}", exc, row)
+        self._committed, self._rejected = len(batch), rejected
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+    # -- back on the loop --------------------------------------------------------------------------
+
+    def _report(self) -> None:
+        now = self._clock()
+        was_healthy, self._healthy = self._healthy, self._error is None
+        if self._error is not None and now - self._failure_warned >= WARN_SECONDS:
+            self._failure_warned = now
+            logger.warning(
+                "usage ledger: cannot write {}: {}; {} rows buffered, retrying every {:g} s",
+                self.path,
+                self._error,
+                len(self._buffer),
+                self._flush_seconds,
+            )
+        elif self._healthy and not was_healthy:
+            logger.info("usage ledger: writing {} again", self.path)
+        new_drops = self._overflowed - self._overflow_reported
+        if new_drops and now - self._drops_warned >= WARN_SECONDS:
+            self._drops_warned, self._overflow_reported = now, self._overflowed
+            logger.warning(
+                "usage ledger: dropped {} rows ({} in all): {} were already waiting to be written",
+                new_drops,
+                self._overflowed,
+                self._max_buffered,
+            )
