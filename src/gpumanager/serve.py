@@ -36,14 +36,18 @@ class _Server(uvicorn.Server):
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening socket on host:port, or `OSError` (the port is busy, or the address is not ours)."""
+    """A listening socket on host:port, or `OSError` (the port is busy, or the address is not ours).
+
+    `proto` must say TCP: asyncio sets TCP_NODELAY only on accepted sockets whose proto says so,
+    and without it every keep-alive answer stalls ~40 ms on Nagle and delayed ACKs.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(2048)
-        sock.set_inheritable(True)
+        sock.setblocking(False)
     except OSError:
         sock.close()
         raise
