@@ -32,6 +32,7 @@ class SimHost:
     slots: int = 4
     token_delay: float = 0.0
     sim_slots: int | None = None  # the simulated Ollama's own parallelism (default: = slots)
+    cost_per_hour: float = 0.0
 
 
 @dataclass
@@ -76,7 +77,10 @@ def write_config(tmp_path: Path, hosts: list[tuple[str, str, SimHost]], extra: s
     blocks = [textwrap.dedent(extra).strip()]
     for name, url, spec in hosts:
         models = ", ".join(f'"{m}"' for m in spec.models)
-        blocks.append(f'[[hosts]]\nname = "{name}"\nurl = "{url}"\nslots = {spec.slots}\nmodels = [{models}]')
+        blocks.append(
+            f'[[hosts]]\nname = "{name}"\nurl = "{url}"\nslots = {spec.slots}\nmodels = [{models}]\n'
+            f"cost_per_hour = {spec.cost_per_hour}"
+        )
     path = tmp_path / "config.toml"
     path.write_text("\n\n".join(b for b in blocks if b) + "\n")
     return path

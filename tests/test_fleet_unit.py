@@ -224,3 +224,20 @@ async def test_the_reserved_host_is_preferred_for_its_key_and_avoided_by_others(
     await anyio.sleep(601)  # both reservations run out
     last = fleet.admit(Ask("llama3.2", "k2"))
     assert isinstance(last, Lease) and last.host is cheap
+
+
+async def test_serving_time_is_split_equally_among_the_requests_in_flight() -> None:
+    h = host("a", slots=3)
+    h.cost_per_hour = 3.6  # 1,000 micro-dollars a second
+    fleet, _ = fleet_of(h)
+    first = fleet.admit(Ask("llama3.2", "k1"))
+    assert isinstance(first, Lease)
+    await anyio.sleep(10)  # alone: the whole GPU
+    second = fleet.admit(Ask("llama3.2", "k2"))
+    assert isinstance(second, Lease)
+    await anyio.sleep(10)  # two in flight: half each
+    first.release()
+    await anyio.sleep(5)
+    second.release()
+    assert first.gpu_seconds == pytest.approx(15) and second.gpu_seconds == pytest.approx(10)
+    assert first.cost_micro == 15_000 and second.cost_micro == 10_000  # 25 s of a $3.60/h host, to the cent

@@ -29,6 +29,7 @@ from gpumanager.metrics import metrics_route
 from gpumanager.proxy.dialects import dialect_for, error_body, error_headers
 from gpumanager.proxy.routes import proxy_routes
 from gpumanager.runtime import Runtime
+from gpumanager.usage_api import usage_routes
 
 
 def _health_route(runtime: Runtime) -> Route:
@@ -146,6 +147,7 @@ def build_app(config: Config, *, environ: Mapping[str, str] | None = None) -> St
         *proxy_routes(runtime.proxy_parts()),
         *admin_routes(runtime.fleet, runtime.lifecycle, runtime.reconciler.reconcile),
         metrics_route(runtime.metrics, public=config.metrics.public),
+        *usage_routes(config, runtime.keys, runtime.ledger.path),
     ]
     public = PUBLIC_PATHS | ({"/metrics"} if config.metrics.public else set())
     app = Starlette(

@@ -44,13 +44,21 @@ class _NoWaker:
 class Lease:
     """One slot of one host, held by one request until `release()` (idempotent)."""
 
-    __slots__ = ("aborted", "counted", "fleet", "host", "key", "released", "scope")
+    __slots__ = ("aborted", "counted", "fleet", "gpu_seconds", "host", "key", "released", "scope")
 
     def __init__(self, fleet: Fleet, host: Host, key: str, *, counted: bool = True) -> None:
         self.fleet, self.host, self.key, self.counted = fleet, host, key, counted
         self.released = False
         self.scope: anyio.CancelScope | None = None  # set by the proxy while it streams
         self.aborted = ""
+        # Its share of the host's serving time: each second is split equally among the requests
+        # in flight then (DESIGN §10), so a lone request pays the whole GPU.
+        self.gpu_seconds = 0.0
+
+    @property
+    def cost_micro(self) -> int:
+        """Its serving share of the host's price, in micro-dollars."""
+        return round(self.gpu_seconds * self.host.cost_per_hour * 1_000_000 / 3600)
 
     def release(self) -> None:
         if not self.released:
@@ -83,6 +91,7 @@ class Fleet:
         self.queue = FairQueue()
         self._held: Counter[str] = Counter()
         self._leases: dict[Host, set[Lease]] = {}
+        self._accrued: dict[Host, float] = {}  # when each host's serving time was last split
         self.emergency = False
         self._changed: anyio.Event | None = None
 
@@ -229,6 +238,7 @@ class Fleet:
 
     def _grant(self, host: Host, key: str) -> Lease:
         lease = Lease(self, host, key)
+        self._accrue(host)
         host.leases += 1
         self._held[key] += 1
         self._leases.setdefault(host, set()).add(lease)
@@ -236,6 +246,8 @@ class Fleet:
 
     def _release(self, lease: Lease) -> None:
         host = lease.host
+        if lease.counted:
+            self._accrue(host)
         self._leases.get(host, set()).discard(lease)
         if lease.counted:
             host.leases -= 1
@@ -246,6 +258,16 @@ class Fleet:
         self.dispatch()
         if not self._leases.get(host):
             self.notify()
+
+    def _accrue(self, host: Host) -> None:
+        """Split the serving time since the last change of `host`'s leases among those leases."""
+        now = self.clock()
+        counted = [lease for lease in self._leases.get(host, ()) if lease.counted]
+        if counted:
+            share = (now - self._accrued.get(host, now)) / len(counted)
+            for lease in counted:
+                lease.gpu_seconds += share
+        self._accrued[host] = now
 
     def touch(self, host: Host, key: str | None) -> None:
         """A request ended on `host`: its idle deadline moves to now + reservation, reserved for `key`."""

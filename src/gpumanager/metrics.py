@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -23,6 +23,7 @@ from starlette.routing import Route
 from gpumanager.auth import require_admin
 from gpumanager.fleet import Fleet
 from gpumanager.hosts import HostState
+from gpumanager.ledger.writer import LedgerWriter
 from gpumanager.models import model_names
 from gpumanager.recorder import RequestRecord
 
@@ -33,7 +34,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Metrics:
-    def __init__(self, fleet: Fleet) -> None:
+    def __init__(self, fleet: Fleet, *, ledger: LedgerWriter | None = None) -> None:
         self.fleet = fleet
         self.registry = registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=registry)
@@ -59,7 +60,11 @@ class Metrics:
             p + "wake_phase_seconds", "One phase of a wake", ["host", "phase"], buckets=SLOW, registry=registry
         )
         self.pauses = Counter(p + "pauses", "Pauses asked of the cloud", ["host", "reason"], registry=registry)
-        registry.register(_FleetCollector(fleet))
+        self.gpu_seconds = Counter(
+            p + "gpu_seconds", "Serving GPU-seconds, split among requests in flight", ["key", "host"], registry=registry
+        )
+        self.cost = Counter(p + "cost_dollars", "Serving cost charged to each key", ["key"], registry=registry)
+        registry.register(_FleetCollector(fleet, ledger))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -88,6 +93,9 @@ class Metrics:
             self.tokens.labels(record.key, model, "prompt").inc(record.prompt_tokens)
         if record.completion_tokens:
             self.tokens.labels(record.key, model, "completion").inc(record.completion_tokens)
+        if record.gpu_seconds:
+            self.gpu_seconds.labels(record.key, record.host).inc(record.gpu_seconds)
+            self.cost.labels(record.key).inc(record.cost_micro / 1_000_000)
 
     def wake(self, host: str, outcome: str) -> None:
         self.wakes.labels(host, outcome).inc()
@@ -102,8 +110,8 @@ class Metrics:
 class _FleetCollector:
     """Gauges read from the fleet at scrape time."""
 
-    def __init__(self, fleet: Fleet) -> None:
-        self.fleet = fleet
+    def __init__(self, fleet: Fleet, ledger: LedgerWriter | None) -> None:
+        self.fleet, self.ledger = fleet, ledger
 
     def describe(self) -> Iterable[Metric]:
         return []  # created at collect time: the hosts are discovered after start
@@ -128,7 +136,15 @@ class _FleetCollector:
             slots.add_metric([host.name], host.slots)
             for name in HostState:
                 state.add_metric([host.name, str(name)], 1.0 if host.state is name else 0.0)
-        return [depth, inflight, slots, state]
+        families: list[Metric] = [depth, inflight, slots, state]
+        if self.ledger is not None:
+            stats = self.ledger.statistics()
+            dropped = CounterMetricFamily(p + "ledger_dropped_rows", "Usage rows lost: the ledger was unwritable")
+            dropped.add_metric([], stats.dropped)
+            buffered = GaugeMetricFamily(p + "ledger_buffered_rows", "Usage rows waiting to be written")
+            buffered.add_metric([], stats.buffered)
+            families += [dropped, buffered]
+        return families
 
 
 def metrics_route(metrics: Metrics, *, public: bool) -> Route:

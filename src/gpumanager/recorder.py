@@ -26,6 +26,8 @@ class RequestRecord(msgspec.Struct, frozen=True, kw_only=True):
     overhead_seconds: float | None  # gpumanager's own time: receipt -> sent upstream, upstream end -> client end
     prompt_tokens: int | None
     completion_tokens: int | None
+    gpu_seconds: float = 0.0  # its share of the host's serving time
+    cost_micro: int = 0  # ...priced at the host's cost_per_hour, in micro-dollars
 
 
 class Recorder(Protocol):
@@ -39,6 +41,29 @@ class Recorder(Protocol):
 
     def paused(self, host: str, reason: str) -> None:
         """A pause was asked of the cloud: "idle", "admin", "emergency" or "failed_wake"."""
+
+
+class Recorders:
+    """Several recorders as one (the metrics and the ledger)."""
+
+    def __init__(self, *recorders: Recorder) -> None:
+        self.recorders = recorders
+
+    def request(self, record: RequestRecord) -> None:
+        for recorder in self.recorders:
+            recorder.request(record)
+
+    def wake(self, host: str, outcome: str) -> None:
+        for recorder in self.recorders:
+            recorder.wake(host, outcome)
+
+    def wake_phase(self, host: str, phase: str, seconds: float) -> None:
+        for recorder in self.recorders:
+            recorder.wake_phase(host, phase, seconds)
+
+    def paused(self, host: str, reason: str) -> None:
+        for recorder in self.recorders:
+            recorder.paused(host, reason)
 
 
 class NoopRecorder:

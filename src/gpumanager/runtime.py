@@ -18,6 +18,9 @@ from gpumanager.errors import NoCapacity
 from gpumanager.fleet import Fleet
 from gpumanager.inventory import Inventory
 from gpumanager.keys import KeyStore
+from gpumanager.ledger.recording import LedgerRecorder
+from gpumanager.ledger.schema import database_path
+from gpumanager.ledger.writer import LedgerWriter
 from gpumanager.lifecycle import Lifecycle
 from gpumanager.metrics import Metrics
 from gpumanager.providers import build_providers
@@ -25,6 +28,7 @@ from gpumanager.providers.base import Service
 from gpumanager.proxy.forward import Upstream
 from gpumanager.proxy.routes import ProxyParts
 from gpumanager.reconcile import Reconciler
+from gpumanager.recorder import Recorders
 
 UPSTREAM_TOKEN_ENV = "GPUMANAGER_UPSTREAM_TOKEN"
 
@@ -46,8 +50,10 @@ class Runtime:
         )
         self.providers = build_providers(config, environ, self.upstream.client)
         self.fleet = Fleet(config)
-        self.metrics = Metrics(self.fleet)  # the core's Recorder
-        self.lifecycle = Lifecycle(config, self.fleet, self.providers, self.inventory, self.metrics)
+        self.ledger = LedgerWriter(database_path(config), retention_days=config.usage.retention_days)
+        self.metrics = Metrics(self.fleet, ledger=self.ledger)
+        self.recorder = Recorders(self.metrics, LedgerRecorder(self.ledger))  # the core's Recorder
+        self.lifecycle = Lifecycle(config, self.fleet, self.providers, self.inventory, self.recorder)
         self.fleet.waker = self.lifecycle  # the fleet starts wakes through this seam alone
         self.reconciler = Reconciler(
             config, self.fleet, self.providers, self.inventory, self.lifecycle, clock=self.fleet.clock
@@ -86,7 +92,7 @@ class Runtime:
             upstream_idle_seconds=self.config.timing.upstream_idle_seconds,
             keepalive_seconds=self.config.timing.wake_keepalive_seconds,
             readier=self.lifecycle,
-            recorder=self.metrics,
+            recorder=self.recorder,
             refresh=self.reconciler.refresh,
         )
 
@@ -94,6 +100,7 @@ class Runtime:
         """Start the providers' services and the lifecycle, discover and probe every host, start the
         loops, then say ready; everything runs until cancelled."""
         async with self.upstream, anyio.create_task_group() as tg:
+            await tg.start(self.ledger.run)  # cancelled last of all: its final flush is shielded
             for provider in self.providers.values():
                 if isinstance(provider, Service):
                     await tg.start(provider.run)

@@ -145,6 +145,8 @@ def _record(scope: Scope, ex: Exchange, model: str, status: int, started: float)
         overhead_seconds=overhead,
         prompt_tokens=ex.prompt_tokens,
         completion_tokens=ex.completion_tokens,
+        gpu_seconds=ex.lease.gpu_seconds if ex.lease is not None else 0.0,
+        cost_micro=ex.lease.cost_micro if ex.lease is not None else 0,
     )
 
 

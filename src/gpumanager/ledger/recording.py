@@ -1,0 +1,35 @@
+"""The ledger as a `Recorder`: each finished request becomes a row, written off the request path."""
+
+from __future__ import annotations
+
+import time
+
+from gpumanager.ledger.rows import RequestRow
+from gpumanager.ledger.writer import LedgerWriter
+from gpumanager.recorder import NoopRecorder, RequestRecord
+
+
+class LedgerRecorder(NoopRecorder):
+    """Hands each finished request to the batched writer (which never blocks)."""
+
+    def __init__(self, writer: LedgerWriter) -> None:
+        self.writer = writer
+
+    def request(self, record: RequestRecord) -> None:
+        self.writer.add(
+            RequestRow(
+                ts=time.time(),
+                key_id=record.key,
+                route=record.route,
+                model=record.model,
+                host=record.host,
+                status=record.status,
+                wait_ms=record.wait_seconds * 1000,
+                ttfb_ms=None if record.first_byte_seconds is None else record.first_byte_seconds * 1000,
+                duration_ms=record.duration_seconds * 1000,
+                prompt_tokens=record.prompt_tokens,
+                completion_tokens=record.completion_tokens,
+                gpu_seconds=record.gpu_seconds,
+                cost_micro=record.cost_micro,
+            )
+        )
