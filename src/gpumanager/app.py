@@ -7,6 +7,7 @@ import os
 import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 from loguru import logger
@@ -81,6 +82,21 @@ async def _answer(send: Send, path: str, exc: ClientError) -> None:
     await send({"type": "http.response.body", "body": error_body(dialect_for(path), exc)})
 
 
+class OnlyWithOrigin:
+    """Browsers send `Origin`; other clients (the most requests) skip the CORS layer entirely."""
+
+    def __init__(self, app: ASGIApp, cors: ASGIApp) -> None:
+        self.app, self.cors = app, cors
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for name, _ in scope["headers"]:
+                if name == b"origin":
+                    await self.cors(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
 def cors(origins: list[str]) -> Middleware:
     """Starlette's CORS for `[server] cors_origins`: exact origins, `*` wildcards (`http://localhost:*`
     is any port), or `["*"]`. Every request header is allowed (browser clients such as openai-node send
@@ -88,7 +104,7 @@ def cors(origins: list[str]) -> Middleware:
     exact = [o for o in origins if "*" not in o]
     patterns = [_origin_pattern(o) for o in origins if "*" in o and o != "*"]
     return Middleware(
-        CORSMiddleware,
+        _cors_for_origins_only,
         allow_origins=["*"] if "*" in origins else exact,
         allow_origin_regex="|".join(patterns) or None,
         allow_methods=["*"],
@@ -97,6 +113,10 @@ def cors(origins: list[str]) -> Middleware:
         expose_headers=["x-gpumanager-host", "x-gpumanager-wait-ms", "retry-after"],
         max_age=600,
     )
+
+
+def _cors_for_origins_only(app: ASGIApp, /, **options: Any) -> ASGIApp:
+    return OnlyWithOrigin(app, CORSMiddleware(app, **options))
 
 
 def _origin_pattern(origin: str) -> str:

@@ -10,6 +10,7 @@ app has its own registry. Label values are bounded: `model` is a model the fleet
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -36,6 +37,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class Metrics:
     def __init__(self, fleet: Fleet, *, ledger: LedgerWriter | None = None) -> None:
         self.fleet = fleet
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.registry = registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
@@ -80,22 +82,31 @@ class Metrics:
 
     def request(self, record: RequestRecord) -> None:
         model = self.model_label(record.model)
-        route = record.route
-        self.requests.labels(route, model, str(record.status)).inc()
-        self.duration.labels(route).observe(record.duration_seconds)
+        child = self._child
+        child(self.requests, record.route, model, str(record.status)).inc()
+        child(self.duration, record.route).observe(record.duration_seconds)
         if record.first_byte_seconds is not None:
-            self.first_byte.labels(route).observe(record.first_byte_seconds)
+            child(self.first_byte, record.route).observe(record.first_byte_seconds)
         if record.host:
             self.queue_wait.observe(record.wait_seconds)
         if record.overhead_seconds is not None:
             self.overhead.observe(record.overhead_seconds)
         if record.prompt_tokens:
-            self.tokens.labels(record.key, model, "prompt").inc(record.prompt_tokens)
+            child(self.tokens, record.key, model, "prompt").inc(record.prompt_tokens)
         if record.completion_tokens:
-            self.tokens.labels(record.key, model, "completion").inc(record.completion_tokens)
+            child(self.tokens, record.key, model, "completion").inc(record.completion_tokens)
         if record.gpu_seconds:
-            self.gpu_seconds.labels(record.key, record.host).inc(record.gpu_seconds)
-            self.cost.labels(record.key).inc(record.cost_micro / 1_000_000)
+            child(self.gpu_seconds, record.key, record.host).inc(record.gpu_seconds)
+            child(self.cost, record.key).inc(record.cost_micro / 1_000_000)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, remembered: the lookup with its checks and lock costs more than
+        the increment (label sets are bounded, see the module's docstring)."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def wake(self, host: str, outcome: str) -> None:
         self.wakes.labels(host, outcome).inc()

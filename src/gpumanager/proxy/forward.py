@@ -8,6 +8,7 @@ chunk to the client as it arrives.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -67,6 +68,7 @@ class Exchange:
         "prompt_tokens",
         "send",
         "sent",
+        "silence",
         "started",
         "status",
         "stream_asked",
@@ -91,6 +93,7 @@ class Exchange:
         self.sent = self.first_byte = self.upstream_done = 0.0
         self.first_byte_at = 0.0  # the first byte's time on the anyio clock (that of hosts' `ready_since`)
         self.woke: Host | None = None  # the host this request waited for a wake of, and got
+        self.silence: SilenceWatch | None = None  # ends the answer if its host falls silent
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.started, self.status = True, status
@@ -117,6 +120,57 @@ class Exchange:
             # A plain body cut short: the response is left unfinished, so the server drops the
             # connection and the client sees a truncated answer, never a complete-looking one.
             logger.warning("answer from {} cut short: {}", self.host or "the host", exc.message)
+
+
+class Alarm:
+    """Calls `fire` `seconds` after `arm()`, unless re-armed or stopped first: one event-loop timer.
+
+    The request path arms one per request; a cancel scope with a deadline costs several times as much
+    (it is registered with the task and re-checked on every checkpoint).
+    """
+
+    __slots__ = ("_fire", "_handle", "_loop")
+
+    def __init__(self, fire: Callable[[], None]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._fire = fire
+        self._handle: asyncio.TimerHandle | None = None
+
+    def arm(self, seconds: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle = self._loop.call_later(seconds, self._fire)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
+class SilenceWatch:
+    """After a host's first byte, one timer per `idle` period checks that it sent something since;
+    if not, `on_silent` ends the answer. The hot path only notes when each chunk arrived."""
+
+    __slots__ = ("_alarm", "ex", "idle", "on_silent")
+
+    def __init__(self, ex: Exchange, idle: float, on_silent: Callable[[Exchange], None]) -> None:
+        self.ex, self.idle, self.on_silent = ex, idle, on_silent
+        self._alarm: Alarm | None = None
+
+    def start(self) -> None:
+        self._alarm = Alarm(self._check)
+        self._alarm.arm(self.idle)
+
+    def stop(self) -> None:
+        if self._alarm is not None:
+            self._alarm.stop()
+
+    def _check(self) -> None:
+        quiet = anyio.current_time() - self.ex.last_read
+        if quiet >= self.idle:
+            self.on_silent(self.ex)
+        elif self._alarm is not None:
+            self._alarm.arm(self.idle - quiet)
 
 
 class UsageRefused(Exception):
@@ -269,6 +323,8 @@ async def _relay(
             await ex.write(chunk)
             if not ex.first_byte:
                 ex.first_byte, ex.first_byte_at = time.perf_counter(), anyio.current_time()
+                if ex.silence is not None:
+                    ex.silence.start()
             if kept is not None:
                 kept.append(chunk)
     except httpx.HTTPError as exc:

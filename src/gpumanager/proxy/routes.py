@@ -39,7 +39,16 @@ from gpumanager.inventory import Inventory
 from gpumanager.logs import clean
 from gpumanager.proxy import translate, usage
 from gpumanager.proxy.dialects import STREAM_CONTENT_TYPE, Dialect, heartbeat, parse_fields
-from gpumanager.proxy.forward import Exchange, Receive, Upstream, UsageRefused, forward, upstream_headers
+from gpumanager.proxy.forward import (
+    Alarm,
+    Exchange,
+    Receive,
+    SilenceWatch,
+    Upstream,
+    UsageRefused,
+    forward,
+    upstream_headers,
+)
 from gpumanager.proxy.local import local_routes
 from gpumanager.recorder import Recorder, RequestRecord
 from gpumanager.scheduler import Ask, Waiter
@@ -78,18 +87,22 @@ async def read_body(scope: Scope, receive: Receive, limit: int, stall: float) ->
         if name == b"content-length" and value.isdigit() and int(value) > limit:
             raise PayloadTooLarge(f"request body over {limit // 2**20} MB ([server] max_body_mb)")
     body: bytes | None = None
-    with anyio.CancelScope() as timer:  # its deadline moves on with every message received
-        body = await _read_body(receive, limit, stall, timer)
+    with anyio.CancelScope() as stalled:
+        alarm = Alarm(stalled.cancel)  # re-armed with every message received
+        try:
+            body = await _read_body(receive, limit, stall, alarm)
+        finally:
+            alarm.stop()
     if body is None:
         raise RequestTimeout(f"the request body stalled for {stall:g}s ([server] client_timeout_seconds)")
     return body
 
 
-async def _read_body(receive: Receive, limit: int, stall: float, timer: anyio.CancelScope) -> bytes:
+async def _read_body(receive: Receive, limit: int, stall: float, alarm: Alarm) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
-        timer.deadline = anyio.current_time() + stall
+        alarm.arm(stall)
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone
@@ -160,6 +173,7 @@ class ModelRoute:
     async def __call__(self, scope: Scope, receive: Receive, send: Any) -> None:
         started = time.perf_counter()
         ex = Exchange(send, self.dialect)
+        ex.silence = SilenceWatch(ex, self.parts.upstream_idle_seconds, self._silent)
         model = "-"
         try:
             body = await read_body(scope, receive, self.parts.max_body, self.parts.client_timeout_seconds)
@@ -174,7 +188,7 @@ class ModelRoute:
                     return
                 on_body = self._remember_show(ask.model)
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._watch, receive, tg.cancel_scope, ex)
+                tg.start_soon(self._watch, receive, tg.cancel_scope)
                 await self._serve(scope, ex, ask, body, stream, on_body)
                 tg.cancel_scope.cancel()
         except ClientError as exc:
@@ -185,6 +199,7 @@ class ModelRoute:
             logger.opt(exception=exc).error("unexpected error on {} {}", scope["method"], scope["path"])
             await ex.fail(InternalError())
         finally:
+            ex.silence.stop()
             status = ex.status if ex.completed else 499
             logger.info(
                 "{} {} key={} model={} host={} status={} wait_ms={:.0f} ms={:.0f} tokens={}/{}",
@@ -204,27 +219,20 @@ class ModelRoute:
             if woke is not None and woke.ready_since is not None and ex.first_byte_at:
                 self.parts.recorder.wake_phase(woke.name, "first_byte", ex.first_byte_at - woke.ready_since)
 
-    async def _watch(self, receive: Receive, done: anyio.CancelScope, ex: Exchange) -> None:
-        """End the exchange when the client disconnects, and its answer when the host falls silent.
+    async def _watch(self, receive: Receive, done: anyio.CancelScope) -> None:
+        """End the exchange when the client disconnects."""
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        done.cancel()
 
-        Once the host has sent a first byte, a host that then sends nothing for `upstream_idle_seconds`
-        ends the stream (in-band error) and is skipped until it answers a probe again. One timer per
-        idle period, not per chunk: the hot path only notes when each chunk arrived.
-        """
-        idle = self.parts.upstream_idle_seconds
-        while True:
-            since = ex.last_read or anyio.current_time()
-            with anyio.move_on_at(since + idle):
-                if (await receive())["type"] == "http.disconnect":
-                    done.cancel()
-                    return
-                continue
-            lease = ex.lease
-            if ex.last_read and anyio.current_time() - ex.last_read >= idle and lease is not None:
-                reason = f"host {lease.host.name} sent nothing for {idle:g}s mid-answer"
-                self.parts.inventory.mark_unhealthy(lease.host, reason)
-                lease.abort(reason)
-                ex.last_read = 0.0
+    def _silent(self, ex: Exchange) -> None:
+        """The host sent nothing for `upstream_idle_seconds` after its first byte: end the answer
+        (in-band error) and skip the host until it answers a probe again."""
+        lease = ex.lease
+        if lease is not None and not lease.released:
+            reason = f"host {lease.host.name} sent nothing for {self.parts.upstream_idle_seconds:g}s mid-answer"
+            self.parts.inventory.mark_unhealthy(lease.host, reason)
+            lease.abort(reason)
 
     async def _serve(
         self,

@@ -223,6 +223,9 @@ async def _stream(ex: Exchange, response: httpx.Response, answer: Answer, lease:
     pending = b""
     async for chunk in response.aiter_raw():
         ex.last_read = anyio.current_time()
+        if ex.silence is not None and not ex.first_byte:
+            ex.first_byte = time.perf_counter()
+            ex.silence.start()
         pending += chunk.replace(b"\r\n", b"\n")
         *events, pending = pending.split(b"\n\n")
         out = b"".join(_frames(events, answer, lease))
