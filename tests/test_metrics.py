@@ -44,6 +44,11 @@ def test_requests_tokens_and_the_fleet_are_on_metrics(stack: Stack) -> None:
         list(client.chat.completions.create(model="llama3.2", stream=True, max_tokens=5, messages=PROMPT))  # type: ignore[call-overload]
         with pytest.raises(openai.NotFoundError):
             client.chat.completions.create(model="made-up-model", max_tokens=1, messages=PROMPT)  # type: ignore[call-overload]
+
+    def answered() -> float:  # a request is recorded just after its answer's last byte went out
+        return sum(v for (name, _), v in scrape(stack).items() if name == "gpumanager_requests_total")
+
+    wait_until(lambda: answered() == 4, timeout=10)
     m = scrape(stack)
     assert (
         m[("gpumanager_requests_total", (("model", "llama3.2:latest"), ("route", "/api/chat"), ("status", "200")))] == 1
@@ -104,6 +109,8 @@ def test_wakes_their_phases_and_pauses_are_on_metrics(tmp_path: Path) -> None:
             answer = client.chat.completions.create(model="llama3.2", max_tokens=2, messages=PROMPT)  # type: ignore[call-overload]
         assert answer.choices[0].message.content
         wait_until(lambda: cloud.pauses("gpu-1") == 1, timeout=10)  # idle past its window
+        phase = ("gpumanager_wake_phase_seconds_count", (("host", "gpu-1"), ("phase", "first_byte")))
+        wait_until(lambda: phase in scrape(stack), timeout=10)
         m = scrape(stack)
         assert m[("gpumanager_wakes_total", (("host", "gpu-1"), ("outcome", "ready")))] == 1
         for phase in ("resume", "boot", "first_byte"):

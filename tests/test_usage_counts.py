@@ -15,7 +15,7 @@ import pytest
 from loguru import logger
 
 from gpumanager.sim import SimOllama, expected_text
-from tests.harness import FAST_TIMING, SimHost, Stack, running_stack
+from tests.harness import FAST_TIMING, SimHost, Stack, running_stack, wait_until
 
 PROMPT = "one two three four"  # the simulated Ollama counts prompt tokens as words: 4
 
@@ -41,6 +41,10 @@ def counted() -> Iterator[list[tuple[str, str, str]]]:
     logger.remove(handle)
 
 
+def settle(counted: list[tuple[str, str, str]], n: int) -> None:
+    wait_until(lambda: len(counted) >= n, timeout=10)
+
+
 def test_ollama_answers_are_counted_streamed_or_not(stack: Stack, counted: list[tuple[str, str, str]]) -> None:
     messages = [{"role": "user", "content": PROMPT}]
     with ollama.Client(host=stack.url, headers=stack.headers()) as client:
@@ -49,6 +53,7 @@ def test_ollama_answers_are_counted_streamed_or_not(stack: Stack, counted: list[
         whole = client.generate(model="llama3.2", prompt=PROMPT, options={"num_predict": 3})
         assert whole.response == expected_text(3)
         client.embed(model="llama3.2", input=["a b", "c"])
+    settle(counted, 3)  # a request's line is logged just after its answer's last byte went out
     assert counted == [("/api/chat", "4", "7"), ("/api/generate", "4", "3"), ("/api/embed", "3", "-")]
 
 
@@ -72,6 +77,7 @@ def test_an_openai_stream_is_counted_and_unchanged_when_usage_was_not_asked(
         )  # type: ignore[call-overload]
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected_text(5)
     assert all(c.usage is None and c.choices for c in chunks)
+    settle(counted, 2)
     assert counted == [("/v1/chat/completions", "4", "5")] * 2
 
 
@@ -89,6 +95,7 @@ def test_an_openai_stream_that_asked_for_usage_gets_it(stack: Stack, counted: li
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
         whole = client.completions.create(model="llama3.2", prompt=PROMPT, max_tokens=2)
         assert whole.usage is not None and whole.usage.prompt_tokens == 4
+    settle(counted, 2)
     assert counted == [("/v1/chat/completions", "4", "6"), ("/v1/completions", "4", "2")]
 
 
