@@ -7,14 +7,22 @@ an `httpx.MockTransport` handler answering `/api/version`, `/api/tags` and `/api
 
 from __future__ import annotations
 
-import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Generic, TypeVar
 
 import anyio
 import httpx
 
 from gpumanager.cloud import CloudState, HostInfo
+from gpumanager.config import loads
 from gpumanager.errors import HostNotFound, ProviderRejected
+from gpumanager.fleet import Fleet
+from gpumanager.hosts import Host, HostEvent
+from gpumanager.inventory import Inventory
+from gpumanager.lifecycle import Lifecycle
 
 
 @dataclass
@@ -87,19 +95,59 @@ class MemoryCloud:
         return self.calls.count((action, host_id))
 
     def ollama(self) -> httpx.MockTransport:
-        """The machines' Ollama: answers only while the machine runs."""
+        """The machines' Ollama: answers only while the machine runs (`_reach` says)."""
 
-        def handle(request: httpx.Request) -> httpx.Response:
+        async def handle(request: httpx.Request) -> httpx.Response:
             name = (request.url.host or "").removesuffix(".test")
-            m = self.machines.get(name)
-            if m is None or not m.running:
-                raise httpx.ConnectError("connection refused", request=request)
+            await self._reach(name, request)
             if request.url.path == "/api/version":
                 return httpx.Response(200, json={"version": "0.32.0"})
-            if request.url.path == "/api/tags":
-                return httpx.Response(200, json={"models": [{"name": n, "model": n} for n in m.models]})
-            if request.url.path == "/api/ps":
-                return httpx.Response(200, json={"models": []})
-            return httpx.Response(404, content=json.dumps({"error": "not found"}).encode())
+            if request.url.path in ("/api/tags", "/api/ps"):
+                models = self.machines[name].models if request.url.path == "/api/tags" else ()
+                return httpx.Response(200, json={"models": [{"name": n, "model": n} for n in models]})
+            return httpx.Response(404, json={"error": "not found"})
 
         return httpx.MockTransport(handle)
+
+    async def _reach(self, name: str, request: httpx.Request) -> None:
+        """Raise as a connection to a machine that does not answer would."""
+        m = self.machines.get(name)
+        if m is None or not m.running:
+            raise httpx.ConnectError("connection refused", request=request)
+
+
+C = TypeVar("C", bound=MemoryCloud)
+
+
+@dataclass
+class Core(Generic[C]):
+    """The fleet and its lifecycle in front of an in-memory cloud, running."""
+
+    fleet: Fleet
+    lifecycle: Lifecycle
+    cloud: C
+
+    def host(self, name: str) -> Host:
+        return self.fleet.hosts[name]
+
+
+@asynccontextmanager
+async def running_core(tmp_path: Path, timing: str, cloud: C, *machines: MemoryMachine) -> AsyncIterator[Core[C]]:
+    """A `Fleet` and a running `Lifecycle` (its task group open) with `machines` in `cloud`, whose
+    Ollama is `cloud.ollama()`: no server, only the virtual clock of the test's loop."""
+    config = loads(timing)
+    fleet = Fleet(config)
+    async with httpx.AsyncClient(transport=cloud.ollama()) as http:
+        inventory = Inventory(str(tmp_path), http, probe_timeout=config.timing.probe_timeout_seconds)
+        lifecycle = Lifecycle(config, fleet, {cloud.name: cloud}, inventory)
+        fleet.waker = lifecycle
+        for m in machines:
+            cloud.add(m)
+            host = Host(id=m.name, name=m.name, provider=cloud.name, url="", slots=2, models=frozenset(m.models))
+            host.apply(HostEvent.CLOUD_RUNNING if m.running else HostEvent.CLOUD_PAUSED)
+            m.target = m.running
+            fleet.add(host)
+        async with anyio.create_task_group() as tg:
+            await tg.start(lifecycle.run)
+            yield Core(fleet, lifecycle, cloud)
+            tg.cancel_scope.cancel()

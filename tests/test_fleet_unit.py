@@ -64,6 +64,16 @@ def fleet_of(*hosts: Host, extra: str = "") -> tuple[Fleet, RecordingWaker]:
     return fleet, waker
 
 
+def one_busy_slot() -> tuple[Fleet, Host, Lease, Waiter]:
+    """A one-slot host whose slot key k1 holds, and key k2 waiting for it."""
+    h = host("a", slots=1)
+    fleet, _ = fleet_of(h)
+    lease = fleet.admit(Ask("llama3.2", "k1"))
+    waiter = fleet.admit(Ask("llama3.2", "k2"))
+    assert isinstance(lease, Lease) and isinstance(waiter, Waiter)
+    return fleet, h, lease, waiter
+
+
 def wake(fleet: Fleet, h: Host) -> None:
     """What a successful wake does to the fleet's view of a host."""
     for event in (HostEvent.RESUME, HostEvent.CLOUD_RUNNING, HostEvent.OLLAMA_READY):
@@ -139,11 +149,7 @@ async def test_limits_refuse_with_429_and_unknown_models_with_404() -> None:
 
 
 async def test_a_waiter_times_out_after_queue_timeout_and_leaves_the_queue() -> None:
-    h = host("a", slots=1)
-    fleet, _ = fleet_of(h)
-    assert isinstance(fleet.admit(Ask("llama3.2", "k1")), Lease)
-    waiter = fleet.admit(Ask("llama3.2", "k2"))
-    assert isinstance(waiter, Waiter)
+    fleet, _, _, waiter = one_busy_slot()
     start = anyio.current_time()
     with pytest.raises(NoCapacity) as caught:
         await fleet.wait(waiter)
@@ -152,11 +158,7 @@ async def test_a_waiter_times_out_after_queue_timeout_and_leaves_the_queue() -> 
 
 
 async def test_patience_returns_none_and_keeps_the_place() -> None:
-    h = host("a", slots=1)
-    fleet, _ = fleet_of(h)
-    lease = fleet.admit(Ask("llama3.2", "k1"))
-    waiter = fleet.admit(Ask("llama3.2", "k2"))
-    assert isinstance(lease, Lease) and isinstance(waiter, Waiter)
+    fleet, _, lease, waiter = one_busy_slot()
     assert await fleet.wait(waiter, patience=10) is None
     assert len(fleet.queue) == 1
     lease.release()
@@ -193,11 +195,7 @@ async def test_a_failed_wake_ends_its_waiters_with_504() -> None:
 
 
 async def test_a_cancelled_wait_leaves_the_queue_and_a_granted_lease_is_freed() -> None:
-    h = host("a", slots=1)
-    fleet, _ = fleet_of(h)
-    lease = fleet.admit(Ask("llama3.2", "k1"))
-    waiter = fleet.admit(Ask("llama3.2", "k2"))
-    assert isinstance(lease, Lease) and isinstance(waiter, Waiter)
+    fleet, h, lease, waiter = one_busy_slot()
     with anyio.move_on_after(1):  # the client left while it waited
         await fleet.wait(waiter)
     assert len(fleet.queue) == 0

@@ -3,23 +3,19 @@ emergency-off. An in-memory cloud on a virtual clock: no server, no waiting, exa
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+import functools
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import anyio
-import httpx
 import pytest
 
-from gpumanager.config import loads
 from gpumanager.errors import Conflict, WakeFailed
-from gpumanager.fleet import Fleet, Lease
-from gpumanager.hosts import Host, HostEvent, HostState
-from gpumanager.inventory import Inventory
-from gpumanager.lifecycle import Lifecycle
+from gpumanager.fleet import Lease
+from gpumanager.hosts import HostState
 from gpumanager.scheduler import Ask, Waiter
-from tests.memory_cloud import MemoryCloud, MemoryMachine
+from tests.harness import async_wait_until
+from tests.memory_cloud import Core, MemoryCloud, MemoryMachine, running_core
 from tests.virtual_time import VirtualTimeLoop
 
 pytestmark = pytest.mark.anyio
@@ -41,43 +37,12 @@ def anyio_backend() -> tuple[str, dict[str, object]]:
     return ("asyncio", {"loop_factory": VirtualTimeLoop})
 
 
-@dataclass
-class Core:
-    fleet: Fleet
-    lifecycle: Lifecycle
-    cloud: MemoryCloud
-
-    def host(self, name: str) -> Host:
-        return self.fleet.hosts[name]
+# Waits on the virtual clock: an hour passes in no time.
+until = functools.partial(async_wait_until, timeout=3600, interval=0.1)
 
 
-async def until(condition: object, limit: float = 3600) -> None:
-    """Wait (on the virtual clock) until `condition()` holds."""
-    assert callable(condition)
-    with anyio.fail_after(limit):
-        while not condition():
-            await anyio.sleep(0.1)
-
-
-@asynccontextmanager
-async def core(tmp_path: Path, *machines: MemoryMachine) -> AsyncIterator[Core]:
-    config = loads(TIMING)
-    cloud = MemoryCloud()
-    fleet = Fleet(config)
-    async with httpx.AsyncClient(transport=cloud.ollama()) as http:
-        inventory = Inventory(str(tmp_path), http, probe_timeout=2)
-        lifecycle = Lifecycle(config, fleet, {"mem": cloud}, inventory)
-        fleet.waker = lifecycle
-        for m in machines:
-            cloud.add(m)
-            h = Host(id=m.name, name=m.name, provider="mem", url="", slots=2, models=frozenset(m.models))
-            h.apply(HostEvent.CLOUD_RUNNING if m.running else HostEvent.CLOUD_PAUSED)
-            m.target = m.running
-            fleet.add(h)
-        async with anyio.create_task_group() as tg:
-            await tg.start(lifecycle.run)
-            yield Core(fleet, lifecycle, cloud)
-            tg.cancel_scope.cancel()
+def core(tmp_path: Path, *machines: MemoryMachine) -> AbstractAsyncContextManager[Core[MemoryCloud]]:
+    return running_core(tmp_path, TIMING, MemoryCloud(), *machines)
 
 
 async def test_one_resume_however_many_wait_then_ready_with_the_fallback_window(tmp_path: Path) -> None:

@@ -228,9 +228,9 @@ def test_max_connections_caps_open_connections_and_a_low_file_limit_is_told(tmp_
 
 
 def test_the_listening_socket_says_tcp_so_answers_are_not_held_by_nagle() -> None:
-    from gpumanager.serve import bind
+    from gpumanager.sockets import bind_socket
 
-    with bind("127.0.0.1", 0) as sock:
+    with bind_socket("127.0.0.1", 0) as sock:
         assert sock.proto == socket.IPPROTO_TCP  # asyncio sets TCP_NODELAY on accepted sockets only then
         with socket.create_connection(sock.getsockname()[:2]):
             accepted, _ = sock.accept()

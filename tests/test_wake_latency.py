@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,16 +18,12 @@ import msgspec
 import pytest
 
 from gpumanager.cloud import CloudState, HostInfo
-from gpumanager.config import loads
 from gpumanager.errors import ProviderUnavailable, WakeFailed
-from gpumanager.fleet import Fleet
-from gpumanager.hosts import Host, HostEvent, HostState
-from gpumanager.inventory import Inventory
-from gpumanager.lifecycle import Lifecycle
+from gpumanager.hosts import HostState
 from gpumanager.providers.base import Polling
 from tests.clouds import Machine
 from tests.harness import async_wait_until, running_cloud_stack
-from tests.memory_cloud import MemoryCloud, MemoryMachine
+from tests.memory_cloud import Core, MemoryCloud, MemoryMachine, running_core
 from tests.virtual_time import VirtualTimeLoop
 
 SLOW_POLL = 5.0  # the cloud is asked about a waking host this often
@@ -143,50 +138,15 @@ class EarlyCloud(MemoryCloud):
     async def ready(self, info: HostInfo, model: str | None) -> bool | None:
         return None  # plain Ollama hosts: the fleet's own probe decides
 
-    def transport(self) -> httpx.MockTransport:
-        async def handle(request: httpx.Request) -> httpx.Response:
-            name = (request.url.host or "").removesuffix(".test")
-            if anyio.current_time() < self._up_at.get(name, math.inf):
-                if self.dropping:
-                    await anyio.sleep(3600)
-                raise httpx.ConnectError("connection refused", request=request)
-            if request.url.path == "/api/version":
-                return httpx.Response(200, json={"version": "0.32.0"})
-            if request.url.path in ("/api/tags", "/api/ps"):
-                models = self.machines[name].models if request.url.path == "/api/tags" else ()
-                return httpx.Response(200, json={"models": [{"name": n, "model": n} for n in models]})
-            return httpx.Response(404, json={"error": "not found"})
-
-        return httpx.MockTransport(handle)
+    async def _reach(self, name: str, request: httpx.Request) -> None:
+        if anyio.current_time() < self._up_at.get(name, math.inf):
+            if self.dropping:
+                await anyio.sleep(3600)
+            raise httpx.ConnectError("connection refused", request=request)
 
 
-@dataclass
-class Core:
-    fleet: Fleet
-    lifecycle: Lifecycle
-    cloud: EarlyCloud
-
-    def host(self, name: str) -> Host:
-        return self.fleet.hosts[name]
-
-
-@asynccontextmanager
-async def core(tmp_path: Path, cloud: EarlyCloud, *machines: MemoryMachine) -> AsyncIterator[Core]:
-    config = loads(TIMING)
-    fleet = Fleet(config)
-    async with httpx.AsyncClient(transport=cloud.transport()) as http:
-        inventory = Inventory(str(tmp_path), http, probe_timeout=config.timing.probe_timeout_seconds)
-        lifecycle = Lifecycle(config, fleet, {cloud.name: cloud}, inventory)
-        fleet.waker = lifecycle
-        for m in machines:
-            cloud.add(m)
-            host = Host(id=m.name, name=m.name, provider=cloud.name, url="", slots=2, models=frozenset(m.models))
-            host.apply(HostEvent.CLOUD_PAUSED)
-            fleet.add(host)
-        async with anyio.create_task_group() as tg:
-            await tg.start(lifecycle.run)
-            yield Core(fleet, lifecycle, cloud)
-            tg.cancel_scope.cancel()
+def core(tmp_path: Path, cloud: EarlyCloud, *machines: MemoryMachine) -> AbstractAsyncContextManager[Core[EarlyCloud]]:
+    return running_core(tmp_path, TIMING, cloud, *machines)
 
 
 @pytest.fixture

@@ -215,13 +215,14 @@ def _server(args: argparse.Namespace) -> int:
 
     from gpumanager import logs
     from gpumanager.app import build_app
-    from gpumanager.serve import bind, local_url, raise_open_file_limit, serve_app, server_for
+    from gpumanager.serve import local_url, raise_open_file_limit, serve_app, server_for
+    from gpumanager.sockets import bind_socket
 
     config, _ = load_config(args)
     logs.setup(args.log_level, config.paths.log_file)
     host, port = args.host or config.server.host, args.port or config.server.port
     try:
-        sock = bind(host, port)
+        sock = bind_socket(host, port)
     except OSError as exc:
         print(f"gpumanager: error: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
         return 1

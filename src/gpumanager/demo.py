@@ -24,7 +24,8 @@ from gpumanager.config import load
 from gpumanager.hosts import HostState
 from gpumanager.keys import KeyStore
 from gpumanager.runtime import Runtime
-from gpumanager.serve import bind, local_url, serve_app, server_for
+from gpumanager.serve import local_url, serve_app, server_for
+from gpumanager.sockets import bind_socket
 
 ANSWER = (
     "A GPU that sleeps costs nothing. gpumanager woke this simulated host for your request, "
@@ -82,7 +83,7 @@ def run_demo(args: argparse.Namespace) -> int:
     folder = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="gpumanager-demo-"))
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        sock = bind(args.host, args.port)
+        sock = bind_socket(args.host, args.port)
     except OSError as exc:
         print(
             f"gpumanager: error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}; "

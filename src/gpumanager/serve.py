@@ -1,6 +1,6 @@
 """Running the server in the foreground: bind, start, say ready, and shut down gracefully.
 
-The socket is bound before anything starts, so a busy port is one clear line and exit status 1.
+The caller binds the socket first (`sockets.bind_socket`), so a busy port is one clear line and exit 1.
 "Ready" is said once uvicorn listens. Signals are gpumanager's own (uvicorn's handler would close
 the listeners first, and nobody could be told anything): on SIGTERM or SIGINT it keeps listening,
 `/health` says draining and new requests get 503 with `Retry-After`; open streams get
@@ -33,25 +33,6 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket on host:port, or `OSError` (the port is busy, or the address is not ours).
-
-    `proto` must say TCP: asyncio sets TCP_NODELAY only on accepted sockets whose proto says so,
-    and without it every keep-alive answer stalls ~40 ms on Nagle and delayed ACKs.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(2048)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 def raise_open_file_limit(max_connections: int) -> None:

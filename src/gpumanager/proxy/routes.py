@@ -179,8 +179,8 @@ class ModelRoute:
             body = await read_body(scope, receive, self.parts.max_body, self.parts.client_timeout_seconds)
             fields = parse_fields(body, legacy_name=self.route == "show")
             model = fields.model
-            stream = self.streams and (fields.stream if fields.stream is not None else self.stream_default)
-            ex.stream_asked = stream
+            asked = fields.stream if fields.stream is not None else self.stream_default
+            ex.stream_asked = self.streams and asked
             ask = Ask(model, scope["auth"].id, fields.options.num_ctx if fields.options else None)
             on_body = None
             if self.route == "show" and not _verbose(body):
@@ -189,7 +189,7 @@ class ModelRoute:
                 on_body = self._remember_show(ask.model)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._watch, receive, tg.cancel_scope)
-                await self._serve(scope, ex, ask, body, stream, on_body)
+                await self._serve(scope, ex, ask, body, on_body)
                 tg.cancel_scope.cancel()
         except ClientError as exc:
             await ex.fail(exc)
@@ -240,11 +240,10 @@ class ModelRoute:
         ex: Exchange,
         ask: Ask,
         body: bytes,
-        stream: bool,
         on_body: Callable[[Host, bytes], None] | None,
     ) -> None:
         try:
-            await self._forward(scope, ex, ask, body, stream, on_body)
+            await self._forward(scope, ex, ask, body, on_body)
         except ClientError as exc:
             await ex.fail(exc)
 
@@ -254,12 +253,11 @@ class ModelRoute:
         ex: Exchange,
         ask: Ask,
         body: bytes,
-        stream: bool,
         on_body: Callable[[Host, bytes], None] | None,
     ) -> None:
         parts = self.parts
         arrived = time.perf_counter()
-        lease = await self._lease(ex, ask, stream)
+        lease = await self._lease(ex, ask)
         ex.wait_ms = (time.perf_counter() - arrived) * 1000
         for attempt in (1, 2):
             try:
@@ -270,7 +268,7 @@ class ModelRoute:
                 if attempt == 2:
                     raise UpstreamFailed(str(exc)) from None
                 try:  # once more, on another host: the unhealthy one is skipped now
-                    lease = await self._lease(ex, ask, stream)
+                    lease = await self._lease(ex, ask)
                 except ClientError:
                     raise UpstreamFailed(str(exc)) from None
             else:
@@ -307,15 +305,15 @@ class ModelRoute:
         meter = usage.Meter(streaming=streams)
         await forward(parts.upstream, ex, lease, scope["method"], target, headers, body, on_body, meter=meter)
 
-    async def _lease(self, ex: Exchange, ask: Ask, stream: bool) -> Lease:
+    async def _lease(self, ex: Exchange, ask: Ask) -> Lease:
         got = self.parts.fleet.admit(ask)
         if isinstance(got, Lease):
             return got
-        return await self._wait(ex, got, ask, stream)
+        return await self._wait(ex, got, ask)
 
-    async def _wait(self, ex: Exchange, waiter: Waiter, ask: Ask, stream: bool) -> Lease:
+    async def _wait(self, ex: Exchange, waiter: Waiter, ask: Ask) -> Lease:
         """Wait for a slot; a streaming client gets its headers early and a heartbeat now and then."""
-        patience = self.parts.keepalive_seconds if stream else None
+        patience = self.parts.keepalive_seconds if ex.stream_asked else None
         try:
             while True:
                 lease = await self.parts.fleet.wait(waiter, patience)

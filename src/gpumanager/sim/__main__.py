@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import uvicorn
 
 from gpumanager.sim.ollama import SimOllama
-from gpumanager.sim.server import bind_socket
+from gpumanager.sockets import bind_socket
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -17,6 +17,8 @@ from typing import Any
 import anyio
 import uvicorn
 
+from gpumanager.sockets import bind_socket
+
 
 def port_is_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -76,26 +78,6 @@ class SimServer:
             transport = getattr(connection, "transport", None)
             if transport is not None:
                 transport.abort()
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket; ``port=0`` lets the kernel choose.
-
-    ``proto`` must be IPPROTO_TCP, not the default 0: asyncio only sets TCP_NODELAY on
-    accepted sockets whose proto says TCP, and without it every keep-alive response
-    written as headers + body stalls ~40 ms on Nagle and delayed ACKs.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(2048)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 @asynccontextmanager
