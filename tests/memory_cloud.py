@@ -23,6 +23,7 @@ from gpumanager.fleet import Fleet
 from gpumanager.hosts import Host, HostEvent
 from gpumanager.inventory import Inventory
 from gpumanager.lifecycle import Lifecycle
+from gpumanager.recorder import Recorder
 
 
 @dataclass
@@ -132,14 +133,16 @@ class Core(Generic[C]):
 
 
 @asynccontextmanager
-async def running_core(tmp_path: Path, timing: str, cloud: C, *machines: MemoryMachine) -> AsyncIterator[Core[C]]:
+async def running_core(
+    tmp_path: Path, timing: str, cloud: C, *machines: MemoryMachine, recorder: Recorder | None = None
+) -> AsyncIterator[Core[C]]:
     """A `Fleet` and a running `Lifecycle` (its task group open) with `machines` in `cloud`, whose
     Ollama is `cloud.ollama()`: no server, only the virtual clock of the test's loop."""
     config = loads(timing)
-    fleet = Fleet(config)
+    fleet = Fleet(config, recorder=recorder)
     async with httpx.AsyncClient(transport=cloud.ollama()) as http:
         inventory = Inventory(str(tmp_path), http, probe_timeout=config.timing.probe_timeout_seconds)
-        lifecycle = Lifecycle(config, fleet, {cloud.name: cloud}, inventory)
+        lifecycle = Lifecycle(config, fleet, {cloud.name: cloud}, inventory, recorder)
         fleet.waker = lifecycle
         for m in machines:
             cloud.add(m)

@@ -27,9 +27,11 @@ def anyio_backend() -> tuple[str, dict[str, object]]:
 class RecordingWaker:
     def __init__(self) -> None:
         self.wakes: list[tuple[str, str | None]] = []
+        self.by: list[str | None] = []  # the key each wake was started for
 
-    def start_wake(self, host: Host, model: str | None = None) -> object:
+    def start_wake(self, host: Host, model: str | None = None, *, by: str | None = None) -> object:
         self.wakes.append((host.name, model))
+        self.by.append(by)
         return None
 
 

@@ -153,13 +153,13 @@ def test_a_file_of_the_previous_version_is_migrated_and_keeps_its_rows(tmp_path:
     path = tmp_path / "usage.db"
     old = sqlite3.connect(path, isolation_level=None)
     assert migrate(old, MIGRATIONS[:-1]) == SCHEMA_VERSION - 1
-    assert "requests_key" not in names(old, "index")
+    assert "intervals_open" not in names(old, "index")
     old.execute("INSERT INTO requests (ts, key_id, route, model, host, status, wait_ms, duration_ms, gpu_seconds, "
                 "cost_micro) VALUES (?, 'k', '/api/chat', 'm', 'h', 200, 0, 0, 1.5, 7)", (T0,))  # fmt: skip
     old.close()
     conn = open_database(path, retention_days=10_000, now=T0)
     assert version(conn) == SCHEMA_VERSION
-    assert "requests_key" in names(conn, "index")
+    assert "intervals_open" in names(conn, "index")
     assert conn.execute("SELECT key_id, gpu_seconds, cost_micro FROM requests").fetchall() == [("k", 1.5, 7)]
     conn.close()
 
@@ -207,7 +207,7 @@ async def test_many_rows_go_in_one_transaction_within_the_flush_interval(tmp_pat
         for i in range(1000):
             writer.add(request(time.time(), route=f"/r/{i}"))
             if i % 100 == 0:
-                writer.add(interval("h1", T0, T0 + 1, Reason.WAKE, "k", 1))
+                writer.add(interval("h1", T0 + i, T0 + i + 1, Reason.WAKE, "k", 1))
         assert writer.statistics().buffered == 1010  # add() wrote nothing itself
         # Written by the worker thread, then settled on the loop: wait for the writer's own word.
         await async_wait_until(lambda: writer.statistics().written == 1010, timeout=5)
@@ -216,6 +216,25 @@ async def test_many_rows_go_in_one_transaction_within_the_flush_interval(tmp_pat
         assert (stats.written, stats.buffered, stats.dropped, stats.transactions) == (1010, 0, 0, 1)
         assert count(path, "intervals") == 10
         tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_an_interval_recorded_again_as_it_grows_keeps_one_row(tmp_path: Path) -> None:
+    path = tmp_path / "usage.db"
+    writer = LedgerWriter(path, flush_seconds=0.05)
+    async with anyio.create_task_group() as tg:
+        await tg.start(writer.run)
+        writer.add(interval("h1", T0, T0 + 1, Reason.RESERVE, "k", 10))
+        writer.add(interval("h1", T0, T0 + 2, Reason.RESERVE, "k", 20))  # the same flush: the last one wins
+        await async_wait_until(lambda: writer.statistics().written == 2, timeout=5)
+        writer.add(interval("h1", T0, T0 + 3, Reason.RESERVE, "k", 30))  # a later flush
+        writer.add(interval("h2", T0, T0 + 1, Reason.FOUND, None, 5))  # another host, the same start
+        await async_wait_until(lambda: writer.statistics().written == 4, timeout=5)
+        tg.cancel_scope.cancel()
+    conn = sqlite3.connect(path)
+    rows = conn.execute('SELECT host, "start", "end", cost_micro, key_id FROM intervals ORDER BY host').fetchall()
+    conn.close()
+    assert rows == [("h1", T0, T0 + 3, 30, "k"), ("h2", T0, T0 + 1, 5, None)]
 
 
 @pytest.mark.anyio

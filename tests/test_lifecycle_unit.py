@@ -114,9 +114,9 @@ async def test_an_admin_pause_drains_open_requests_first(tmp_path: Path) -> None
         await c.lifecycle.ensure_ready(h)
         lease = c.fleet.admit(Ask("llama3.2", "k1"))
         assert isinstance(lease, Lease)
-        assert c.lifecycle.pause(h, "an admin asked") == 1
+        assert c.lifecycle.pause(h, "an admin asked", "admin") == 1
         with pytest.raises(Conflict):
-            c.lifecycle.pause(h, "twice")
+            c.lifecycle.pause(h, "twice", "admin")
         late = c.fleet.admit(Ask("llama3.2", "k2"))
         assert isinstance(late, Waiter)  # draining: no new leases
         await anyio.sleep(120)
@@ -135,12 +135,12 @@ async def test_emergency_off_ends_streams_pauses_everything_and_refuses_wakes(tm
         a.protected = True
         lease = c.fleet.admit(Ask("llama3.2", "k1"))
         assert isinstance(lease, Lease)
-        await c.lifecycle.emergency_off()
+        await c.lifecycle.emergency_off("admin")
         assert lease.aborted and "emergency-off" in lease.aborted
         lease.release()
         await until(lambda: a.state is HostState.PAUSED)
         with pytest.raises(Conflict, match="emergency-off"):
-            c.lifecycle.resume(b)
+            c.lifecycle.resume(b, "admin")
         c.lifecycle.emergency_on()
-        assert c.lifecycle.resume(b) is True
+        assert c.lifecycle.resume(b, "admin") is True
         await until(lambda: b.state is HostState.READY)

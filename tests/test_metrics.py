@@ -104,7 +104,8 @@ shutdown_grace_seconds = 1
 
 
 def test_wakes_their_phases_and_pauses_are_on_metrics(tmp_path: Path) -> None:
-    with running_cloud_stack(tmp_path, "simulated", [Machine("gpu-1")], extra=LIFE) as (stack, cloud):
+    machine = Machine("gpu-1", cost=3600.0)  # a dollar a second: a cent is 10 ms of it
+    with running_cloud_stack(tmp_path, "simulated", [machine], extra=LIFE) as (stack, cloud):
         with openai.OpenAI(base_url=stack.v1, api_key=stack.user_key, max_retries=0) as client:
             answer = client.chat.completions.create(model="llama3.2", max_tokens=2, messages=PROMPT)  # type: ignore[call-overload]
         assert answer.choices[0].message.content
@@ -113,7 +114,7 @@ def test_wakes_their_phases_and_pauses_are_on_metrics(tmp_path: Path) -> None:
         wait_until(lambda: phase in scrape(stack), timeout=10)
         m = scrape(stack)
         assert m[("gpumanager_wakes_total", (("host", "gpu-1"), ("outcome", "ready")))] == 1
-        for phase in ("resume", "boot", "first_byte"):
+        for phase in ("resume", "boot", "model", "first_byte"):
             assert m[("gpumanager_wake_phase_seconds_count", (("host", "gpu-1"), ("phase", phase)))] == 1, phase
         resume = m[("gpumanager_wake_phase_seconds_sum", (("host", "gpu-1"), ("phase", "resume")))]
         assert resume >= 0.2  # the simulated machine boots for boot_seconds before it runs
@@ -123,6 +124,24 @@ def test_wakes_their_phases_and_pauses_are_on_metrics(tmp_path: Path) -> None:
         wait_until(lambda: stack.call(lambda: str(stack.runtime.fleet.hosts["gpu-1"].state)) == "ready", timeout=10)
         assert httpx.post(stack.url + "/gpu/gpu-1/pause", headers=admin).status_code == 202
         wait_until(lambda: cloud.pauses("gpu-1") == 2, timeout=10)
+        wait_until(lambda: stack.call(lambda: str(stack.runtime.fleet.hosts["gpu-1"].state)) == "paused", timeout=10)
         m = scrape(stack)
         assert m[("gpumanager_pauses_total", (("host", "gpu-1"), ("reason", "admin")))] == 1
         assert m[("gpumanager_wakes_total", (("host", "gpu-1"), ("outcome", "ready")))] == 2
+        # Paused: the host bills nothing more, and every billed second of it had one owner.
+        awake = m[("gpumanager_host_awake_seconds_total", (("host", "gpu-1"),))]
+        cost = m[("gpumanager_host_cost_dollars_total", (("host", "gpu-1"),))]
+        assert awake >= 2 * 0.2 and cost == pytest.approx(awake)  # two boots at least; $1 a second
+        owners = {labels: v for (name, labels), v in m.items() if name == "gpumanager_cost_dollars_total"}
+        admin_id = stack.keys.authenticate(stack.admin_key).id  # type: ignore[union-attr]
+        user_id = stack.keys.authenticate(stack.user_key).id  # type: ignore[union-attr]
+        assert {dict(labels)["key"] for labels in owners} == {user_id, admin_id}  # nothing unattributed
+        assert sum(owners.values()) == pytest.approx(cost, abs=0.01)  # to the cent
+        assert m[("gpumanager_savings_dollars_total", (("host", "gpu-1"),))] > 0
+        assert scrape(stack)[("gpumanager_host_awake_seconds_total", (("host", "gpu-1"),))] == awake
+
+        def ledger_cost() -> float:  # the same, from the ledger's rows (written within a second)
+            report = httpx.get(stack.url + "/usage?since=1h&by=key", headers=admin).json()
+            return float(report["total"]["cost_micro"]) / 1_000_000
+
+        wait_until(lambda: ledger_cost() == pytest.approx(cost, abs=0.01), timeout=10)

@@ -219,7 +219,7 @@ async def test_a_pause_stops_a_wake_while_ollama_is_probed(tmp_path: Path) -> No
 
             tg.start_soon(wake)
             await anyio.sleep(8)
-            c.lifecycle.pause(host, "an admin asked")
+            c.lifecycle.pause(host, "an admin asked", "admin")
         assert anyio.current_time() == pytest.approx(8)  # the wake ended at once
         await anyio.sleep(30)
         assert host.state is HostState.PAUSED and cloud.count("pause", "gpu") == 1

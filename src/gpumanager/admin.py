@@ -59,13 +59,14 @@ def admin_routes(fleet: Fleet, lifecycle: Lifecycle, reconcile: Callable[[], Awa
         info["can_pause"] = not host.always_on and host.state not in (HostState.PAUSED, HostState.PAUSING)
         return info
 
-    def find(request: Request) -> Host:
-        require_admin(request.scope)
+    def find(request: Request) -> tuple[Host, str]:
+        """The host the path names, and the calling admin's key id."""
+        admin = require_admin(request.scope)
         ident = request.path_params["id"]
         host = fleet.find(ident)
         if host is None:
             raise NotFound(f"no host with id or name {ident!r}")
-        return host
+        return host, admin.id
 
     async def discover(request: Request) -> Response:
         require_admin(request.scope)
@@ -76,28 +77,28 @@ def admin_routes(fleet: Fleet, lifecycle: Lifecycle, reconcile: Callable[[], Awa
         )
 
     async def status(request: Request) -> Response:
-        return JSONResponse(gpu(find(request)))
+        return JSONResponse(gpu(find(request)[0]))
 
     async def resume(request: Request) -> Response:
-        host = find(request)
-        if not lifecycle.resume(host):  # Conflict for static hosts and under emergency-off
+        host, admin = find(request)
+        if not lifecycle.resume(host, admin):  # Conflict for static hosts and under emergency-off
             return JSONResponse({**gpu(host), "message": f"{host.name} is already ready"})
         return JSONResponse({**gpu(host), "message": f"waking {host.name}"}, status_code=202)
 
     async def pause(request: Request) -> Response:
-        host = find(request)
-        leases = lifecycle.pause(host, "an admin asked")  # Conflict when there is nothing to pause
+        host, admin = find(request)
+        leases = lifecycle.pause(host, "an admin asked", admin)  # Conflict when there is nothing to pause
         message = f"pausing {host.name}" + (f" once its {leases} open requests finish" if leases else "")
         return JSONResponse({**gpu(host), "message": message}, status_code=202)
 
     async def protect(request: Request) -> Response:
-        host = find(request)
+        host, _ = find(request)
         fleet.protect(host, request.method == "POST")
         return JSONResponse(gpu(host))
 
     async def emergency_off(request: Request) -> Response:
-        require_admin(request.scope)
-        await lifecycle.emergency_off()
+        admin = require_admin(request.scope)
+        await lifecycle.emergency_off(admin.id)
         return JSONResponse(
             {
                 "emergency": True,

@@ -7,8 +7,9 @@ client gone, upstream failure); each release hands free slots to waiters in fair
 Waking, pausing and the background loops live in `lifecycle.py`; the fleet starts a wake only
 through the `Waker` it is given, and never waits for one itself.
 
-Owns: the hosts' leases, `Host.leases`, idle deadlines and reservations, the wait queue, and the
-emergency flag. Calls: the pure `scheduler.choose()`, and `Waker.start_wake`. Every method runs on
+Owns: the hosts' leases, `Host.leases`, idle deadlines and reservations, the wait queue, the
+emergency flag, and the hosts' billing meters (`billing.py`), which it settles after each change of
+leases or deadlines. Calls: the pure `scheduler.choose()`, and `Waker.start_wake`. Every method runs on
 the event loop's one thread and none awaits except `wait()`, so no lock is needed.
 """
 
@@ -20,24 +21,27 @@ from typing import Any, Protocol
 
 import anyio
 
+from gpumanager.billing import Billing
 from gpumanager.config import Config, HostConfig
 from gpumanager.errors import ClientError, ModelNotFound, NoCapacity, TooManyRequests, WakeTimeout
 from gpumanager.hosts import AWAKE, WAKING, Host, HostState
 from gpumanager.models import model_names
+from gpumanager.recorder import Recorder
 from gpumanager.scheduler import Ask, FairQueue, HostView, Reject, Snapshot, Use, Waiter, Wake, choose
 
 
 class Waker(Protocol):
     """Starts the wake of `host`, or joins the one in progress (single flight), and returns at once;
-    the wake then runs on its own. `model` is what the waiting requests need the host to list."""
+    the wake then runs on its own. `model` is what the waiting requests need the host to list; `by`
+    is the key whose request starts it (it pays for the wake)."""
 
-    def start_wake(self, host: Host, model: str | None = None) -> object: ...
+    def start_wake(self, host: Host, model: str | None = None, *, by: str | None = None) -> object: ...
 
 
 class _NoWaker:
     """Until a waker is wired in, a wake the policy asks for is a bug: say so loudly."""
 
-    def start_wake(self, host: Host, model: str | None = None) -> object:
+    def start_wake(self, host: Host, model: str | None = None, *, by: str | None = None) -> object:
         raise RuntimeError(f"the fleet has no waker to wake {host.name}")
 
 
@@ -52,7 +56,7 @@ class Lease:
         self.scope: anyio.CancelScope | None = None  # set by the proxy while it streams
         self.aborted = ""
         # Its share of the host's serving time: each second is split equally among the requests
-        # in flight then (DESIGN §10), so a lone request pays the whole GPU.
+        # in flight then (DESIGN §10, `billing.py`), so a lone request pays the whole GPU.
         self.gpu_seconds = 0.0
 
     @property
@@ -80,7 +84,12 @@ class Lease:
 
 class Fleet:
     def __init__(
-        self, config: Config, *, waker: Waker | None = None, clock: Callable[[], float] = anyio.current_time
+        self,
+        config: Config,
+        *,
+        waker: Waker | None = None,
+        recorder: Recorder | None = None,
+        clock: Callable[[], float] = anyio.current_time,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -91,7 +100,7 @@ class Fleet:
         self.queue = FairQueue()
         self._held: Counter[str] = Counter()
         self._leases: dict[Host, set[Lease]] = {}
-        self._accrued: dict[Host, float] = {}  # when each host's serving time was last split
+        self.billing = Billing(self.leases_of, recorder=recorder, clock=clock)
         self.emergency = False
         self._changed: anyio.Event | None = None
 
@@ -107,9 +116,11 @@ class Fleet:
     def add(self, host: Host) -> None:
         self.hosts[host.name] = host
         self._leases.setdefault(host, set())
+        self.billing.add(host)
         self.reindex()
 
     def remove(self, host: Host) -> None:
+        self.billing.remove(host)
         self.hosts.pop(host.name, None)
         self._leases.pop(host, None)
         self.reindex()
@@ -223,6 +234,7 @@ class Fleet:
         for waiter in self.queue:
             if host.name in waiter.waking:
                 waiter.since = max(waiter.since, now)
+        self.billing.settle(host)
 
     def _timeout_error(self, waiter: Waiter) -> ClientError:
         seconds = self.clock() - waiter.enqueued
@@ -234,40 +246,31 @@ class Fleet:
         """A lease outside the slot count, for admin operations on one host (pull, delete...)."""
         lease = Lease(self, host, key, counted=False)
         self._leases.setdefault(host, set()).add(lease)
+        self.billing.settle(host)
         return lease
 
     def _grant(self, host: Host, key: str) -> Lease:
         lease = Lease(self, host, key)
-        self._accrue(host)
         host.leases += 1
         self._held[key] += 1
         self._leases.setdefault(host, set()).add(lease)
+        self.billing.settle(host)
         return lease
 
     def _release(self, lease: Lease) -> None:
         host = lease.host
-        if lease.counted:
-            self._accrue(host)
         self._leases.get(host, set()).discard(lease)
         if lease.counted:
             host.leases -= 1
             self._held[lease.key] -= 1
             if not self._held[lease.key]:
                 del self._held[lease.key]
-            self.touch(host, lease.key)
+            if not lease.aborted:  # a request ended by a pause does not reserve the host being paused
+                self.touch(host, lease.key)
+        self.billing.settle(host)
         self.dispatch()
         if not self._leases.get(host):
             self.notify()
-
-    def _accrue(self, host: Host) -> None:
-        """Split the serving time since the last change of `host`'s leases among those leases."""
-        now = self.clock()
-        counted = [lease for lease in self._leases.get(host, ()) if lease.counted]
-        if counted:
-            share = (now - self._accrued.get(host, now)) / len(counted)
-            for lease in counted:
-                lease.gpu_seconds += share
-        self._accrued[host] = now
 
     def touch(self, host: Host, key: str | None) -> None:
         """A request ended on `host`: its idle deadline moves to now + reservation, reserved for `key`."""
@@ -320,7 +323,7 @@ class Fleet:
 
     def _start_wake(self, name: str, waiter: Waiter) -> None:
         waiter.waking.add(name)
-        self.waker.start_wake(self.hosts[name], waiter.ask.model)
+        self.waker.start_wake(self.hosts[name], waiter.ask.model, by=waiter.ask.key)
 
     def _snapshot(self, ask: Ask, *, queued: int) -> Snapshot:
         now = self.clock()
@@ -343,6 +346,7 @@ class Fleet:
     def protect(self, host: Host, protected: bool) -> None:
         """A protected host is never paused for idleness (an admin's choice)."""
         host.protected = protected
+        self.billing.settle(host)
         self.notify()
 
 

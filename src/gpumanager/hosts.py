@@ -16,6 +16,7 @@ whoever runs the operation). Callers never inspect the state and then act; they 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -126,10 +127,15 @@ class Host:
     details: dict[str, Any] = field(default_factory=dict)  # provider extras for the admin API
     wake: Wake | None = None
     pausing: anyio.Event | None = None  # while a pause runs: set when it ends
+    paused_by: str | None = None  # the admin key whose pause or emergency-off runs (it pays meanwhile)
+    pause_failing: bool = False  # the pause call failed and is being retried
+    on_change: Callable[[Host], None] | None = None  # told of every state change (the billing meter)
 
     def apply(self, event: HostEvent) -> HostState:
         """Move to the state the table gives for `event`: the only write of `state`."""
         self.state = transition(self.state, event)
+        if self.on_change is not None:
+            self.on_change(self)
         return self.state
 
     def adopt(self, info: HostInfo) -> None:
@@ -155,3 +161,5 @@ class Wake:
     error: str = ""
     scope: anyio.CancelScope | None = None  # a pause asked for meanwhile cancels it
     stopped_by: str = ""  # why it was stopped, if it was
+    by: str | None = None  # the key whose request (or admin's resume) started it; None: found running
+    admin: bool = False  # an admin's resume

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 from datetime import UTC, datetime
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,14 @@ from gpumanager.hosts import Host, HostState
 from gpumanager.models import listed_name, model_names
 
 DEFAULT_VERSION = "0.32.0"  # answered by /api/version before any host was seen
+
+
+class Probe(Enum):
+    """What one readiness probe saw."""
+
+    SILENT = "silent"  # no answer (yet)
+    ANSWERS = "answers"  # Ollama answers, without the model wanted (still pulling it)
+    READY = "ready"  # Ollama answers and lists the model
 
 
 class TagsAnswer(msgspec.Struct):
@@ -160,8 +169,8 @@ class Inventory:
             for m in listed
         ]
 
-    async def probe(self, host: Host, model: str | None) -> bool:
-        """One readiness probe: Ollama answers, and lists `model` (when one is wanted)."""
+    async def probe(self, host: Host, model: str | None) -> Probe:
+        """One readiness probe: does Ollama answer, and list `model` (when one is wanted)?"""
         try:
             if host.api == "openai":
                 tags = await self._openai_models(host)
@@ -169,9 +178,9 @@ class Inventory:
                 await self._get(host, "/api/version")
                 tags = _decode(_tags, await self._get(host, "/api/tags"), "/api/tags").models
         except ProbeFailed:
-            return False
+            return Probe.SILENT
         names = {str(m.get("name") or m.get("model")) for m in tags}
-        return model is None or bool(names & set(model_names(model)))
+        return Probe.READY if model is None or names & set(model_names(model)) else Probe.ANSWERS
 
     # -- answers gpumanager gives itself -----------------------------------------------------------
 

@@ -27,7 +27,7 @@ from gpumanager.config import Config, HostTiming
 from gpumanager.errors import Conflict, ProbeFailed, ProviderError, ProviderTimeout, ProviderUnavailable, WakeFailed
 from gpumanager.fleet import Fleet
 from gpumanager.hosts import Host, HostEvent, HostState, Wake
-from gpumanager.inventory import Inventory
+from gpumanager.inventory import Inventory, Probe
 from gpumanager.providers.base import Polling, Provider, ReadinessProbe
 from gpumanager.recorder import NoopRecorder, Recorder
 from gpumanager.tasks import forever, guarded
@@ -94,32 +94,39 @@ class Lifecycle:
             return provider.poll_seconds
         return self.host_timing(host).ollama_readiness_wait_seconds
 
-    def start_wake(self, host: Host, model: str | None = None) -> Wake:
+    def start_wake(self, host: Host, model: str | None = None, *, by: str | None = None, admin: bool = False) -> Wake:
+        """Start a wake of `host` (or join the one under way). `by` is the key whose request (or, if
+        `admin`, whose resume) starts it: it pays for the wake; None when gpumanager found the host
+        starting or running."""
         if host.wake is None:
             if self.fleet.emergency:
                 raise Conflict("emergency-off is on: hosts are not woken until an admin turns it off")
             now = self.now()
-            host.wake = Wake(anyio.Event(), deadline=now + self.host_timing(host).startup_timeout_seconds, started=now)
+            deadline = now + self.host_timing(host).startup_timeout_seconds
+            host.wake = Wake(anyio.Event(), deadline=deadline, started=now, by=by, admin=admin)
+            self.fleet.billing.settle(host)
             self.spawn(self._wake, host, host.wake)
         if model is not None:
             host.wake.models.add(model)
         return host.wake
 
-    def resume(self, host: Host) -> bool:
-        """An admin's resume: start a wake (True), or nothing when the host is ready (False).
-        `Conflict` for a static host, or under emergency-off. A failed host's cooldown ends."""
+    def resume(self, host: Host, by: str) -> bool:
+        """The resume of admin key `by`: start a wake (True), or nothing when the host is ready
+        (False). `Conflict` for a static host, or under emergency-off. A failed host's cooldown ends."""
         if host.always_on:
             raise Conflict(f"{host.name} is a static host: it is always on")
         if host.state is ST.READY and not host.draining:
             return False
-        self.start_wake(host)
+        self.start_wake(host, by=by, admin=True)
         return True
 
-    async def ensure_ready(self, host: Host, model: str | None = None) -> None:
-        """Return once `host` is ready (waking it if needed), or raise `WakeFailed`."""
+    async def ensure_ready(
+        self, host: Host, model: str | None = None, *, by: str | None = None, admin: bool = False
+    ) -> None:
+        """Return once `host` is ready (waking it if needed, on the bill of `by`), or raise `WakeFailed`."""
         if host.state is ST.READY and not host.draining:
             return
-        wake = self.start_wake(host, model)
+        wake = self.start_wake(host, model, by=by, admin=admin)
         await wake.done.wait()
         if wake.error:
             raise WakeFailed(wake.error, provider=host.provider, host=host.name, action="resume")
@@ -132,10 +139,10 @@ class Lifecycle:
 
     async def _wake(self, host: Host, wake: Wake) -> None:
         log = logger.bind(host=host.name)
-        cloud_done = self.now()
+        progress = _Progress()
         try:
             with anyio.CancelScope() as wake.scope, anyio.fail_after(wake.deadline - self.now()):
-                cloud_done = await self._resume(host, wake)
+                await self._resume(host, wake, progress)
                 host.apply(EV.OLLAMA_READY)
             if wake.scope.cancel_called:
                 raise WakeFailed(wake.stopped_by or "the wake was stopped")
@@ -148,17 +155,21 @@ class Lifecycle:
             self._wake_failed(host, wake, f"unexpected error: {exc!r}")
         else:
             now = self.now()
+            answered = progress.answered if progress.answered is not None else now
+            running = min(progress.running if progress.running is not None else answered, answered)
             self.recorder.wake(host.name, "ready")
-            self.recorder.wake_phase(host.name, "resume", cloud_done - wake.started)
-            self.recorder.wake_phase(host.name, "boot", now - cloud_done)
+            self.recorder.wake_phase(host.name, "resume", running - wake.started)
+            self.recorder.wake_phase(host.name, "boot", answered - running)
+            self.recorder.wake_phase(host.name, "model", now - answered)
             host.ready_since, host.healthy, host.last_error = now, True, ""
             host.idle_deadline = max(host.idle_deadline, now + self.timing.fallback_reservation_minutes * 60)
             log.info(
-                "{} is ready after {:.1f}s (cloud {:.1f}s, Ollama {:.1f}s)",
+                "{} is ready after {:.1f}s (cloud {:.1f}s, Ollama {:.1f}s, model {:.1f}s)",
                 host.name,
                 now - wake.started,
-                cloud_done - wake.started,
-                now - cloud_done,
+                running - wake.started,
+                answered - running,
+                now - answered,
             )
         finally:
             host.wake = None
@@ -167,9 +178,9 @@ class Lifecycle:
             self.fleet.reindex()  # models may have changed; hands the new slots to waiters
             self.fleet.notify()
 
-    async def _resume(self, host: Host, wake: Wake) -> float:
-        """Resume (if needed), then wait for Ollama, watching the cloud meanwhile; returns when the cloud
-        was done (it said running, or Ollama answered first)."""
+    async def _resume(self, host: Host, wake: Wake, progress: _Progress) -> None:
+        """Resume (if needed), then wait for Ollama, watching the cloud meanwhile (`progress` notes
+        when the cloud said running and when Ollama first answered)."""
         provider = self.providers[host.provider]
         if host.pausing is not None:
             logger.bind(host=host.name).info("{} is pausing; it is resumed once the pause is done", host.name)
@@ -182,7 +193,7 @@ class Lifecycle:
                 "resuming {} for {}", host.name, ", ".join(sorted(wake.models)) or "an admin"
             )
             await provider.resume(host.id)
-        return await self._until_ready(host, provider, wake)
+        await self._until_ready(host, provider, wake, progress)
 
     def _wake_failed(self, host: Host, wake: Wake, error: str) -> None:
         wake.error = error
@@ -199,15 +210,14 @@ class Lifecycle:
         )
         self.request_pause(host, "its wake failed", drain=False, kind="failed_wake")
 
-    async def _until_ready(self, host: Host, provider: Provider, wake: Wake) -> float:
+    async def _until_ready(self, host: Host, provider: Provider, wake: Wake, progress: _Progress) -> None:
         """Poll the cloud and, as soon as it gave the host's address, probe Ollama alongside, so that
         readiness is seen within one `ollama_readiness_wait_seconds` however slowly the cloud is polled.
 
         The cloud's half ends the wake when the cloud reports a failure; Ollama's half ends it when
         Ollama answers with the model, which proves the machine runs even if the cloud has not said
-        so yet. Returns when the cloud was done.
+        so yet.
         """
-        progress = _Progress()
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._until_running, host, provider, progress)
@@ -217,7 +227,6 @@ class Lifecycle:
             raise _first(group) from None
         if host.state is ST.RESUMING:
             host.apply(EV.CLOUD_RUNNING)
-        return progress.running if progress.running is not None else self.now()
 
     async def _until_running(self, host: Host, provider: Provider, progress: _Progress) -> None:
         """Poll the cloud every `poll_seconds` until it says the host runs and gives its address.
@@ -267,7 +276,10 @@ class Lifecycle:
             nonlocal in_flight
             in_flight += 1
             try:
-                if await self._probe(host, provider, info, model):
+                seen = await self._probe(host, provider, info, model)
+                if seen is not Probe.SILENT and progress.answered is None:
+                    progress.answered = self.now()
+                if seen is Probe.READY:
                     await self.inventory.refresh(host)
                     ready.set()
             except ProbeFailed:
@@ -284,25 +296,30 @@ class Lifecycle:
                     await ready.wait()
             probes.cancel_scope.cancel()
 
-    async def _probe(self, host: Host, provider: Provider, info: HostInfo, model: str | None) -> bool:
+    async def _probe(self, host: Host, provider: Provider, info: HostInfo, model: str | None) -> Probe:
         """One readiness probe: the provider's own (RunPod endpoints), else Ollama's."""
         ready = await provider.ready(info, model) if isinstance(provider, ReadinessProbe) else None
-        return await self.inventory.probe(host, model) if ready is None else ready
+        if ready is None:
+            return await self.inventory.probe(host, model)
+        return Probe.READY if ready else Probe.SILENT
 
     # -- pausing -----------------------------------------------------------------------------------
 
-    def pause(self, host: Host, reason: str) -> int:
-        """An admin's pause: drain (open requests finish), then pause. Returns the open requests it
-        waits for. `Conflict` when the host is paused or pausing already, or is static."""
+    def pause(self, host: Host, reason: str, by: str) -> int:
+        """The pause of admin key `by`: drain (open requests finish), then pause. Returns the open
+        requests it waits for. `Conflict` when the host is paused or pausing already, or is static."""
         if host.state in (ST.PAUSED, ST.PAUSING) or host.pausing is not None:
             raise Conflict(f"{host.name} is {host.state}: there is nothing to pause")
-        self.request_pause(host, reason, kind="admin")
+        self.request_pause(host, reason, kind="admin", by=by)
         return len(self.fleet.leases_of(host))
 
-    def request_pause(self, host: Host, reason: str, *, drain: bool = True, kind: str = "idle") -> None:
+    def request_pause(
+        self, host: Host, reason: str, *, drain: bool = True, kind: str = "idle", by: str | None = None
+    ) -> None:
         """Pause `host` in the background: no new leases, open streams finish (unless not `drain`).
         A wake in progress is stopped first. `kind` is why, for the metrics: "idle", "admin",
-        "emergency" or "failed_wake"."""
+        "emergency", "failed_wake" or "budget"; `by` is the admin key that asked (it pays for the
+        host's time from now until the cloud says paused)."""
         if host.always_on:
             raise Conflict(f"{host.name} is a static host: it is always on and cannot be paused")
         if host.pausing is not None:
@@ -311,6 +328,8 @@ class Lifecycle:
         self.stop_wake(host, f"{host.name} is being paused ({reason})")
         host.pausing = anyio.Event()
         host.draining = True
+        host.paused_by = by
+        self.fleet.billing.settle(host)
         self.recorder.paused(host.name, kind)
         self.spawn(self._pause, host, reason, drain, stopped)
 
@@ -335,6 +354,8 @@ class Lifecycle:
             log.info("{} is paused", host.name)
         finally:
             done, host.pausing, host.draining = host.pausing, None, False
+            host.paused_by, host.pause_failing = None, False
+            self.fleet.billing.settle(host)
             done.set()
             self.fleet.dispatch()
             self.fleet.notify()
@@ -345,11 +366,18 @@ class Lifecycle:
         while True:
             try:
                 await self.providers[host.provider].pause(host.id)
-                return
             except Exception as exc:  # every failure, foreseen or not, is retried
                 logger.bind(host=host.name).error(
                     "pausing {} failed: {}; it may still be billing; retrying in {:g}s", host.name, exc, delay
                 )
+                if not host.pause_failing:  # nobody pays for the time the cloud refuses to pause it
+                    host.pause_failing = True
+                    self.fleet.billing.settle(host)
+            else:
+                if host.pause_failing:
+                    host.pause_failing = False
+                    self.fleet.billing.settle(host)
+                return
             await anyio.sleep(delay)
             delay = min(delay * 2, 60.0)
 
@@ -374,8 +402,9 @@ class Lifecycle:
                 logger.bind(host=host.name).error("checking that {} paused failed: {}", host.name, exc)
             await anyio.sleep(self._poll(host))
 
-    async def emergency_off(self) -> None:
-        """Pause every host now, protected ones too, ending open streams; refuse wakes until `emergency_on`."""
+    async def emergency_off(self, by: str) -> None:
+        """Admin key `by` pauses every host now, protected ones too, ending open streams; wakes are
+        refused until `emergency_on`."""
         self.fleet.emergency = True
         logger.warning("emergency-off: pausing every host and refusing wakes")
         for host in list(self.fleet.hosts.values()):
@@ -383,7 +412,7 @@ class Lifecycle:
                 continue
             for lease in list(self.fleet.leases_of(host)):
                 lease.abort(f"host {host.name} was paused by an administrator (emergency-off)")
-            self.request_pause(host, "emergency-off", drain=False, kind="emergency")
+            self.request_pause(host, "emergency-off", drain=False, kind="emergency", by=by)
         await anyio.lowlevel.checkpoint()  # let the stopped wakes and streams unwind
         self.fleet.dispatch()
 
@@ -436,6 +465,7 @@ class _Progress:
         self.address_known = anyio.Event()  # set once the cloud gave the host's address
         self.info: HostInfo | None = None  # the cloud's newest answer with the address
         self.running: float | None = None  # when the cloud was first seen to say the host runs
+        self.answered: float | None = None  # when Ollama first answered a probe
 
     def located(self, info: HostInfo) -> None:
         self.info = info

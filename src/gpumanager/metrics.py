@@ -24,9 +24,10 @@ from starlette.routing import Route
 from gpumanager.auth import require_admin
 from gpumanager.fleet import Fleet
 from gpumanager.hosts import HostState
+from gpumanager.ledger.reader import UNATTRIBUTED
 from gpumanager.ledger.writer import LedgerWriter
 from gpumanager.models import model_names
-from gpumanager.recorder import RequestRecord
+from gpumanager.recorder import IntervalRecord, RequestRecord
 
 # Waits include cold starts of several minutes; answers can stream for as long.
 SLOW = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200)
@@ -63,9 +64,12 @@ class Metrics:
         )
         self.pauses = Counter(p + "pauses", "Pauses asked of the cloud", ["host", "reason"], registry=registry)
         self.gpu_seconds = Counter(
-            p + "gpu_seconds", "Serving GPU-seconds, split among requests in flight", ["key", "host"], registry=registry
+            p + "gpu_seconds",
+            "Billed GPU-seconds by who pays: requests' serving shares and idle, waking or pausing time",
+            ["key", "host"],
+            registry=registry,
         )
-        self.cost = Counter(p + "cost_dollars", "Serving cost charged to each key", ["key"], registry=registry)
+        self.cost = Counter(p + "cost_dollars", "Billed cost by who pays (DESIGN.md §10)", ["key"], registry=registry)
         registry.register(_FleetCollector(fleet, ledger))
 
     def render(self) -> bytes:
@@ -108,6 +112,13 @@ class Metrics:
             found = self._children[key] = metric.labels(*labels)
         return found
 
+    def interval(self, record: IntervalRecord) -> None:
+        key = record.key or UNATTRIBUTED
+        if record.added_seconds:
+            self._child(self.gpu_seconds, key, record.host).inc(record.added_seconds)
+        if record.added_micro:
+            self._child(self.cost, key).inc(record.added_micro / 1_000_000)
+
     def wake(self, host: str, outcome: str) -> None:
         self.wakes.labels(host, outcome).inc()
 
@@ -133,6 +144,14 @@ class _FleetCollector:
         inflight = GaugeMetricFamily(p + "inflight", "Requests being served", labels=["host"])
         slots = GaugeMetricFamily(p + "slots", "Concurrent requests a host is given", labels=["host"])
         state = GaugeMetricFamily(p + "host_state", "1 for the host's current state", labels=["host", "state"])
+        awake = CounterMetricFamily(
+            p + "host_awake_seconds", "Time the cloud billed the host (resume asked to paused)", labels=["host"]
+        )
+        cost = CounterMetricFamily(p + "host_cost_dollars", "The host's billed time, priced", labels=["host"])
+        savings = CounterMetricFamily(
+            p + "savings_dollars", "The host always on would have cost this much more", labels=["host"]
+        )
+        billing = self.fleet.billing
         waiting: dict[str, int] = {}
         for waiter in self.fleet.queue:
             hosts = self.fleet.candidates(waiter.ask.model)
@@ -147,7 +166,11 @@ class _FleetCollector:
             slots.add_metric([host.name], host.slots)
             for name in HostState:
                 state.add_metric([host.name, str(name)], 1.0 if host.state is name else 0.0)
-        families: list[Metric] = [depth, inflight, slots, state]
+            billed, price = billing.billed_seconds(host), host.cost_per_hour / 3600
+            awake.add_metric([host.name], billed)
+            cost.add_metric([host.name], billed * price)
+            savings.add_metric([host.name], max(0.0, billing.known_seconds(host) - billed) * price)
+        families: list[Metric] = [depth, inflight, slots, state, awake, cost, savings]
         if self.ledger is not None:
             stats = self.ledger.statistics()
             dropped = CounterMetricFamily(p + "ledger_dropped_rows", "Usage rows lost: the ledger was unwritable")

@@ -1,8 +1,8 @@
-"""The seam through which the core reports what happened: requests, wakes and pauses.
+"""The seam through which the core reports what happened: requests, billed intervals, wakes and pauses.
 
 The core is given a `Recorder` and calls it on its own task, never awaiting: an implementation
 must return at once (count, enqueue) and must not raise. `NoopRecorder` records nothing; the
-Prometheus series (`metrics.py`) and, later, the ledger implement it.
+Prometheus series (`metrics.py`) and the ledger (`ledger/recording.py`) implement it.
 """
 
 from __future__ import annotations
@@ -30,8 +30,26 @@ class RequestRecord(msgspec.Struct, frozen=True, kw_only=True):
     cost_micro: int = 0  # ...priced at the host's cost_per_hour, in micro-dollars
 
 
+class IntervalRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A host's billed time that served no request, all of it one owner's (DESIGN.md §10), as it
+    stands: an interval still open is recorded again as it grows, with the same `host` and `start`."""
+
+    host: str
+    start: float  # Unix seconds
+    end: float
+    reason: str  # "wake", "reserve", "drain", "fallback", "admin", "found", "protected", "pause_retry"
+    key: str | None  # the owner's key id; None: unattributed
+    gpu_seconds: float  # end - start
+    cost_micro: int  # ...priced at the host's cost_per_hour, in micro-dollars
+    added_seconds: float  # since this interval was last recorded
+    added_micro: int
+
+
 class Recorder(Protocol):
     def request(self, record: RequestRecord) -> None: ...
+
+    def interval(self, record: IntervalRecord) -> None:
+        """A non-serving billed interval began, grew or ended."""
 
     def wake(self, host: str, outcome: str) -> None:
         """A wake ended: `outcome` is "ready", "failed" or "stopped"."""
@@ -40,7 +58,7 @@ class Recorder(Protocol):
         """One phase of a wake took `seconds`: "resume", "boot", "model" or "first_byte"."""
 
     def paused(self, host: str, reason: str) -> None:
-        """A pause was asked of the cloud: "idle", "admin", "emergency" or "failed_wake"."""
+        """A pause was asked of the cloud: "idle", "admin", "emergency", "failed_wake" or "budget"."""
 
 
 class Recorders:
@@ -52,6 +70,10 @@ class Recorders:
     def request(self, record: RequestRecord) -> None:
         for recorder in self.recorders:
             recorder.request(record)
+
+    def interval(self, record: IntervalRecord) -> None:
+        for recorder in self.recorders:
+            recorder.interval(record)
 
     def wake(self, host: str, outcome: str) -> None:
         for recorder in self.recorders:
@@ -68,6 +90,9 @@ class Recorders:
 
 class NoopRecorder:
     def request(self, record: RequestRecord) -> None:
+        pass
+
+    def interval(self, record: IntervalRecord) -> None:
         pass
 
     def wake(self, host: str, outcome: str) -> None:

@@ -1,16 +1,17 @@
-"""The ledger as a `Recorder`: each finished request becomes a row, written off the request path."""
+"""The ledger as a `Recorder`: each finished request and each billed interval becomes a row, written
+off the request path (an open interval's records are written over its one row)."""
 
 from __future__ import annotations
 
 import time
 
-from gpumanager.ledger.rows import RequestRow
+from gpumanager.ledger.rows import IntervalRow, Reason, RequestRow
 from gpumanager.ledger.writer import LedgerWriter
-from gpumanager.recorder import NoopRecorder, RequestRecord
+from gpumanager.recorder import IntervalRecord, NoopRecorder, RequestRecord
 
 
 class LedgerRecorder(NoopRecorder):
-    """Hands each finished request to the batched writer (which never blocks)."""
+    """Hands each finished request and each interval to the batched writer (which never blocks)."""
 
     def __init__(self, writer: LedgerWriter) -> None:
         self.writer = writer
@@ -31,5 +32,18 @@ class LedgerRecorder(NoopRecorder):
                 completion_tokens=record.completion_tokens,
                 gpu_seconds=record.gpu_seconds,
                 cost_micro=record.cost_micro,
+            )
+        )
+
+    def interval(self, record: IntervalRecord) -> None:
+        self.writer.add(
+            IntervalRow(
+                host=record.host,
+                start=record.start,
+                end=record.end,
+                reason=Reason(record.reason),
+                key_id=record.key,
+                cost_micro=record.cost_micro,
+                gpu_seconds=record.gpu_seconds,
             )
         )

@@ -69,6 +69,9 @@ MIGRATIONS: tuple[Migration, ...] = (
         'CREATE INDEX intervals_host ON intervals (host, "start")',
         'CREATE INDEX intervals_end ON intervals ("end")',
     ),
+    # 3: an interval is recorded again as it grows (so a killed process loses at most its last
+    # second): each record of it is written over the one row of its host and start.
+    ('CREATE UNIQUE INDEX intervals_open ON intervals (host, "start")',),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -34,7 +34,13 @@ def _insert(table: str, fields: tuple[str, ...]) -> str:
 
 
 _INSERT_REQUEST = _insert("requests", RequestRow.__struct_fields__)
-_INSERT_INTERVAL = _insert("intervals", IntervalRow.__struct_fields__)
+# An interval still open is recorded again as it grows: the newest record of a host's interval
+# (the same host and start) replaces the row. (`WHERE true` lets SQLite parse the upsert after a SELECT.)
+_INSERT_INTERVAL = (
+    _insert("intervals", IntervalRow.__struct_fields__)
+    + ' WHERE true ON CONFLICT (host, "start") DO UPDATE SET "end" = excluded."end", reason = excluded.reason,'
+    + " key_id = excluded.key_id, cost_micro = excluded.cost_micro, gpu_seconds = excluded.gpu_seconds"
+)
 
 
 def _statements(batch: list[Row]) -> list[tuple[str, tuple[bytes]]]:
@@ -112,6 +118,9 @@ class LedgerWriter:
         self._kick: anyio.Event | None = None
         self._failure_warned = float("-inf")
         self._drops_warned = float("-inf")
+        # Called at shutdown just before the final flush, to hand over the rows still being built
+        # (the billing meter's open intervals).
+        self.last_rows: Callable[[], None] | None = None
         self._overflowed = 0  # of `dropped`, the rows that found the buffer full
         self._overflow_reported = 0
 
@@ -143,6 +152,8 @@ class LedgerWriter:
                 if self._healthy and len(self._buffer) >= FLUSH_ROWS:
                     self._kick.set()
         finally:
+            if self.last_rows is not None:
+                self.last_rows()
             with anyio.move_on_after(self._final_flush_seconds, shield=True):
                 await self._flush(final=True)
             if self._buffer:

@@ -57,9 +57,12 @@ Scope = MutableMapping[str, Any]
 
 
 class Readier(Protocol):
-    """Makes a host ready (waking it if needed), or raises `WakeFailed` (`Lifecycle.ensure_ready`)."""
+    """Makes a host ready for an admin's operation (waking it if needed, on that admin's bill), or
+    raises `WakeFailed` (`Lifecycle.ensure_ready`)."""
 
-    async def ensure_ready(self, host: Host, model: str | None = None) -> None: ...
+    async def ensure_ready(
+        self, host: Host, model: str | None = None, *, by: str | None = None, admin: bool = False
+    ) -> None: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -364,6 +367,7 @@ class HostRoute:
     async def __call__(self, scope: Scope, receive: Receive, send: Any) -> None:
         parts, ex = self.parts, Exchange(send, Dialect.OLLAMA)
         started = time.perf_counter()
+        model = "-"
         try:
             identity = require_admin(scope)
             name = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("host", [""])[0]
@@ -380,7 +384,8 @@ class HostRoute:
                     "provider, not through the Ollama API"
                 )
             body = await read_body(scope, receive, parts.max_body, parts.client_timeout_seconds)
-            await parts.readier.ensure_ready(host)
+            model = _named_model(body)
+            await parts.readier.ensure_ready(host, by=identity.id, admin=True)
             with parts.fleet.hold(host, identity.id) as lease:
                 await forward(
                     parts.upstream,
@@ -404,15 +409,34 @@ class HostRoute:
             logger.opt(exception=exc).error("unexpected error on {} {}", scope["method"], scope["path"])
             await ex.fail(InternalError())
         finally:
+            status = ex.status if ex.completed else 499
             logger.info(
                 "{} {} key={} host={} status={} ms={:.0f}",
                 scope["method"],
                 scope["path"],
                 scope["auth"].id,
                 ex.host or "-",
-                ex.status if ex.completed else 499,
+                status,
                 (time.perf_counter() - started) * 1000,
             )
+            parts.recorder.request(_record(scope, ex, model, status, started))  # the admin pays its GPU time
+
+
+class _NamedModel(msgspec.Struct):
+    model: str = ""
+    name: str = ""  # the older field of /api/pull, /api/delete...
+
+
+_named_model_decoder = msgspec.json.Decoder(_NamedModel)
+
+
+def _named_model(body: bytes) -> str:
+    """The model a model-management request names ("-" if none): only for the record, so never an error."""
+    try:
+        fields = _named_model_decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return "-"
+    return fields.model or fields.name or "-"
 
 
 def proxy_routes(parts: ProxyParts) -> list[BaseRoute]:
