@@ -8,6 +8,7 @@ import os
 import resource
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from anyio.from_thread import start_blocking_portal
 
 from gpumanager.keys import KeyStore
 from gpumanager.sim import SimOllama, expected_text, running_server
+from tests.harness import wait_until
 
 
 def free_port() -> int:
@@ -38,12 +40,20 @@ def host_url() -> Iterator[str]:
 
 
 def start_server(
-    tmp_path: Path, host_url: str, grace: float, *, server: str = "", open_files: int | None = None
+    tmp_path: Path,
+    host_url: str,
+    grace: float,
+    *,
+    server: str = "",
+    open_files: int | None = None,
+    host: str = "",
 ) -> tuple[subprocess.Popen[str], str, str]:
+    """`gpumanager server` in `tmp_path` in front of one static host (`host`: more settings of
+    it), and a new user key (the key file is kept across restarts)."""
     port = free_port()
     (tmp_path / "config.toml").write_text(
         f'[server]\nhost = "127.0.0.1"\nport = {port}\n{server}[timing]\nshutdown_grace_seconds = {grace}\n'
-        f'[[hosts]]\nname = "box"\nurl = "{host_url}"\n'
+        f'[[hosts]]\nname = "box"\nurl = "{host_url}"\n{host}'
     )
     key = KeyStore(tmp_path / "api_keys.json").generate("cli", "cli@example.org")[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUMANAGER_")}
@@ -95,6 +105,50 @@ def test_the_server_lets_running_streams_finish_on_shutdown(tmp_path: Path, host
     assert "POST /api/generate key=" in output and " status=200 " in output
     assert key not in output and key not in (tmp_path / "logs" / "app.log").read_text()
     assert (tmp_path / "logs" / "app.log").stat().st_mode & 0o777 == 0o600  # the log may name keys' ids
+
+
+def test_the_ledger_survives_a_killed_server_losing_at_most_the_last_second(tmp_path: Path, host_url: str) -> None:
+    """SIGKILL (an out-of-memory kill, a pulled plug of the VM): what was flushed stays, and the
+    billed interval still open is on disk up to about a second before the kill."""
+    priced = "cost_per_hour = 3600.0\n"  # a static host's showback: a dollar a second
+    process, url, key = start_server(tmp_path, host_url, grace=5, host=priced)
+    database = tmp_path / "state" / "usage.db"
+    try:
+        for _ in range(3):
+            body = {"model": "llama3.2", "prompt": "x", "stream": False, "options": {"num_predict": 2}}
+            answer = httpx.post(url + "/api/generate", json=body, headers={"Authorization": f"Bearer {key}"})
+            assert answer.status_code == 200
+        wait_until(lambda: ledger_counts(database)[0] == 3, timeout=10)
+        time.sleep(2.5)  # the reservation after the last request goes on: its interval grows on disk
+        killed = time.time()
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+    requests, last_end = ledger_counts(database)
+    assert requests == 3 and killed - 2.0 < last_end <= killed  # flushed every second (a busy machine: late)
+    process, url, key = start_server(tmp_path, host_url, grace=5, host=priced)  # and it opens again
+    try:
+        body = {"model": "llama3.2", "prompt": "x", "stream": False, "options": {"num_predict": 2}}
+        answer = httpx.post(url + "/api/generate", json=body, headers={"Authorization": f"Bearer {key}"})
+        assert answer.status_code == 200
+        wait_until(lambda: ledger_counts(database)[0] == 4, timeout=10)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=10)
+        process.communicate()
+
+
+def ledger_counts(database: Path) -> tuple[int, float]:
+    """Request rows in the ledger, and the latest end of an interval, read as another process would."""
+    if not database.exists():
+        return 0, 0.0
+    with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as conn:
+        requests = conn.execute("SELECT count(*) FROM requests").fetchone()[0]
+        last_end = conn.execute('SELECT coalesce(max("end"), 0) FROM intervals').fetchone()[0]
+    return int(requests), float(last_end)
 
 
 def test_a_short_grace_ends_streams_that_outlive_it(tmp_path: Path, host_url: str) -> None:

@@ -13,9 +13,9 @@ deadline is the one thing that depends on it, so a plan is the leases in flight,
 before the deadline and one after it.
 
 Non-serving time becomes intervals: one per run of the same owner, recorded (`Recorder.interval`)
-when it ends and, while it lasts, at each `checkpoint()` (every second, and at shutdown), so a
-killed process loses at most the last second of it. The ledger writes an interval's records over
-one row (same host and start).
+when it ends and, while it lasts, at each `checkpoint()` (the ledger writer asks for one before
+each flush, every second, and at shutdown), so a killed process loses at most the last second of
+it. The ledger writes an interval's records over one row (same host and start).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from gpumanager.ledger.rows import MICRO, Reason
 from gpumanager.recorder import IntervalRecord, NoopRecorder, Recorder
 
 ST = HostState
-CHECKPOINT_SECONDS = 1.0
 
 
 class Share(Protocol):
@@ -95,13 +94,11 @@ class Billing:
         recorder: Recorder | None = None,
         clock: Callable[[], float] = anyio.current_time,
         wall: Callable[[], float] = time.time,
-        checkpoint_seconds: float = CHECKPOINT_SECONDS,
     ) -> None:
         self.leases_of = leases_of
         self.recorder: Recorder = recorder or NoopRecorder()
         self.clock = clock
         self.wall = wall
-        self.checkpoint_seconds = checkpoint_seconds
         self._epoch: float | None = None  # wall time - clock time, fixed at the first use
         self._bills: dict[Host, _Bill] = {}
 
@@ -145,12 +142,6 @@ class Billing:
             self.settle(host)
             if bill.open is not None and bill.open.seconds > bill.open.recorded_seconds:
                 self._record(host, bill.open)
-
-    async def run(self) -> None:
-        """Checkpoint every `checkpoint_seconds` until cancelled (the caller checkpoints at shutdown)."""
-        while True:
-            await anyio.sleep(self.checkpoint_seconds)
-            self.checkpoint()
 
     def _charge(self, host: Host, bill: _Bill, now: float) -> None:
         start, bill.since = bill.since, now

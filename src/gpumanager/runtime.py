@@ -54,7 +54,7 @@ class Runtime:
         self.metrics = Metrics(self.fleet, ledger=self.ledger)
         self.recorder = Recorders(self.metrics, LedgerRecorder(self.ledger))  # the core's Recorder
         self.fleet.billing.recorder = self.recorder  # the metrics read the fleet: it is built first
-        self.ledger.last_rows = self.fleet.billing.checkpoint  # open intervals, before the final flush
+        self.ledger.before_flush = self.fleet.billing.checkpoint  # open intervals, every flush
         self.lifecycle = Lifecycle(config, self.fleet, self.providers, self.inventory, self.recorder)
         self.fleet.waker = self.lifecycle  # the fleet starts wakes through this seam alone
         self.reconciler = Reconciler(
@@ -103,7 +103,6 @@ class Runtime:
         loops, then say ready; everything runs until cancelled."""
         async with self.upstream, anyio.create_task_group() as tg:
             await tg.start(self.ledger.run)  # cancelled last of all: its final flush is shielded
-            tg.start_soon(self.fleet.billing.run)  # open intervals reach the ledger every second
             for provider in self.providers.values():
                 if isinstance(provider, Service):
                     await tg.start(provider.run)

@@ -118,9 +118,9 @@ class LedgerWriter:
         self._kick: anyio.Event | None = None
         self._failure_warned = float("-inf")
         self._drops_warned = float("-inf")
-        # Called at shutdown just before the final flush, to hand over the rows still being built
-        # (the billing meter's open intervals).
-        self.last_rows: Callable[[], None] | None = None
+        # Called just before each flush, the last one included, to hand over the rows still being
+        # built (the billing meter's open intervals): a killed process loses at most one interval.
+        self.before_flush: Callable[[], None] | None = None
         self._overflowed = 0  # of `dropped`, the rows that found the buffer full
         self._overflow_reported = 0
 
@@ -152,14 +152,14 @@ class LedgerWriter:
                 if self._healthy and len(self._buffer) >= FLUSH_ROWS:
                     self._kick.set()
         finally:
-            if self.last_rows is not None:
-                self.last_rows()
             with anyio.move_on_after(self._final_flush_seconds, shield=True):
                 await self._flush(final=True)
             if self._buffer:
                 logger.warning("usage ledger: {} rows not written to {} at shutdown", len(self._buffer), self.path)
 
     async def _flush(self, *, final: bool = False) -> None:
+        if self.before_flush is not None:
+            self.before_flush()
         batch = list(self._buffer)
         if not (batch or final or self._conn is None or self._clock() >= self._next_prune):
             return
