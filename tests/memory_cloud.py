@@ -104,11 +104,15 @@ class MemoryCloud:
             if request.url.path == "/api/version":
                 return httpx.Response(200, json={"version": "0.32.0"})
             if request.url.path in ("/api/tags", "/api/ps"):
-                models = self.machines[name].models if request.url.path == "/api/tags" else ()
+                models = self._listed(name) if request.url.path == "/api/tags" else ()
                 return httpx.Response(200, json={"models": [{"name": n, "model": n} for n in models]})
             return httpx.Response(404, json={"error": "not found"})
 
         return httpx.MockTransport(handle)
+
+    def _listed(self, name: str) -> tuple[str, ...]:
+        """The models the machine's Ollama lists now."""
+        return self.machines[name].models
 
     async def _reach(self, name: str, request: httpx.Request) -> None:
         """Raise as a connection to a machine that does not answer would."""

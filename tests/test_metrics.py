@@ -116,6 +116,13 @@ def test_wakes_their_phases_and_pauses_are_on_metrics(tmp_path: Path) -> None:
         assert m[("gpumanager_wakes_total", (("host", "gpu-1"), ("outcome", "ready")))] == 1
         for phase in ("resume", "boot", "model", "first_byte"):
             assert m[("gpumanager_wake_phase_seconds_count", (("host", "gpu-1"), ("phase", phase)))] == 1, phase
+        ready = (("host", "gpu-1"), ("outcome", "ready"))
+        assert m[("gpumanager_wake_seconds_count", ready)] == 1
+        whole = sum(
+            m[("gpumanager_wake_phase_seconds_sum", (("host", "gpu-1"), ("phase", phase)))]
+            for phase in ("resume", "boot", "model")
+        )
+        assert m[("gpumanager_wake_seconds_sum", ready)] == pytest.approx(whole)  # the phases add up to the wake
         resume = m[("gpumanager_wake_phase_seconds_sum", (("host", "gpu-1"), ("phase", "resume")))]
         assert resume >= 0.2  # the simulated machine boots for boot_seconds before it runs
         assert m[("gpumanager_pauses_total", (("host", "gpu-1"), ("reason", "idle")))] == 1

@@ -21,6 +21,7 @@ from gpumanager.cloud import CloudState, HostInfo
 from gpumanager.errors import ProviderUnavailable, WakeFailed
 from gpumanager.hosts import HostState
 from gpumanager.providers.base import Polling
+from gpumanager.recorder import NoopRecorder, Recorder
 from tests.clouds import Machine
 from tests.harness import async_wait_until, running_cloud_stack
 from tests.memory_cloud import Core, MemoryCloud, MemoryMachine, running_core
@@ -145,8 +146,10 @@ class EarlyCloud(MemoryCloud):
             raise httpx.ConnectError("connection refused", request=request)
 
 
-def core(tmp_path: Path, cloud: EarlyCloud, *machines: MemoryMachine) -> AbstractAsyncContextManager[Core[EarlyCloud]]:
-    return running_core(tmp_path, TIMING, cloud, *machines)
+def core(
+    tmp_path: Path, cloud: EarlyCloud, *machines: MemoryMachine, recorder: Recorder | None = None
+) -> AbstractAsyncContextManager[Core[EarlyCloud]]:
+    return running_core(tmp_path, TIMING, cloud, *machines, recorder=recorder)
 
 
 @pytest.fixture
@@ -223,3 +226,33 @@ async def test_a_pause_stops_a_wake_while_ollama_is_probed(tmp_path: Path) -> No
         assert anyio.current_time() == pytest.approx(8)  # the wake ended at once
         await anyio.sleep(30)
         assert host.state is HostState.PAUSED and cloud.count("pause", "gpu") == 1
+
+
+@dataclass
+class PullingCloud(EarlyCloud):
+    """Its machines' Ollama answers before it lists the model (the node still pulls it)."""
+
+    listed_at: dict[str, float] = field(default_factory=dict)
+
+    def _listed(self, name: str) -> tuple[str, ...]:
+        return super()._listed(name) if anyio.current_time() >= self.listed_at[name] else ()
+
+
+class Phases(NoopRecorder):
+    def __init__(self) -> None:
+        self.seen: dict[str, float] = {}
+
+    def wake_phase(self, host: str, phase: str, seconds: float) -> None:
+        self.seen[phase] = seconds
+
+
+@pytest.mark.anyio
+async def test_a_wake_is_timed_in_its_phases_cloud_boot_and_model(tmp_path: Path) -> None:
+    """resume: asked -> the cloud says running; boot: -> Ollama answers; model: -> it lists the model."""
+    cloud = PullingCloud(poll_seconds=1.0, ollama_seconds={"gpu": 25.0}, listed_at={"gpu": 40.0})
+    phases = Phases()
+    async with core(tmp_path, cloud, MemoryMachine("gpu", boot_seconds=20), recorder=phases) as c:
+        await c.lifecycle.ensure_ready(c.host("gpu"), "llama3.2")
+    assert phases.seen["resume"] == pytest.approx(20, abs=1)  # polled every second
+    assert phases.seen["boot"] == pytest.approx(5, abs=0.6)  # probed every 0.5 s
+    assert phases.seen["model"] == pytest.approx(15, abs=0.6)

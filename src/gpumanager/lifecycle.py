@@ -147,17 +147,18 @@ class Lifecycle:
             if wake.scope.cancel_called:
                 raise WakeFailed(wake.stopped_by or "the wake was stopped")
         except (TimeoutError, ProviderError) as exc:
-            self.recorder.wake(host.name, "stopped" if wake.stopped_by else "failed")
+            outcome = "stopped" if wake.stopped_by else "failed"
+            self.recorder.wake(host.name, outcome, self.now() - wake.started)
             self._wake_failed(host, wake, _describe(exc, self.host_timing(host).startup_timeout_seconds))
         except Exception as exc:  # a bug, or an answer no one foresaw: the host must not be left half-woken
             log.opt(exception=exc).error("waking {} failed unexpectedly", host.name)
-            self.recorder.wake(host.name, "failed")
+            self.recorder.wake(host.name, "failed", self.now() - wake.started)
             self._wake_failed(host, wake, f"unexpected error: {exc!r}")
         else:
             now = self.now()
             answered = progress.answered if progress.answered is not None else now
             running = min(progress.running if progress.running is not None else answered, answered)
-            self.recorder.wake(host.name, "ready")
+            self.recorder.wake(host.name, "ready", now - wake.started)
             self.recorder.wake_phase(host.name, "resume", running - wake.started)
             self.recorder.wake_phase(host.name, "boot", answered - running)
             self.recorder.wake_phase(host.name, "model", now - answered)

@@ -59,6 +59,13 @@ class Metrics:
         )
         self.tokens = Counter(p + "tokens", "Tokens counted in answers", ["key", "model", "kind"], registry=registry)
         self.wakes = Counter(p + "wakes", "Wakes ended", ["host", "outcome"], registry=registry)
+        self.wake_time = Histogram(
+            p + "wake_seconds",
+            "A wake, asked to ready (or to failed)",
+            ["host", "outcome"],
+            buckets=SLOW,
+            registry=registry,
+        )
         self.phases = Histogram(
             p + "wake_phase_seconds", "One phase of a wake", ["host", "phase"], buckets=SLOW, registry=registry
         )
@@ -119,8 +126,9 @@ class Metrics:
         if record.added_micro:
             self._child(self.cost, key).inc(record.added_micro / 1_000_000)
 
-    def wake(self, host: str, outcome: str) -> None:
+    def wake(self, host: str, outcome: str, seconds: float) -> None:
         self.wakes.labels(host, outcome).inc()
+        self.wake_time.labels(host, outcome).observe(seconds)
 
     def wake_phase(self, host: str, phase: str, seconds: float) -> None:
         self.phases.labels(host, phase).observe(seconds)

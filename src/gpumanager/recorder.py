@@ -51,8 +51,8 @@ class Recorder(Protocol):
     def interval(self, record: IntervalRecord) -> None:
         """A non-serving billed interval began, grew or ended."""
 
-    def wake(self, host: str, outcome: str) -> None:
-        """A wake ended: `outcome` is "ready", "failed" or "stopped"."""
+    def wake(self, host: str, outcome: str, seconds: float) -> None:
+        """A wake ended after `seconds`: `outcome` is "ready", "failed" or "stopped"."""
 
     def wake_phase(self, host: str, phase: str, seconds: float) -> None:
         """One phase of a wake took `seconds`: "resume", "boot", "model" or "first_byte"."""
@@ -75,9 +75,9 @@ class Recorders:
         for recorder in self.recorders:
             recorder.interval(record)
 
-    def wake(self, host: str, outcome: str) -> None:
+    def wake(self, host: str, outcome: str, seconds: float) -> None:
         for recorder in self.recorders:
-            recorder.wake(host, outcome)
+            recorder.wake(host, outcome, seconds)
 
     def wake_phase(self, host: str, phase: str, seconds: float) -> None:
         for recorder in self.recorders:
@@ -95,7 +95,7 @@ class NoopRecorder:
     def interval(self, record: IntervalRecord) -> None:
         pass
 
-    def wake(self, host: str, outcome: str) -> None:
+    def wake(self, host: str, outcome: str, seconds: float) -> None:
         pass
 
     def wake_phase(self, host: str, phase: str, seconds: float) -> None:
