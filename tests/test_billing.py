@@ -182,6 +182,22 @@ async def test_requests_in_flight_share_the_gpu_equally(tmp_path: Path) -> None:
         assert [o[:2] for o in ledger.owners("gpu")] == [("found", None), ("reserve", "long")]
 
 
+async def test_short_gaps_between_requests_are_not_a_row_each(tmp_path: Path) -> None:
+    async with billed_core(tmp_path, MemoryMachine("gpu", running=True)) as (c, ledger):
+        await c.lifecycle.ensure_ready(c.host("gpu"))
+        served: list[Served] = []
+        for i in range(60):  # ten minutes: a 5 s answer every 10 s, two keys taking turns
+            await request(c, f"k{i % 2}", 5, served)
+            await anyio.sleep(5)
+        c.fleet.billing.checkpoint()
+        rows = ledger.rows("gpu")
+        assert {(r.reason, r.key) for r in rows} == {("reserve", "k0"), ("reserve", "k1")}
+        assert len(rows) <= 2 * 11  # each key's gaps of a minute make one interval, not 30
+        assert sum(r.gpu_seconds for r in rows) == pytest.approx(300)
+        assert all(r.gpu_seconds <= r.end - r.start + 1e-6 for r in rows)
+        assert_conserved(c, ledger, served, c.host("gpu"))
+
+
 async def test_the_fallback_window_goes_to_the_key_whose_request_left_during_the_wake(tmp_path: Path) -> None:
     async with billed_core(tmp_path, MemoryMachine("gpu", boot_seconds=60, pause_seconds=5)) as (c, ledger):
         waiter = c.fleet.admit(Ask("llama3.2", "impatient"))

@@ -12,14 +12,18 @@ stretch from what the host is doing now. Between two settles only the clock move
 deadline is the one thing that depends on it, so a plan is the leases in flight, or an owner
 before the deadline and one after it.
 
-Non-serving time becomes intervals: one per run of the same owner, recorded (`Recorder.interval`)
-when it ends and, while it lasts, at each `checkpoint()` (the ledger writer asks for one before
-each flush, every second, and at shutdown), so a killed process loses at most the last second of
-it. The ledger writes an interval's records over one row (same host and start).
+Non-serving time becomes intervals, one per run of the same owner; so that a busy host does not
+write a row for every gap between two requests, an owner's runs less than `MERGE_SECONDS` apart
+make one interval (its `gpu_seconds` is then less than its end minus its start). An interval is
+recorded (`Recorder.interval`) when it ends and, while it lasts, at each `checkpoint()` (the ledger
+writer asks for one before each flush, every second, and at shutdown), so a killed process loses
+at most the last second of it. The ledger writes an interval's records over one row (same host and
+start).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -32,6 +36,7 @@ from gpumanager.ledger.rows import MICRO, Reason
 from gpumanager.recorder import IntervalRecord, NoopRecorder, Recorder
 
 ST = HostState
+MERGE_SECONDS = 60.0  # an owner's runs of non-serving time that start within this make one interval
 
 
 class Share(Protocol):
@@ -59,10 +64,11 @@ class _Plan:
 
 @dataclass(eq=False)
 class _Open:
-    """The interval being built: one owner's run of non-serving time on one host."""
+    """An interval being built: one owner's non-serving time on one host since `start`."""
 
     owner: Owner
     start: float  # clock time
+    end: float
     seconds: float = 0.0
     recorded_seconds: float = 0.0  # as of its last record
     recorded_micro: int = 0
@@ -75,7 +81,7 @@ class _Bill:
     since: float  # the clock time of the last settle
     known_since: float  # when gpumanager first knew of the host (savings are counted from then)
     plan: _Plan = field(default_factory=_Plan)
-    open: _Open | None = None
+    open: dict[Owner, _Open] = field(default_factory=dict)
     seconds: float = 0.0  # billed, in total
     waker: Owner | None = None  # who started the latest wake: its fallback window, a failed wake's pause
 
@@ -116,7 +122,7 @@ class Billing:
         if bill is None:
             return
         self._charge(host, bill, self.clock())
-        self._close(host, bill)
+        self._close(host, bill, before=math.inf)
         host.on_change = None
         del self._bills[host]
 
@@ -131,17 +137,16 @@ class Billing:
         self._charge(host, bill, now)
         bill.plan = plan = self._plan(host, bill)
         if not plan.billed:
-            self._close(host, bill)
+            self._close(host, bill, before=math.inf)
             bill.waker = None
-        elif plan.leases:
-            self._close(host, bill)
 
     def checkpoint(self) -> None:
         """Settle every host and record every open interval that grew since it was last recorded."""
         for host, bill in list(self._bills.items()):
             self.settle(host)
-            if bill.open is not None and bill.open.seconds > bill.open.recorded_seconds:
-                self._record(host, bill.open)
+            for interval in bill.open.values():
+                if interval.seconds > interval.recorded_seconds:
+                    self._record(host, interval)
 
     def _charge(self, host: Host, bill: _Bill, now: float) -> None:
         start, bill.since = bill.since, now
@@ -150,6 +155,7 @@ class Billing:
             return
         bill.seconds += now - start
         if plan.leases:
+            self._close(host, bill, before=start - MERGE_SECONDS)
             share = (now - start) / len(plan.leases)
             for lease in plan.leases:
                 lease.gpu_seconds += share
@@ -164,17 +170,24 @@ class Billing:
             self._extend(host, bill, plan.late, plan.deadline, now)
 
     def _extend(self, host: Host, bill: _Bill, owner: Owner, start: float, end: float) -> None:
-        if bill.open is not None and bill.open.owner != owner:
-            self._close(host, bill)
-        if bill.open is None:
-            bill.open = _Open(owner, start)
-        bill.open.seconds += end - start
+        if end <= start:
+            return
+        interval = bill.open.get(owner)
+        if interval is None or interval.end < start:  # another owner's time came between
+            self._close(host, bill, before=start - MERGE_SECONDS)
+            interval = bill.open.get(owner)
+            if interval is None:
+                interval = bill.open[owner] = _Open(owner, start, start)
+        interval.seconds += end - start
+        interval.end = end
 
-    def _close(self, host: Host, bill: _Bill) -> None:
-        if bill.open is not None:
-            if bill.open.seconds > bill.open.recorded_seconds:  # a stretch of no length is no row
-                self._record(host, bill.open)
-            bill.open = None
+    def _close(self, host: Host, bill: _Bill, *, before: float) -> None:
+        """End the host's intervals that started before `before`, recording what they grew by."""
+        for owner, interval in list(bill.open.items()):
+            if interval.start < before:
+                if interval.seconds > interval.recorded_seconds:
+                    self._record(host, interval)
+                del bill.open[owner]
 
     def _record(self, host: Host, interval: _Open) -> None:
         if self._epoch is None:
@@ -184,7 +197,7 @@ class Billing:
             IntervalRecord(
                 host=host.name,
                 start=self._epoch + interval.start,
-                end=self._epoch + interval.start + interval.seconds,
+                end=self._epoch + interval.end,
                 reason=interval.owner.reason,
                 key=interval.owner.key,
                 gpu_seconds=interval.seconds,
