@@ -1,7 +1,8 @@
 """Benchmark of the gpumanager proxy against a simulated Ollama, all on 127.0.0.1 (`make bench`).
 
 Prints one table: sanity of the upstream, added latency, requests/s and proxy CPU per request,
-time to first chunk, socket reads per stream, and the proxy's RSS while it holds 1000 streams.
+time to first chunk, socket reads per stream, the proxy's RSS while it holds 1000 streams, whether
+the proxy's /metrics counted every stream and its tokens, and the CPU cost of its accounting.
 The machine has few cores shared by the proxy, the sim and the client, so wall-clock figures are
 noisy: CPU-time-per-request figures (from /proc via psutil) are the stable ones, every phase warms
 up first, and rates are medians of several windows, shown with their min-max spread.
@@ -20,12 +21,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
-from servers import Procs, Server, log_problems, raise_nofile
+from accounting import AccountingCost, measure_accounting
+from servers import Procs, Server, log_problems, metrics_text, raise_nofile
 
 CONCURRENCY = 32
-TARGETS = {"added_p50_ms": 1.0, "rps": 1500.0, "cpu_us": 700.0, "rss_mb": 150.0, "sanity_ratio": 2.5}
+TARGETS = {
+    "added_p50_ms": 1.0,
+    "rps": 1500.0,
+    "cpu_us": 700.0,
+    "rss_mb": 150.0,
+    "sanity_ratio": 2.5,
+    "accounting_pct": 10.0,  # of the proxy's CPU per request (row 4)
+}
 STREAMS, STREAM_TOKENS, STREAM_DELAY = 1000, 20, 0.25
+ACCOUNTED_REQUESTS = 20_000  # run through the accounting path in-process
 T0 = time.monotonic()
 
 
@@ -127,12 +138,35 @@ def sequential(
     return results
 
 
+@dataclass(frozen=True)
+class Counted:
+    """One proxy's /metrics against what the bench's streams through it received."""
+
+    proxy: str
+    streams: int  # streams the bench received in full
+    tokens: int  # completion tokens those streams asked for and received
+    counted_streams: int  # sum of gpumanager_requests_total{status="200"}
+    counted_tokens: int  # sum of gpumanager_tokens_total{kind="completion"}
+
+    @property
+    def exact(self) -> bool:
+        return (self.counted_streams, self.counted_tokens) == (self.streams, self.tokens)
+
+    def cell(self) -> str:
+        return (
+            f"{self.counted_streams:,} of {self.streams:,} streams ({share(self.counted_streams, self.streams)}), "
+            f"{self.counted_tokens:,} of {self.tokens:,} tokens ({share(self.counted_tokens, self.tokens)})"
+        )
+
+
 @dataclass
 class Report:
     rows: list[tuple[str, str, str, str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     alarms: list[str] = field(default_factory=list)
     broken: list[str] = field(default_factory=list)  # correctness failures: exit status 1
+    proxy_cpu_us: float | None = None  # row 4, the base of the accounting row
+    counted: list[Counted] = field(default_factory=list)  # per proxy that served streams
 
     def row(self, measure: str, proxy: str = "", direct: str = "", target: str = "", result: str = "") -> None:
         self.rows.append((measure, proxy, direct, target, result))
@@ -140,6 +174,40 @@ class Report:
 
 def verdict(ok: bool, good: str = "PASS", bad: str = "FAIL") -> str:
     return good if ok else bad
+
+
+def share(part: int, whole: int) -> str:
+    """`part` of `whole` in percent: "100 %" only when they are equal (99.97 % shows as 99.9 %, 100.01 % as 100.1 %)."""
+    if part == whole:
+        return "100 %"
+    if not whole:
+        return "n/a"
+    tenths = part * 1000 // whole if part < whole else -(-part * 1000 // whole)  # away from 100
+    return f"{tenths / 10:.1f} %"
+
+
+def metric_counts(text: str) -> tuple[int, int]:
+    """(requests answered 200, completion tokens) in a proxy's /metrics, summed over all label sets."""
+    answered = tokens = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "gpumanager_requests_total" and sample.labels.get("status") == "200":
+                answered += sample.value
+            elif sample.name == "gpumanager_tokens_total" and sample.labels.get("kind") == "completion":
+                tokens += sample.value
+    return round(answered), round(tokens)
+
+
+def count_streams(proxy: Server, streams: int, tokens: int, settle_s: float = 5.0) -> Counted:
+    """What `proxy` counted of the `streams` (with `tokens` completion tokens in all) the bench received.
+    The proxy records a request just after its last byte went out: poll until the counts reach the
+    bench's (or `settle_s` passed)."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        answered, seen = metric_counts(metrics_text(proxy))
+        if (answered >= streams and seen >= tokens) or time.monotonic() > deadline:
+            return Counted(proxy.name, streams, tokens, answered, seen)
+        time.sleep(0.05)
 
 
 def phase_throughput(procs: Procs, report: Report) -> None:
@@ -218,6 +286,7 @@ def phase_throughput(procs: Procs, report: Report) -> None:
         f"<= {TARGETS['cpu_us']:.0f} us",
         verdict(via.cpu_us["proxy"] <= TARGETS["cpu_us"]),
     )
+    report.proxy_cpu_us = via.cpu_us["proxy"]
     report.row("   Requests/s @ c=32, --log-level INFO", info.cell(), "", "(production default)")
     report.row("   Proxy CPU per request, INFO", f"{info.cpu_us['proxy']:.0f} us")
     report.notes.append(
@@ -241,6 +310,8 @@ def phase_streams(procs: Procs, report: Report) -> None:
         per_round=50,
         budget_s=60,
     )
+    streams = 20 + len(seq["proxy"])  # the warm-up streams included
+    report.counted.append(count_streams(proxy, streams, 3 * streams))
     procs.stop(proxy)
     procs.stop(sim)
     ttfb = {name: pct([r["ttfb"] * 1e3 for r in rows], 0.5) for name, rows in seq.items()}
@@ -262,6 +333,8 @@ def phase_streams(procs: Procs, report: Report) -> None:
         per_round=1,
         budget_s=60,
     )
+    streams = 1 + len(seq["proxy"])
+    report.counted.append(count_streams(proxy, streams, 50 * streams))
     procs.stop(proxy)
     procs.stop(sim)
     reads = {name: statistics.median(r["reads"] for r in rows) for name, rows in seq.items()}
@@ -306,6 +379,8 @@ def phase_memory(procs: Procs, report: Report) -> None:
     progress(f"{STREAMS} streams at once through the proxy, {STREAM_TOKENS} tokens at {STREAM_DELAY} s each")
     held = hold(procs, chat_target("proxy", proxy, STREAM_TOKENS, stream=True), tick)
     after = statistics.median(sample_rss(proxy.pid, 10))
+    received = warm["ok"] + held["ok"]
+    report.counted.append(count_streams(proxy, received, 2 * warm["ok"] + STREAM_TOKENS * held["ok"]))
     procs.stop(proxy)
     progress(f"{STREAMS} streams at once to the sim alone, for comparison")
     direct = hold(procs, chat_target("direct", sim, STREAM_TOKENS, stream=True))
@@ -338,6 +413,68 @@ def phase_memory(procs: Procs, report: Report) -> None:
                 f"(finished {result['finished']}, timed out {result['timed_out']}, errors "
                 f"{result['error_count']}: {result['errors']})"
             )
+
+
+def phase_accounting(procs: Procs, report: Report) -> None:
+    """List items 8-9: the streams and tokens the proxies' /metrics counted (scraped in the phases
+    above), and the CPU per request of the accounting path, measured in-process (no server)."""
+    counted_rows(report)
+    progress(f"accounting path in-process: {ACCOUNTED_REQUESTS:,} requests, {CONCURRENCY} leases in flight")
+    accounting_rows(report, measure_accounting(ACCOUNTED_REQUESTS, CONCURRENCY))
+
+
+def counted_rows(report: Report) -> None:
+    counted = report.counted
+    if not counted:
+        return
+    total = Counted(
+        "all",
+        sum(c.streams for c in counted),
+        sum(c.tokens for c in counted),
+        sum(c.counted_streams for c in counted),
+        sum(c.counted_tokens for c in counted),
+    )
+    report.row(
+        f"8. Tokens counted in /metrics ({len(counted)} proxies)",
+        f"{total.counted_streams:,} of {total.streams:,} streams ({share(total.counted_streams, total.streams)})",
+        "",
+        "100 %",
+        verdict(all(c.exact for c in counted)),
+    )
+    report.row(
+        "   completion tokens counted",
+        f"{total.counted_tokens:,} of {total.tokens:,} ({share(total.counted_tokens, total.tokens)})",
+    )
+    report.notes.append(
+        "counted in /metrics (gpumanager_requests_total{status=200}, gpumanager_tokens_total{kind=completion}): "
+        + "; ".join(f"{c.proxy} {c.cell()}" for c in counted)
+    )
+    for c in counted:
+        if not c.exact:
+            report.alarms.append(f"{c.proxy}: /metrics counted {c.cell()}")
+
+
+def accounting_rows(report: Report, cost: AccountingCost) -> None:
+    base = report.proxy_cpu_us
+
+    def cell(us: float) -> str:
+        return f"{us:.1f} us" + (f" ({us / base * 100:.1f} % of row 4)" if base else "")
+
+    limit = TARGETS["accounting_pct"]
+    report.row(
+        "9. Accounting CPU per request (metrics + billing + ledger row)",
+        cell(cost.total_us),
+        "",
+        f"<= {limit:g} % of row 4",
+        verdict(cost.total_us <= base * limit / 100) if base else "n/a",
+    )
+    report.row("   admit + release (scheduler, billing settles)", cell(cost.lease_us))
+    report.row("   recorder.request (metrics, ledger row buffered)", cell(cost.record_us))
+    report.row("   ledger writer per row (its thread included)", cell(cost.writer_us))
+    report.notes.append(
+        f"accounting: {cost.requests:,} requests in-process with {cost.in_flight} leases in flight, CPU from "
+        f"time.process_time(); the writer committed {cost.rows:,} rows in one batch in {cost.flush_s * 1e3:.0f} ms"
+    )
 
 
 def hold(procs: Procs, target: dict[str, Any], tick: Callable[[], None] | None = None) -> dict[str, Any]:
@@ -380,7 +517,7 @@ def main() -> int:
     nofile = raise_nofile()
     print(context_line(nofile), flush=True)
     report = Report()
-    phases: list[Callable[[Procs, Report], None]] = [phase_throughput, phase_streams, phase_memory]
+    phases: list[Callable[[Procs, Report], None]] = [phase_throughput, phase_streams, phase_memory, phase_accounting]
     with Procs(keep=args.keep) as procs:
         try:
             for phase in phases:

@@ -54,6 +54,7 @@ class Server:
     proc: subprocess.Popen[bytes]
     folder: Path
     key: str | None = None  # the proxy's API key; None for a sim
+    admin_key: str | None = None  # the proxy's admin key (it reads /metrics); None for a sim
 
     @property
     def pid(self) -> int:
@@ -205,31 +206,16 @@ class Procs:
         folder.mkdir()
         config = folder / "config.toml"
         config.write_text(CONFIG.format(port=0, sim_port=sim.port))
-        key = subprocess.run(
-            [
-                str(BIN / "gpumanager"),
-                "generate-key",
-                "--config",
-                str(config),
-                "--name",
-                "bench",
-                "--email",
-                "bench@example.org",
-                "--quiet",
-            ],
-            cwd=folder,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout.strip()
+        key, admin_key = _generate_key(config, "bench"), _generate_key(config, "bench-admin", admin=True)
 
         def argv(port: int) -> list[str]:
             config.write_text(CONFIG.format(port=port, sim_port=sim.port))
             return [str(BIN / "gpumanager"), "server", "--config", str(config), "--log-level", log_level]
 
         self.logs.append(folder / "app.log")
-        return self._launch(name, folder, argv, "/health", key)
+        server = self._launch(name, folder, argv, "/health", key)
+        server.admin_key = admin_key
+        return server
 
     def loadgen(
         self, spec: dict[str, Any], *, timeout: float, tick: Callable[[], None] | None = None, tick_s: float = 0.05
@@ -263,6 +249,27 @@ class Procs:
             raise RuntimeError(f"load generator ({spec['mode']}) failed:\n{err[-3000:]}")
         result: dict[str, Any] = json.loads(out)
         return result
+
+
+def _generate_key(config: Path, name: str, *, admin: bool = False) -> str:
+    """A new key in the proxy's key file, made as an operator would (`gpumanager generate-key`)."""
+    argv = [str(BIN / "gpumanager"), "generate-key", "--config", str(config), "--name", name]
+    argv += ["--email", "bench@example.org", "--quiet", *(["--admin"] if admin else [])]
+    return subprocess.run(
+        argv, cwd=config.parent, capture_output=True, text=True, timeout=30, check=True
+    ).stdout.strip()
+
+
+def metrics_text(server: Server) -> str:
+    """A proxy's `GET /metrics` (Prometheus text), read with its admin key."""
+    request = urllib.request.Request(
+        f"http://{HOST}:{server.port}/metrics", headers={"Authorization": f"Bearer {server.admin_key}"}
+    )
+    with _LOOPBACK.open(request, timeout=10) as answer:
+        return bytes(answer.read()).decode()
+
+
+_LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never an http_proxy of the environment
 
 
 def log_problems(path: Path, limit: int = 5) -> tuple[int, list[str]]:

@@ -19,6 +19,9 @@
    different phases of the cloud polling.
 2. Idle overshoot, on the simulated cloud: how long past the end of its reservation window a host
    waits before gpumanager asks the cloud to pause it (with the ready -> first byte of those cycles).
+Both parts also print what gpumanager itself measured of its wakes, read from its `GET /metrics`
+(with an admin key): the mean seconds of each phase of `gpumanager_wake_phase_seconds` (resume,
+boot, model, first_byte) and the count of `gpumanager_wakes_total` by outcome.
 
 Run: `.venv/bin/python bench/wake.py` (part of `make bench`); `--providers surf,ec2` for some only,
 `--no-cycles` without part 2. Loopback only; about two minutes. It measures the tree it lives in (its
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import statistics
 import sys
 import tempfile
@@ -43,6 +47,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 import anyio
 import httpx
 import msgspec
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import Receive, Scope, Send
 from tests.clouds import CLOUDS, Cloud, Ec2Cloud, Machine, RunpodCloud, SurfCloud
 from tests.fakes.machine import until
@@ -109,6 +114,57 @@ def plans(kinds: list[str]) -> list[Plan]:
     return chosen
 
 
+PHASES = ("resume", "boot", "model", "first_byte")  # of gpumanager_wake_phase_seconds, in wake order
+
+
+@dataclass
+class Phases:
+    """What gpumanagers' /metrics said of their wakes, summed over several of them (one per round)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)  # phase -> sum of gpumanager_wake_phase_seconds
+    counts: dict[str, int] = field(default_factory=dict)  # phase -> its count
+    wakes: dict[str, int] = field(default_factory=dict)  # outcome -> gpumanager_wakes_total
+    requests: int = 0  # gpumanager_requests_total, every status
+
+    def add(self, text: str) -> None:
+        """Add the counts of one /metrics answer (Prometheus text), all hosts together."""
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                phase, value = sample.labels.get("phase", ""), sample.value
+                if sample.name == "gpumanager_wake_phase_seconds_sum":
+                    self.seconds[phase] = self.seconds.get(phase, 0.0) + value
+                elif sample.name == "gpumanager_wake_phase_seconds_count":
+                    self.counts[phase] = self.counts.get(phase, 0) + round(value)
+                elif sample.name == "gpumanager_wakes_total":
+                    outcome = sample.labels["outcome"]
+                    self.wakes[outcome] = self.wakes.get(outcome, 0) + round(value)
+                elif sample.name == "gpumanager_requests_total":
+                    self.requests += round(value)
+
+    def mean(self, phase: str) -> float:
+        count = self.counts.get(phase, 0)
+        return self.seconds.get(phase, 0.0) / count if count else math.nan
+
+    def other_outcomes(self) -> str:
+        """Wakes that did not end ready, e.g. "1 failed", or ""."""
+        return ", ".join(f"{n} {outcome}" for outcome, n in sorted(self.wakes.items()) if outcome != "ready")
+
+
+async def metrics_after_wakes(client: httpx.AsyncClient, admin_key: str, requests: int, settle: float = 5.0) -> str:
+    """A gpumanager's /metrics once the `requests` sent to it are all recorded. A request is recorded,
+    and with it the first_byte phase of the wake it waited for, just after its last byte went out:
+    poll until gpumanager_requests_total reaches `requests` (at most `settle` s)."""
+    deadline = time.monotonic() + settle
+    while True:
+        answer = await client.get("/metrics", headers={"Authorization": f"Bearer {admin_key}"})
+        answer.raise_for_status()
+        seen = Phases()
+        seen.add(answer.text)
+        if seen.requests >= requests or time.monotonic() > deadline:
+            return answer.text
+        await anyio.sleep(0.05)
+
+
 @dataclass
 class Result:
     plan: Plan
@@ -116,6 +172,7 @@ class Result:
     readiness: float = 0.0
     first_byte: list[float] = field(default_factory=list)
     failures: int = 0
+    phases: Phases = field(default_factory=Phases)  # from gpumanager's /metrics, over all rounds
 
 
 async def measure_round(plan: Plan, number: int, result: Result) -> None:
@@ -145,7 +202,9 @@ async def measure_round(plan: Plan, number: int, result: Result) -> None:
             config = config.replace('pod_address = "direct"', f'pod_proxy_url = "{proxy.url}/{{pod_id}}"')
         (folder / "config.toml").write_text(TIMING + config)
         loaded = load(folder / "config.toml")
-        key = KeyStore(loaded.paths.api_keys_file).generate("bench", "bench@example.org")[1]
+        keys = KeyStore(loaded.paths.api_keys_file)
+        key = keys.generate("bench", "bench@example.org")[1]
+        admin_key = keys.generate("bench-admin", "bench@example.org", admin=True)[1]
         app = build_app(loaded, environ=cloud.environ)
         runtime: Runtime = app.state.runtime
         async with (
@@ -164,6 +223,7 @@ async def measure_round(plan: Plan, number: int, result: Result) -> None:
                         sample = number * plan.machines + i
                         delay = 0.1 + spread * (sample + 0.5) / plan.samples
                         tg.start_soon(_one, plan, cloud, client, machine, delay, result, i * STAGGER)
+            result.phases.add(await metrics_after_wakes(client, admin_key, len(machines)))  # one request each
 
 
 async def _one(
@@ -289,20 +349,36 @@ def p95(values: list[float]) -> float:
     return statistics.quantiles(values, n=20, method="inclusive")[18]
 
 
+def phase_cells(phases: Phases) -> str:
+    """The mean seconds of each wake phase and the count of ready wakes, as table cells."""
+    means = [phases.mean(name) for name in PHASES]
+    cells = " ".join(f"{'-':>8}" if math.isnan(m) else f"{m:>7.3f}s" for m in means)
+    return f"{cells} {phases.wakes.get('ready', 0):>5}"
+
+
+PHASE_HEAD = f"{'resume':>8} {'boot':>8} {'model':>8} {'1st byte':>8} {'wakes':>5}"
+PHASE_LEGEND = (
+    "resume, boot, model, 1st byte: gpumanager's own mean seconds per wake phase, and wakes: its ready wakes, "
+    "read from its /metrics (gpumanager_wake_phase_seconds sum/count, gpumanager_wakes_total)"
+)
+
+
 def provider_table(results: list[Result]) -> None:
     print(
         f"{'provider':<18} {'case':<21} {'poll':>6} {'ready wait':>10} {'n':>3} "
-        f"{'median':>9} {'p95':>9} {'max':>9}  target"
+        f"{'median':>9} {'p95':>9} {'max':>9} {PHASE_HEAD}  target"
     )
     for r in results:
         values = r.first_byte or [float("nan")]
         median, high = statistics.median(values), p95(values) if len(values) > 1 else values[0]
         ok = median <= 0.5 and high <= 1.0
         failed = f"  ({r.failures} failed)" if r.failures else ""
+        other = r.phases.other_outcomes()
+        failed += f"  (wakes: {other})" if other else ""
         case = "worker after warm-up" if r.plan.kind == "runpod-endpoint" else r.plan.case
         print(
             f"{r.plan.label:<18} {case:<21} {r.poll:>5g}s {r.readiness:>9g}s {len(values):>3} "
-            f"{median * 1000:>7.0f}ms {high * 1000:>7.0f}ms {max(values) * 1000:>7.0f}ms  "
+            f"{median * 1000:>7.0f}ms {high * 1000:>7.0f}ms {max(values) * 1000:>7.0f}ms {phase_cells(r.phases)}  "
             f"{'PASS' if ok else 'FAIL'}{failed}"
         )
 
@@ -331,11 +407,13 @@ token_delay_seconds = 0.0
 """
 
 
-async def cycles(readiness: float) -> tuple[list[float], list[float]]:
+async def cycles(readiness: float) -> tuple[list[float], list[float], Phases]:
     folder = Path(tempfile.mkdtemp(prefix="gpumanager-wake-"))
     (folder / "config.toml").write_text(CYCLE_CONFIG.format(readiness=readiness))
     config = load(folder / "config.toml")
-    key = KeyStore(config.paths.api_keys_file).generate("bench", "bench@example.org")[1]
+    keys = KeyStore(config.paths.api_keys_file)
+    key = keys.generate("bench", "bench@example.org")[1]
+    admin_key = keys.generate("bench-admin", "bench@example.org", admin=True)[1]
     app = build_app(config, environ={})
     runtime = app.state.runtime
     first_byte: list[float] = []
@@ -364,12 +442,20 @@ async def cycles(readiness: float) -> tuple[list[float], list[float]]:
                 while host.state is not HostState.PAUSED:
                     await anyio.sleep(0.01)
             overshoot.append(machine.pause_asked - deadline)
-    return first_byte, overshoot
+        phases = Phases()
+        phases.add(await metrics_after_wakes(client, admin_key, CYCLES))
+    return first_byte, overshoot, phases
 
 
 def row(label: str, values: list[float]) -> str:
     ms = sorted(v * 1000 for v in values)
     return f"{label:<52} {statistics.median(ms):>8.1f} ms {ms[-1]:>8.1f} ms {ms[0]:>8.1f} ms"
+
+
+def phase_row(label: str, phases: Phases) -> str:
+    means = ", ".join(f"{name.replace('_', ' ')} {phases.mean(name):.3f} s" for name in PHASES)
+    other = phases.other_outcomes()
+    return f"{label:<52} {means}; wakes: {phases.wakes.get('ready', 0)} ready" + (f", {other}" if other else "")
 
 
 def main() -> int:
@@ -388,13 +474,15 @@ def main() -> int:
     results = [anyio.run(measure, plan, backend_options={"use_uvloop": True}) for plan in plans(kinds)]
     provider_table(results)
     print(f"({time.monotonic() - started:.0f} s; target: median <= 500 ms and p95 <= 1000 ms)")
+    print(f"({PHASE_LEGEND})")
     if not args.no_cycles:
         print(f"\n{CYCLES} wake/answer/idle/pause cycles of one simulated host per setting")
         print(f"{'measure':<52} {'p50':>11} {'max':>11} {'min':>11}")
         for readiness in (0.5, 0.1):
-            first_byte, overshoot = anyio.run(cycles, readiness, backend_options={"use_uvloop": True})
+            first_byte, overshoot, phases = anyio.run(cycles, readiness, backend_options={"use_uvloop": True})
             print(row(f"ready -> first byte (readiness wait {readiness:g} s)", first_byte))
             print(row(f"idle overshoot past the window (readiness wait {readiness:g} s)", overshoot))
+            print(phase_row(f"wake phases, mean (/metrics, readiness wait {readiness:g} s)", phases))
     return 1 if any(r.failures for r in results) else 0
 
 
