@@ -4,6 +4,12 @@
 `/api/embeddings` embeddings; the answer comes back in Ollama's shape, streamed as NDJSON frame by
 frame as the SSE events arrive. What has no OpenAI equivalent (`raw`, `context`, `template`,
 images, tools) is refused with a 400 that names it, before anything is sent upstream.
+
+The answer is counted and timed as a direct one is (`forward.forward`): its token counts are the
+host's own (`usage`; for a stream, the usage event asked for with `stream_options.include_usage`
+unless the host does not take it), None when it sends none; `Exchange.sent`, `first_byte` (the
+first byte of the Ollama answer to the client) and `upstream_done` are marked for the request's
+record and its wake's last phase.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any
 import anyio
 import httpx
 import msgspec
+from loguru import logger
 
 from gpumanager.errors import BadRequest, UpstreamFailed
 from gpumanager.fleet import Lease
@@ -99,6 +106,11 @@ def _message(message: Any) -> dict[str, Any]:
     return {"role": message.get("role", "user"), "content": message.get("content") or ""}
 
 
+def _count(value: Any) -> int | None:
+    """A token count as the host sent it; None if it sent none (or something that is not one)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 class Answer:
     """Builds Ollama frames from OpenAI chunks, keeping what the final frame needs."""
 
@@ -106,7 +118,8 @@ class Answer:
         self.route, self.model = route, model
         self.started = time.perf_counter_ns()
         self.finish = "stop"
-        self.prompt_tokens = self.completion_tokens = 0
+        self.prompt_tokens: int | None = None  # the host's own counts (None: it sent none)
+        self.completion_tokens: int | None = None
 
     def frame(self, text: str, *, done: bool) -> bytes:
         frame: dict[str, Any] = {"model": self.model, "created_at": datetime.now(UTC).isoformat()}
@@ -117,16 +130,13 @@ class Answer:
         frame["done"] = done
         if done:
             frame.update(done_reason=self.finish, total_duration=time.perf_counter_ns() - self.started)
-            if self.prompt_tokens or self.completion_tokens:
-                frame.update(prompt_eval_count=self.prompt_tokens, eval_count=self.completion_tokens)
+            if self.prompt_tokens is not None or self.completion_tokens is not None:
+                frame.update(prompt_eval_count=self.prompt_tokens or 0, eval_count=self.completion_tokens or 0)
         return _encode.encode(frame) + b"\n"
 
     def take(self, chunk: dict[str, Any]) -> str:
         """The text of one OpenAI chunk or answer; remembers finish reason and usage."""
-        usage = chunk.get("usage")
-        if isinstance(usage, dict):
-            self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-            self.completion_tokens = int(usage.get("completion_tokens") or 0)
+        self.count(chunk.get("usage"))
         text = ""
         for choice in chunk.get("choices") or []:
             if choice.get("finish_reason"):
@@ -135,17 +145,26 @@ class Answer:
             text += str(part.get("content") or "") if self.route == "chat" else str(choice.get("text") or "")
         return text
 
+    def count(self, usage: Any) -> None:
+        """Remember an OpenAI `usage` object's counts; the last one that has any wins (a stream's
+        final usage event carries the totals)."""
+        if not isinstance(usage, dict):
+            return
+        prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+        if prompt is not None or completion is not None:
+            self.prompt_tokens, self.completion_tokens = prompt, completion
+
     def embeddings(self, answer: dict[str, Any]) -> bytes:
+        self.count(answer.get("usage"))
         vectors = [item.get("embedding") for item in answer.get("data") or []]
         if self.route == "embeddings":
             return _encode.encode({"embedding": vectors[0] if vectors else []})
-        usage = answer.get("usage") or {}
         return _encode.encode(
             {
                 "model": self.model,
                 "embeddings": vectors,
                 "total_duration": time.perf_counter_ns() - self.started,
-                "prompt_eval_count": usage.get("prompt_tokens", 0),
+                "prompt_eval_count": self.prompt_tokens or 0,
             }
         )
 
@@ -159,15 +178,28 @@ async def forward(
     headers: list[tuple[bytes, bytes]],
     body: bytes,
 ) -> None:
-    """Send the translated request to the lease's host and answer the client in Ollama's shape."""
+    """Send the translated request to the lease's host and answer the client in Ollama's shape.
+
+    A stream asks the host for its usage event, unless the host does not take `stream_options`
+    (`Host.stream_usage`); a host that refuses it is asked again without, and not asked again.
+    """
     request = _decode.decode(body)
     path, translated, stream = openai_request(route, request)
-    translated["model"] = listed_name(lease.host.models, model)
-    ex.host, ex.lease = lease.host.name, lease
+    host = lease.host
+    translated["model"] = listed_name(host.models, model)
+    if not host.stream_usage:
+        translated.pop("stream_options", None)  # its streams go uncounted
+    ex.host, ex.lease = host.name, lease
     headers = [(k, v) for k, v in headers if k != b"content-type"] + [(b"content-type", b"application/json")]
-    response = await send_upstream(upstream, lease.host, "POST", path, headers, _encode.encode(translated))
     answer = Answer(route, request.get("model", model))
+    response = await _send(upstream, ex, lease, path, headers, translated)
     try:
+        if await _refuses_usage(response, translated):
+            await _close(response)
+            logger.bind(host=host.name).info("{} refuses stream_options: its streams go uncounted", host.name)
+            host.stream_usage = False
+            del translated["stream_options"]
+            response = await _send(upstream, ex, lease, path, headers, translated)
         if response.status_code != 200:
             await _error(ex, response, lease)
         elif stream:
@@ -175,14 +207,45 @@ async def forward(
         else:
             await _whole(ex, response, answer, route, lease)
     except httpx.HTTPError as exc:
-        raise mid_answer(lease.host, exc) from None
+        raise mid_answer(host, exc) from None
     finally:
-        with anyio.CancelScope(shield=True):
-            await response.aclose()
+        await _close(response)
+
+
+async def _send(
+    upstream: Upstream,
+    ex: Exchange,
+    lease: Lease,
+    path: str,
+    headers: list[tuple[bytes, bytes]],
+    translated: dict[str, Any],
+) -> httpx.Response:
+    body = _encode.encode(translated)
+    ex.sent = time.perf_counter()
+    return await send_upstream(upstream, lease.host, "POST", path, headers, body)
+
+
+async def _close(response: httpx.Response) -> None:
+    with anyio.CancelScope(shield=True):
+        await response.aclose()
+
+
+async def _refuses_usage(response: httpx.Response, translated: dict[str, Any]) -> bool:
+    """Whether the host refused the `stream_options` it was sent (an older Ollama's OpenAI API does)."""
+    if response.status_code != 400 or "stream_options" not in translated:
+        return False
+    return b"stream_options" in await response.aread()  # read once: `_error` gets it again if not
+
+
+def _first_byte(ex: Exchange) -> None:
+    """Mark the first byte of the answer to the client (the direct path marks it the same way)."""
+    if not ex.first_byte:
+        ex.first_byte, ex.first_byte_at = time.perf_counter(), anyio.current_time()
 
 
 async def _error(ex: Exchange, response: httpx.Response, lease: Lease) -> None:
     detail = await response.aread()
+    ex.upstream_done = time.perf_counter()
     if response.status_code in (401, 403):
         raise refused(response, lease.host, detail)
     try:
@@ -194,6 +257,7 @@ async def _error(ex: Exchange, response: httpx.Response, lease: Lease) -> None:
         raise UpstreamFailed(f"host {lease.host.name} answered {response.status_code}: {message}")
     await ex.start(response.status_code, [(b"content-type", b"application/json"), *routing_headers(ex)])
     await ex.finish(_encode.encode({"error": str(message or f"HTTP {response.status_code}")}))
+    _first_byte(ex)
 
 
 def _json(data: bytes, lease: Lease) -> Any:
@@ -205,15 +269,18 @@ def _json(data: bytes, lease: Lease) -> Any:
 
 async def _whole(ex: Exchange, response: httpx.Response, answer: Answer, route: str, lease: Lease) -> None:
     data = _json(await response.aread(), lease)
+    ex.upstream_done = time.perf_counter()
     if not isinstance(data, dict):
         raise UpstreamFailed(f"host {lease.host.name} answered something that is not an OpenAI answer")
     if route in ("embed", "embeddings"):
         payload = answer.embeddings(data)
     else:
         payload = answer.frame(answer.take(data), done=True).rstrip(b"\n")
+    ex.prompt_tokens, ex.completion_tokens = answer.prompt_tokens, answer.completion_tokens
     if not ex.started:
         await ex.start(200, [(b"content-type", b"application/json; charset=utf-8"), *routing_headers(ex)])
     await ex.finish(payload)
+    _first_byte(ex)
 
 
 async def _stream(ex: Exchange, response: httpx.Response, answer: Answer, lease: Lease) -> None:
@@ -222,16 +289,19 @@ async def _stream(ex: Exchange, response: httpx.Response, answer: Answer, lease:
         await ex.start(200, [(b"content-type", STREAM_CONTENT_TYPE[Dialect.OLLAMA]), *routing_headers(ex)])
     pending = b""
     async for chunk in response.aiter_raw():
-        ex.last_read = anyio.current_time()
-        if ex.silence is not None and not ex.first_byte:
-            ex.first_byte = time.perf_counter()
+        if not ex.last_read and ex.silence is not None:  # the host's first byte: watch for its silence
             ex.silence.start()
+        ex.last_read = anyio.current_time()
         pending += chunk.replace(b"\r\n", b"\n")
         *events, pending = pending.split(b"\n\n")
         out = b"".join(_frames(events, answer, lease))
         if out:
             await ex.write(out)
+            _first_byte(ex)
+    ex.upstream_done = time.perf_counter()
+    ex.prompt_tokens, ex.completion_tokens = answer.prompt_tokens, answer.completion_tokens
     await ex.finish(answer.frame("", done=True))
+    _first_byte(ex)
 
 
 def _frames(events: list[bytes], answer: Answer, lease: Lease) -> list[bytes]:
