@@ -1,4 +1,5 @@
-"""The management API, for admin keys only: discover, status, resume, pause, protect, emergency-off.
+"""The management API, for admin keys only: discover, status, resume, pause, protect, emergency-off,
+and the fleet's budget (`GET /gpu/budget`, `POST /gpu/budget/override`).
 
 `GET /gpu/discover` answers `{"discovered_gpus": N, "gpus": [...]}`, the shape the first users
 already script against; `status` is gpumanager's host state, with the provider's own word in
@@ -15,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from gpumanager.auth import require_admin
+from gpumanager.budget import Budget
 from gpumanager.errors import NotFound
 from gpumanager.fleet import Fleet
 from gpumanager.hosts import RESUMABLE, Host, HostState
@@ -48,7 +50,9 @@ def describe(host: Host, now: float) -> dict[str, Any]:
     }
 
 
-def admin_routes(fleet: Fleet, lifecycle: Lifecycle, reconcile: Callable[[], Awaitable[None]]) -> list[BaseRoute]:
+def admin_routes(
+    fleet: Fleet, lifecycle: Lifecycle, reconcile: Callable[[], Awaitable[None]], budget: Budget
+) -> list[BaseRoute]:
     """The `/gpu/...` routes; `reconcile` asks the clouds for the truth before a discover answers."""
 
     def gpu(host: Host) -> dict[str, Any]:
@@ -113,8 +117,20 @@ def admin_routes(fleet: Fleet, lifecycle: Lifecycle, reconcile: Callable[[], Awa
         lifecycle.emergency_on()
         return JSONResponse({"emergency": False, "message": "hosts are woken on demand again"})
 
+    async def budget_status(request: Request) -> Response:
+        require_admin(request.scope)
+        return JSONResponse(budget.status())
+
+    async def budget_override(request: Request) -> Response:
+        admin = require_admin(request.scope)
+        until = budget.override(admin.id, lifecycle)
+        message = f"the GPU budget cap is lifted until {budget.calendar.at(until, with_date=True)}"
+        return JSONResponse({**budget.status(), "message": message})
+
     return [
         Route("/gpu/discover", discover, methods=["GET"]),
+        Route("/gpu/budget", budget_status, methods=["GET"]),
+        Route("/gpu/budget/override", budget_override, methods=["POST"]),
         Route("/gpu/emergency-off", emergency_off, methods=["POST"]),
         Route("/gpu/emergency-on", emergency_on, methods=["POST"]),
         Route("/gpu/{id}/status", status, methods=["GET"]),

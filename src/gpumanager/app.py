@@ -165,9 +165,9 @@ def build_app(config: Config, *, environ: Mapping[str, str] | None = None) -> St
     routes = [
         _health_route(runtime),
         *proxy_routes(runtime.proxy_parts()),
-        *admin_routes(runtime.fleet, runtime.lifecycle, runtime.reconciler.reconcile),
+        *admin_routes(runtime.fleet, runtime.lifecycle, runtime.reconciler.reconcile, runtime.budget),
         metrics_route(runtime.metrics, public=config.metrics.public),
-        *usage_routes(config, runtime.keys, runtime.ledger.path),
+        *usage_routes(config, runtime.keys, runtime.ledger.path, runtime.budget),
     ]
     public = PUBLIC_PATHS | ({"/metrics"} if config.metrics.public else set())
     app = Starlette(

@@ -1,5 +1,5 @@
-"""The `gpumanager` command: server (the default), demo, init, generate-key, list-keys, revoke-key,
-check-config, hosts, usage. Every subcommand takes `--config PATH` after its name; `GPUMANAGER_CONFIG`
+"""The `gpumanager` command: server (the default), demo, init, generate-key, list-keys, set-limits,
+revoke-key, check-config, hosts, usage. Every subcommand takes `--config PATH` after its name; `GPUMANAGER_CONFIG`
 works for all. The `.env` beside the config is loaded into the environment at start (never
 overriding what is already set): the only place that writes the environment.
 """
@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 from dotenv import load_dotenv
 
@@ -18,7 +19,21 @@ from gpumanager import __version__
 from gpumanager.config import CONFIG_ENV, Config, HostConfig, config_path, load
 from gpumanager.errors import ConfigError, GpuManagerError
 
-COMMANDS = ("server", "demo", "init", "generate-key", "list-keys", "revoke-key", "check-config", "hosts", "usage")
+if TYPE_CHECKING:
+    from gpumanager.keys import Limits
+
+COMMANDS = (
+    "server",
+    "demo",
+    "init",
+    "generate-key",
+    "list-keys",
+    "set-limits",
+    "revoke-key",
+    "check-config",
+    "hosts",
+    "usage",
+)
 PROBE_SECONDS = 2.0  # check-config's wait for a static host's /api/tags
 
 
@@ -120,9 +135,37 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--email", required=True, help="their email address")
     gen.add_argument("--admin", action="store_true", help="allow the management API and model management")
     gen.add_argument("--quiet", "-q", action="store_true", help="print nothing but the key")
+    _limit_args(gen)
 
-    lst = sub.add_parser("list-keys", help="list API keys (never the keys or their hashes)")
+    lst = sub.add_parser(
+        "list-keys",
+        help="list API keys with their limits and today's use (never the keys or their hashes)",
+        description="List API keys, their limits, and their use today ([budget] timezone's day, from the ledger).",
+    )
     _config_arg(lst)
+
+    lim = sub.add_parser(
+        "set-limits",
+        help="change a key's limits (a running server applies them within a second)",
+        description="Set or remove limits of a key; the others stay as they are. A running server picks the "
+        "change up within a second.",
+        epilog="examples:\n"
+        "  gpumanager set-limits 1a2b3c4d --dollars-per-day 5 --requests-per-minute 30\n"
+        "  gpumanager set-limits gm_AbCd --models 'llama3*' --models 'qwen2.5:*'\n"
+        "  gpumanager set-limits 1a2b3c4d --clear dollars-per-day --clear models",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _config_arg(lim)
+    lim.add_argument("key_id", metavar="ID_OR_PREFIX", help="the key's id, or the start of the key (gm_...)")
+    _limit_args(lim)
+    lim.add_argument(
+        "--clear",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="remove this limit (repeatable): tokens-per-day, dollars-per-day, dollars-per-month, "
+        "requests-per-minute, max-concurrent, models",
+    )
 
     rev = sub.add_parser(
         "revoke-key",
@@ -182,6 +225,40 @@ examples:
     return parser
 
 
+def _limit_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("limits (none by default; days and months are [budget] timezone's)")
+    group.add_argument("--tokens-per-day", type=int, metavar="N", help="prompt + completion tokens a day")
+    group.add_argument("--dollars-per-day", type=float, metavar="X", help="GPU cost charged to the key a day")
+    group.add_argument("--dollars-per-month", type=float, metavar="X", help="GPU cost charged to the key a month")
+    group.add_argument("--requests-per-minute", type=int, metavar="N", help="requests in any 60 seconds")
+    group.add_argument(
+        "--max-concurrent", type=int, metavar="N", help="requests running or waiting at once ([scheduler] max_per_key)"
+    )
+    group.add_argument(
+        "--models",
+        metavar="PATTERN",
+        action="append",
+        help="a model it may use, a glob such as 'llama3*' (repeatable, or comma-separated); others are hidden",
+    )
+
+
+def _limit_changes(args: argparse.Namespace) -> dict[str, object]:
+    """The limits given on the command line: name -> value."""
+    from gpumanager.keys import LIMIT_NAMES
+
+    changes: dict[str, object] = {}
+    for name in LIMIT_NAMES:
+        value = getattr(args, name, None)
+        if value is not None:
+            changes[name] = value
+    if "models" in changes:
+        patterns = [p.strip() for given in args.models for p in given.split(",") if p.strip()]
+        if not patterns:
+            raise GpuManagerError("--models needs at least one pattern")
+        changes["models"] = patterns
+    return changes
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if not args_list or (args_list[0].startswith("-") and args_list[0] not in ("-h", "--help", "--version")):
@@ -239,10 +316,11 @@ def _server(args: argparse.Namespace) -> int:
 
 
 def _generate_key(args: argparse.Namespace) -> int:
-    from gpumanager.keys import KeyStore
+    from gpumanager.keys import KeyStore, limits_from
 
     config, _ = load_config(args, required=False)
-    record, key = KeyStore(config.paths.api_keys_file).generate(args.name, args.email, admin=args.admin)
+    limits = limits_from(_limit_changes(args))
+    record, key = KeyStore(config.paths.api_keys_file).generate(args.name, args.email, admin=args.admin, limits=limits)
     if args.quiet:
         print(key)
         return 0
@@ -252,7 +330,43 @@ def _generate_key(args: argparse.Namespace) -> int:
     print(f"    {key}")
     print()
     print("It is shown only this once. Clients send it as `Authorization: Bearer <key>` (OpenAI clients: api_key).")
+    described = _describe_limits(record.limits, None)
+    if described:
+        print(f"Limits: {described}")
     return 0
+
+
+def _set_limits(args: argparse.Namespace) -> int:
+    from gpumanager.keys import KeyStore
+
+    config, _ = load_config(args, required=False)
+    changes = _limit_changes(args)
+    clear = [name.replace("-", "_") for name in args.clear]
+    if not changes and not clear:
+        raise GpuManagerError("nothing to change: give a limit (--dollars-per-day 5 ...) or --clear NAME")
+    record = KeyStore(config.paths.api_keys_file).set_limits(args.key_id, changes, clear)
+    print(f"limits of key {record.id} ({record.name}): {_describe_limits(record.limits, None) or 'none'}")
+    return 0
+
+
+def _describe_limits(limits: Limits, used: _TodaysUse | None) -> str:
+    """A key's limits in one cell, with its use today where `used` knows it."""
+    parts = []
+    if limits.tokens_per_day is not None:
+        seen = f" (used {used.tokens:,})" if used else ""
+        parts.append(f"{limits.tokens_per_day:,} tokens/day{seen}")
+    if limits.dollars_per_day is not None:
+        seen = f" (used ${used.dollars:,.2f})" if used else ""
+        parts.append(f"${limits.dollars_per_day:,.2f}/day{seen}")
+    if limits.dollars_per_month is not None:
+        parts.append(f"${limits.dollars_per_month:,.2f}/month")
+    if limits.requests_per_minute is not None:
+        parts.append(f"{limits.requests_per_minute}/min")
+    if limits.max_concurrent is not None:
+        parts.append(f"{limits.max_concurrent} at once")
+    if limits.models is not None:
+        parts.append("models " + ",".join(limits.models))
+    return "; ".join(parts)
 
 
 def _list_keys(args: argparse.Namespace) -> int:
@@ -263,8 +377,10 @@ def _list_keys(args: argparse.Namespace) -> int:
     if not records:
         print(f"no keys in {config.paths.api_keys_file}; make one with `gpumanager generate-key`")
         return 0
-    rows = [("ID", "PREFIX", "NAME", "EMAIL", "ADMIN", "STATUS", "CREATED")]
+    today = _todays_use(config)
+    rows = [("ID", "PREFIX", "NAME", "EMAIL", "ADMIN", "STATUS", "CREATED", "TODAY", "LIMITS")]
     for r in records:
+        used = today.get(r.id, _TodaysUse(0, 0.0))
         rows.append(
             (
                 r.id,
@@ -274,10 +390,37 @@ def _list_keys(args: argparse.Namespace) -> int:
                 "yes" if r.admin else "",
                 "revoked" if r.revoked else "active",
                 r.created,
+                f"{used.tokens:,} tokens, ${used.dollars:,.2f}",
+                _describe_limits(r.limits, used) or "-",
             )
         )
     _print_table(rows)
     return 0
+
+
+class _TodaysUse(NamedTuple):
+    tokens: int
+    dollars: float
+
+
+def _todays_use(config: Config) -> dict[str, _TodaysUse]:
+    """Each key's tokens and GPU dollars so far today ([budget] timezone), from the ledger."""
+    import time
+
+    from gpumanager.budget import Calendar
+    from gpumanager.ledger import reader
+    from gpumanager.ledger.schema import LedgerError, database_path
+
+    now = time.time()
+    day = Calendar(config.budget.zone()).day(now)
+    try:
+        found = reader.usage(database_path(config), day.start, now, "key")
+    except LedgerError:  # no ledger yet: nothing used
+        return {}
+    return {
+        g.group: _TodaysUse(g.totals.prompt_tokens + g.totals.completion_tokens, g.totals.cost_micro / 1_000_000)
+        for g in found.groups
+    }
 
 
 def _revoke_key(args: argparse.Namespace) -> int:
@@ -488,6 +631,7 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "init": _init,
     "generate-key": _generate_key,
     "list-keys": _list_keys,
+    "set-limits": _set_limits,
     "revoke-key": _revoke_key,
     "check-config": _check_config,
     "hosts": _hosts,

@@ -12,6 +12,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
@@ -180,6 +181,19 @@ class MetricsConfig(_Section, frozen=True):
     public: bool = False  # /metrics without an admin key (only behind a network you trust)
 
 
+class BudgetConfig(_Section, frozen=True):
+    """The fleet's spend cap, and the calendar of every daily and monthly budget."""
+
+    timezone: str = "UTC"  # an IANA name ("Europe/Amsterdam"): when days and months begin
+    daily_dollars: Annotated[float, msgspec.Meta(gt=0)] | None = None  # billed cloud cost a day, at most
+    monthly_dollars: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    warn_percent: Annotated[float, msgspec.Meta(gt=0, le=100)] = 80  # a warning once spend reaches this
+    spare_protected: bool = False  # protected hosts keep running past the cap
+
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
 class UsageConfig(_Section, frozen=True):
     database_url: str = ""  # "" = sqlite:///<state_dir>/usage.db
     retention_days: Annotated[int, msgspec.Meta(ge=1)] = 400  # older rows are pruned
@@ -203,6 +217,7 @@ class Config(_Section, frozen=True):
     scheduler: SchedulerConfig = SchedulerConfig()
     metrics: MetricsConfig = MetricsConfig()
     usage: UsageConfig = UsageConfig()
+    budget: BudgetConfig = BudgetConfig()
     hosts: list[HostConfig] = []
     providers: list[ProviderConfig] = []
 
@@ -294,6 +309,14 @@ def _provider_types() -> str:
 
 def _check(config: Config, path: str) -> None:
     """Checks that the types alone cannot express."""
+    try:
+        config.budget.zone()
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(
+            path,
+            "budget.timezone",
+            f"unknown time zone {config.budget.timezone!r} (an IANA name: UTC, Europe/Amsterdam)",
+        ) from None
     seen: set[str] = set()
     for i, host in enumerate(config.hosts):
         if host.name in seen:

@@ -18,11 +18,13 @@
     │   ├── Conflict                409 an admin action the host's state does not allow
     │   ├── PayloadTooLarge         413 body over [server] max_body_mb
     │   ├── RequestTimeout          408 the request body stalled past [server] client_timeout_seconds
-    │   ├── TooManyRequests         429 queue full, or one key over max_per_key
+    │   ├── TooManyRequests         429 queue full, one key over max_per_key or requests_per_minute
+    │   │   └── BudgetSpent             ...a key's token or dollar budget is used up (final: not retried)
     │   ├── InternalError           500 a bug in gpumanager (logged once, with its traceback)
     │   ├── UpstreamFailed          502 the host failed before any byte reached the client
     │   │   └── UpstreamSilent          ...or sent nothing for [timing] upstream_idle_seconds mid-answer
     │   ├── NoCapacity              503 no host can serve now, or the queue wait timed out (Retry-After)
+    │   │   └── FleetBudgetSpent        ...the fleet's daily or monthly spend cap is reached (final)
     │   └── WakeTimeout             504 the host woken for this request did not become ready
     └── ProviderError           a cloud call failed: says which provider, host and action
         ├── ProviderTimeout         no answer within the call's timeout (retried)
@@ -82,6 +84,9 @@ class ClientError(GpuManagerError):
     status = 400
     kind = "invalid_request_error"  # the OpenAI error `type`
     code: str | None = None  # the OpenAI error `code`
+    # Final: asking again soon cannot succeed (a spent budget). The answer says `x-should-retry:
+    # false`, which the openai client honours, and its `Retry-After` may be hours.
+    final = False
 
     def __init__(self, message: str, *, retry_after: float | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -145,6 +150,11 @@ class TooManyRequests(ClientError):
     code = "rate_limit_exceeded"
 
 
+class BudgetSpent(TooManyRequests):
+    code = "budget_exceeded"
+    final = True
+
+
 class UpstreamFailed(ClientError):
     status = 502
     kind = "api_error"
@@ -157,6 +167,10 @@ class UpstreamSilent(UpstreamFailed):
 class NoCapacity(ClientError):
     status = 503
     kind = "server_error"
+
+
+class FleetBudgetSpent(NoCapacity):
+    final = True
 
 
 class WakeTimeout(ClientError):

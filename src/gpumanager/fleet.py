@@ -23,7 +23,15 @@ import anyio
 
 from gpumanager.billing import Billing
 from gpumanager.config import Config, HostConfig
-from gpumanager.errors import ClientError, ModelNotFound, NoCapacity, TooManyRequests, WakeTimeout
+from gpumanager.errors import (
+    BudgetSpent,
+    ClientError,
+    FleetBudgetSpent,
+    ModelNotFound,
+    NoCapacity,
+    TooManyRequests,
+    WakeTimeout,
+)
 from gpumanager.hosts import AWAKE, WAKING, Host, HostState
 from gpumanager.models import model_names
 from gpumanager.recorder import Recorder
@@ -102,6 +110,7 @@ class Fleet:
         self._leases: dict[Host, set[Lease]] = {}
         self.billing = Billing(self.leases_of, recorder=recorder, clock=clock)
         self.emergency = False
+        self.capped: FleetBudgetSpent | None = None  # the fleet's spend cap is reached (budget.py)
         self._changed: anyio.Event | None = None
 
     @property
@@ -161,16 +170,18 @@ class Fleet:
     # -- admission ---------------------------------------------------------------------------------
 
     def admit(self, ask: Ask) -> Lease | Waiter:
-        limit = self.config.scheduler.max_per_key
+        """A lease, or a place in the queue, or the `ClientError` that refuses the request. A key
+        has at most its `max_concurrent` (else `[scheduler] max_per_key`) running or waiting."""
+        limit = ask.max_concurrent or self.config.scheduler.max_per_key
         if limit and self._held[ask.key] + self.queue.count_key(ask.key) >= limit:
-            raise TooManyRequests(
-                f"this key already has {limit} requests running or waiting (max_per_key)", retry_after=5
-            )
+            setting = "max_concurrent" if ask.max_concurrent else "max_per_key"
+            message = f"this key already has {limit} requests running or waiting ({setting})"
+            raise TooManyRequests(message, retry_after=5)
         decision = choose(self._snapshot(ask, queued=self.queue.count_model(ask.model) if self.queue else 0), ask)
         if type(decision) is Use:
             return self._grant(self.hosts[decision.host], ask.key)
         if type(decision) is Reject:
-            raise _rejection(decision, ask)
+            raise _rejection(decision, ask, self.capped)
         max_queue = self.config.scheduler.max_queue
         if max_queue and len(self.queue) >= max_queue:
             raise TooManyRequests(f"the wait queue is full ({max_queue} requests waiting)", retry_after=10)
@@ -304,7 +315,7 @@ class Fleet:
                     waiter.lease = self._grant(self.hosts[decision.host], ask.key)
                 elif type(decision) is Reject:
                     self.queue.remove(waiter)
-                    waiter.error = self._wake_error(waiter) or _rejection(decision, ask)
+                    waiter.error = self._wake_error(waiter) or _rejection(decision, ask, self.capped)
                 else:
                     if type(decision) is Wake:
                         self._start_wake(decision.host, waiter)
@@ -328,7 +339,8 @@ class Fleet:
     def _snapshot(self, ask: Ask, *, queued: int) -> Snapshot:
         now = self.clock()
         names = model_names(ask.model)
-        views = tuple(_view(h, names, ask.num_ctx) for h in self.candidates(ask.model))
+        spare = self.config.budget.spare_protected
+        views = tuple(_view(h, names, ask.num_ctx, spare) for h in self.candidates(ask.model))
         sched = self.config.scheduler
         awake = (
             sum(1 for h in self.hosts.values() if h.state in AWAKE and not h.always_on) if sched.max_awake_hosts else 0
@@ -341,6 +353,7 @@ class Fleet:
             max_awake=sched.max_awake_hosts,
             scale_up_depth=sched.scale_up_queue_depth,
             emergency=self.emergency,
+            capped=self.capped.message if self.capped is not None else "",
         )
 
     def protect(self, host: Host, protected: bool) -> None:
@@ -350,7 +363,7 @@ class Fleet:
         self.notify()
 
 
-def _view(host: Host, names: Iterable[str], num_ctx: int | None) -> HostView:
+def _view(host: Host, names: Iterable[str], num_ctx: int | None, spare_protected: bool) -> HostView:
     ctx: Any = None
     loaded = False
     for name in names:
@@ -370,10 +383,15 @@ def _view(host: Host, names: Iterable[str], num_ctx: int | None) -> HostView:
         host.reserved_key,
         host.idle_deadline,
         host.always_on,
+        host.always_on or (host.protected and spare_protected),
     )
 
 
-def _rejection(decision: Reject, ask: Ask) -> ClientError:
+def _rejection(decision: Reject, ask: Ask, capped: FleetBudgetSpent | None) -> ClientError:
     if decision.status == 404:
         return ModelNotFound(f"model '{ask.model}' not found on any host")
+    if decision.status == 429:
+        return BudgetSpent(decision.reason)
+    if capped is not None and decision.reason == capped.message:
+        return capped
     return NoCapacity(decision.reason, retry_after=30)

@@ -1,21 +1,24 @@
 """API keys: hashed at rest, generated once, listed without secrets, revoked, reloaded when the file changes.
 
 `api_keys.json` holds `{"keys": [{"id", "name", "email", "key_hash": "sha256:<hex>", "prefix", "created",
-"admin", "revoked"}]}`, written atomically with mode 0600. A hand-written entry may carry a plaintext
-`"key"` instead of `key_hash`; it is accepted (hashed in memory) with a warning.
+"admin", "revoked", "limits"}]}`, written atomically with mode 0600. A hand-written entry may carry a
+plaintext `"key"` instead of `key_hash`; it is accepted (hashed in memory) with a warning. `limits`
+are the key's budgets and rights (`Limits`), enforced at admission (`budget.py`).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import hmac
 import os
 import secrets
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Annotated
 
 import msgspec
 from loguru import logger
@@ -24,6 +27,35 @@ from gpumanager.errors import KeyStoreError
 
 KEY_PREFIX = "gm_"
 RECHECK_SECONDS = 0.5
+
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+PositiveDollars = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class Limits(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What one key may use; None: no limit. Days and months are `[budget] timezone`'s."""
+
+    tokens_per_day: PositiveInt | None = None  # prompt + completion tokens
+    dollars_per_day: PositiveDollars | None = None  # GPU cost charged to the key (DESIGN.md §10)
+    dollars_per_month: PositiveDollars | None = None
+    requests_per_minute: PositiveInt | None = None
+    max_concurrent: PositiveInt | None = None  # requests running or waiting (else `[scheduler] max_per_key`)
+    models: tuple[str, ...] | None = None  # glob patterns of the models it may use ("llama3*")
+
+    def allows(self, names: Iterable[str]) -> bool:
+        """Whether a model known by any of `names` (its spellings) matches one of the patterns."""
+        if self.models is None:
+            return True
+        return any(fnmatch.fnmatchcase(name, pattern) for name in names for pattern in self.models)
+
+    @property
+    def spends(self) -> bool:
+        return self.dollars_per_day is not None or self.dollars_per_month is not None
+
+
+NO_LIMITS = Limits()
+LIMIT_NAMES = tuple(Limits.__struct_fields__)
 
 
 class KeyRecord(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -35,6 +67,7 @@ class KeyRecord(msgspec.Struct, omit_defaults=True, kw_only=True):
     created: str = ""
     admin: bool = False
     revoked: bool = False
+    limits: Limits = NO_LIMITS
     key: str | None = None  # plaintext, only in hand-written entries
 
 
@@ -48,6 +81,7 @@ class Identity(msgspec.Struct, frozen=True):
     id: str
     name: str
     admin: bool
+    limits: Limits = NO_LIMITS
 
 
 _decoder = msgspec.json.Decoder(KeyFile)
@@ -90,7 +124,8 @@ class KeyStore:
                 digest = hash_key(record.key)
             else:
                 digest = record.key_hash.removeprefix("sha256:")
-            self._by_hash[digest] = (digest, Identity(record.id, record.name, record.admin))
+            limits = NO_LIMITS if record.limits == NO_LIMITS else record.limits  # the admission's fast path
+            self._by_hash[digest] = (digest, Identity(record.id, record.name, record.admin, limits))
         self._stamp = stamp
 
     def _file_stamp(self) -> tuple[int, int, int] | None:
@@ -136,7 +171,9 @@ class KeyStore:
 
     # -- writing -----------------------------------------------------------------------------------
 
-    def generate(self, name: str, email: str, *, admin: bool = False) -> tuple[KeyRecord, str]:
+    def generate(
+        self, name: str, email: str, *, admin: bool = False, limits: Limits = NO_LIMITS
+    ) -> tuple[KeyRecord, str]:
         """Make a key, store its hash and return (record, key). The key is never stored."""
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         existing = {r.id for r in self.records()}
@@ -151,6 +188,7 @@ class KeyStore:
             prefix=key[:10],
             created=datetime.now(UTC).isoformat(timespec="seconds"),
             admin=admin,
+            limits=limits,
         )
         self._write([*self._records, record])
         return record, key
@@ -158,6 +196,28 @@ class KeyStore:
     def revoke(self, id_or_prefix: str) -> KeyRecord:
         """Revoke the key with this id, or the key itself, or the one key whose prefix matches."""
         records = self.records()
+        target = self._find(records, id_or_prefix)
+        target.revoked = True
+        self._write(records)
+        return target
+
+    def set_limits(self, id_or_prefix: str, changes: Mapping[str, object], clear: Iterable[str] = ()) -> KeyRecord:
+        """Set some limits of a key (`changes`: name -> value) and remove others (`clear`); the rest
+        stay. `KeyStoreError` for an unknown key, limit name or a value out of range."""
+        records = self.records()
+        target = self._find(records, id_or_prefix)
+        fields = {name: value for name, value in msgspec.structs.asdict(target.limits).items() if value is not None}
+        for name in clear:
+            if name not in LIMIT_NAMES:
+                raise KeyStoreError(f"no limit named {name!r}; limits: {', '.join(LIMIT_NAMES)}")
+            fields.pop(name, None)
+        fields.update(changes)
+        target.limits = limits_from(fields)
+        self._write(records)
+        return target
+
+    def _find(self, records: list[KeyRecord], id_or_prefix: str) -> KeyRecord:
+        """The key with this id, or the key itself, or the one key whose prefix matches."""
         digest = "sha256:" + hash_key(id_or_prefix)
         matches = [r for r in records if r.id == id_or_prefix or r.key_hash == digest] or [
             r for r in records if r.prefix and (r.prefix.startswith(id_or_prefix) or id_or_prefix.startswith(r.prefix))
@@ -167,10 +227,7 @@ class KeyStore:
         if len(matches) > 1:
             ids = ", ".join(r.id for r in matches)
             raise KeyStoreError(f"{id_or_prefix!r} matches several keys ({ids}); give the id")
-        target = matches[0]
-        target.revoked = True
-        self._write(records)
-        return target
+        return matches[0]
 
     def _write(self, records: list[KeyRecord]) -> None:
         """Atomic replace with mode 0600: a crash leaves the old file or the new one, never half."""
@@ -189,3 +246,12 @@ class KeyStore:
             raise
         self._stamp = None
         self.reload()
+
+
+def limits_from(fields: Mapping[str, object]) -> Limits:
+    """`Limits` from plain values (the CLI's, a JSON body's), or `KeyStoreError` saying what is wrong."""
+    try:
+        limits = msgspec.convert(dict(fields), Limits)
+    except msgspec.ValidationError as exc:
+        raise KeyStoreError(f"invalid limits: {exc}") from None
+    return NO_LIMITS if limits == NO_LIMITS else limits  # one object: it is left out of the file

@@ -13,6 +13,7 @@ import anyio
 from anyio.abc import TaskStatus
 from loguru import logger
 
+from gpumanager.budget import Budget
 from gpumanager.config import Config
 from gpumanager.errors import NoCapacity
 from gpumanager.fleet import Fleet
@@ -52,7 +53,8 @@ class Runtime:
         self.fleet = Fleet(config)
         self.ledger = LedgerWriter(database_path(config), retention_days=config.usage.retention_days)
         self.metrics = Metrics(self.fleet, ledger=self.ledger)
-        self.recorder = Recorders(self.metrics, LedgerRecorder(self.ledger))  # the core's Recorder
+        self.budget = Budget(config, self.fleet)
+        self.recorder = Recorders(self.metrics, LedgerRecorder(self.ledger), self.budget)  # the core's Recorder
         self.fleet.billing.recorder = self.recorder  # the metrics read the fleet: it is built first
         self.ledger.before_flush = self.fleet.billing.checkpoint  # open intervals, every flush
         self.lifecycle = Lifecycle(config, self.fleet, self.providers, self.inventory, self.recorder)
@@ -96,6 +98,7 @@ class Runtime:
             readier=self.lifecycle,
             recorder=self.recorder,
             refresh=self.reconciler.refresh,
+            budget=self.budget,
         )
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -103,6 +106,7 @@ class Runtime:
         loops, then say ready; everything runs until cancelled."""
         async with self.upstream, anyio.create_task_group() as tg:
             await tg.start(self.ledger.run)  # cancelled last of all: its final flush is shielded
+            await anyio.to_thread.run_sync(self.budget.seed, self.ledger.path)  # today's and this month's use
             for provider in self.providers.values():
                 if isinstance(provider, Service):
                     await tg.start(provider.run)
@@ -111,6 +115,7 @@ class Runtime:
             with anyio.move_on_after(self.config.timing.probe_timeout_seconds * 4):
                 await self.reconciler.refresh_all()
             tg.start_soon(self.reconciler.run)
+            tg.start_soon(self.budget.run, self.lifecycle)
             if not self.keys.records():
                 logger.warning("no API keys in {}: make one with `gpumanager generate-key`", self.keys.path)
             task_status.started()

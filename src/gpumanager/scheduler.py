@@ -7,9 +7,11 @@
    lowest `cost_per_hour`. A host reserved for another key is taken only when no other has a slot.
 2. A candidate is waking, or every awake candidate is full: `Wait` (and, when the model's queue is
    deeper than `scale_up_queue_depth` and a paused candidate exists, `Wake` that one too).
-3. Otherwise wake the cheapest paused candidate, unless `max_awake_hosts` are awake (wait) or
-   emergency-off is on (503).
+3. Otherwise wake the cheapest paused candidate, unless `max_awake_hosts` are awake (wait),
+   emergency-off is on (503), or the key's budget cannot pay for a cold start (`Ask.no_wake`: 429).
 4. No host has the model: 404.
+Past the fleet's spend cap (`Snapshot.capped`) only static hosts (and protected ones, if spared)
+serve, and nothing is woken: 503 when none of them has the model.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class HostView(msgspec.Struct, frozen=True):
     reserved_key: str | None
     reserved_until: float
     always_on: bool = False
+    spared: bool = False  # serves past the fleet's spend cap (static, or protected and spared)
 
 
 class Snapshot(msgspec.Struct, frozen=True):
@@ -48,12 +51,15 @@ class Snapshot(msgspec.Struct, frozen=True):
     max_awake: int = 0  # 0 = no limit
     scale_up_depth: int = 8
     emergency: bool = False
+    capped: str = ""  # the fleet's spend cap is reached: why, for the 503
 
 
 class Ask(msgspec.Struct, frozen=True):
     model: str
     key: str
     num_ctx: int | None = None
+    no_wake: str = ""  # this request may not wake a host: why (its key's budget), for the 429
+    max_concurrent: int | None = None  # its key's own limit of requests running or waiting
 
 
 class Use(msgspec.Struct, frozen=True):
@@ -69,7 +75,7 @@ class Wake(msgspec.Struct, frozen=True):
 
 
 class Reject(msgspec.Struct, frozen=True):
-    status: int  # 404 unknown model, 503 no capacity
+    status: int  # 404 unknown model, 429 may not wake, 503 no capacity
     reason: str
 
 
@@ -80,6 +86,10 @@ def choose(snapshot: Snapshot, ask: Ask) -> Decision:
     if not snapshot.hosts:
         return Reject(404, f"model '{ask.model}' not found")
     candidates = [h for h in snapshot.hosts if h.state is not HostState.FAILED]
+    if snapshot.capped:
+        candidates = [h for h in candidates if h.spared]
+        if not candidates:
+            return Reject(503, snapshot.capped)
     if not candidates:
         return Reject(503, f"every host with model '{ask.model}' failed to wake; try again later")
     ready = [h for h in candidates if h.state is HostState.READY and h.healthy and not h.draining]
@@ -93,12 +103,14 @@ def choose(snapshot: Snapshot, ask: Ask) -> Decision:
     )
     may_wake = not snapshot.emergency and (snapshot.max_awake == 0 or snapshot.awake < snapshot.max_awake)
     if ready or any(h.state in WAKING for h in candidates):
-        if asleep and may_wake and snapshot.queued >= snapshot.scale_up_depth:
+        if asleep and may_wake and not ask.no_wake and snapshot.queued >= snapshot.scale_up_depth:
             return Wake(asleep[0].name)
         return Wait("every host with the model is busy or waking")
     if asleep:
         if snapshot.emergency:
             return Reject(503, "emergency-off is on: no host is woken until an admin turns it off")
+        if ask.no_wake:
+            return Reject(429, ask.no_wake)
         if not may_wake:
             return Wait(f"{snapshot.max_awake} hosts are awake (max_awake_hosts); waiting for one to pause")
         return Wake(asleep[0].name)

@@ -2,7 +2,8 @@
 
 Both read the ledger file read-only in a worker thread, so a long report never holds the event
 loop. Parameters are those of `gpumanager usage`: `since` and `until` (`24h`, `7d`, a date or an
-ISO time, `now`), `by` (key, model, host, day, hour) and, for admins, `key`.
+ISO time, `now`), `by` (key, model, host, day, hour) and, for admins, `key`. `/usage/me` also gives
+the key's limits and its use of them today and this month (from the budget's counters).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gpumanager.auth import require_admin
+from gpumanager.budget import Budget
 from gpumanager.config import Config
 from gpumanager.errors import BadRequest
 from gpumanager.keys import KeyStore
@@ -27,7 +29,7 @@ from gpumanager.ledger.schema import LedgerError
 _encode = msgspec.json.Encoder().encode
 
 
-def usage_routes(config: Config, keys: KeyStore, db_path: Path) -> list[Route]:
+def usage_routes(config: Config, keys: KeyStore, db_path: Path, budget: Budget) -> list[Route]:
     def when(request: Request, name: str, default: str, now: float) -> float:
         text = request.query_params.get(name, default)
         try:
@@ -69,12 +71,12 @@ def usage_routes(config: Config, keys: KeyStore, db_path: Path) -> list[Route]:
         def read() -> reader.MyUsage:
             return reader.me(db_path, identity.id, time.time(), since=since)
 
+        limits = budget.usage_of(identity)
         try:
             result = await anyio.to_thread.run_sync(read)
         except LedgerError:  # nothing recorded yet: nothing used
-            return Response(
-                _encode({"key_id": identity.id, "today": None, "month": None}), media_type="application/json"
-            )
-        return Response(_encode(result), media_type="application/json")
+            answer = {"key_id": identity.id, "today": None, "month": None, "limits": limits}
+            return Response(_encode(answer), media_type="application/json")
+        return Response(_encode({**msgspec.to_builtins(result), "limits": limits}), media_type="application/json")
 
     return [Route("/usage", usage, methods=["GET"]), Route("/usage/me", mine, methods=["GET"])]

@@ -6,6 +6,7 @@ each in the shape the client's own library understands.
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -103,7 +104,11 @@ def error_body(dialect: Dialect, exc: ClientError) -> bytes:
 
 def error_headers(exc: ClientError) -> list[tuple[bytes, bytes]]:
     headers = [(b"content-type", b"application/json")]
-    if exc.retry_after is not None:
+    if exc.final:  # the true wait, however long, and no retry by clients that listen
+        if exc.retry_after is not None:
+            headers.append((b"retry-after", str(max(1, math.ceil(exc.retry_after))).encode()))
+        headers.append((b"x-should-retry", b"false"))
+    elif exc.retry_after is not None:
         headers.append((b"retry-after", str(max(1, min(60, round(exc.retry_after)))).encode()))
     return headers
 

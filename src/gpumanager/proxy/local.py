@@ -1,7 +1,7 @@
 """What gpumanager answers itself, from the inventory: model lists, loaded models, the version.
 
 `/api/tags` and `/v1/models` list every model of the fleet, paused hosts' included, so clients see
-every model even when everything sleeps.
+every model even when everything sleeps; a key limited to some models (`Limits.models`) sees only those.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from starlette.routing import BaseRoute, Route
 from gpumanager.fleet import Fleet
 from gpumanager.hosts import Host
 from gpumanager.inventory import DEFAULT_VERSION, Inventory
+from gpumanager.keys import Identity
 from gpumanager.models import model_names
 from gpumanager.proxy.dialects import Dialect, error_payload
 
@@ -40,6 +41,14 @@ def _openai_model(tag: dict[str, Any]) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": _created(tag.get("modified_at")), "owned_by": owner}
 
 
+def _mine(request: Request, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The entries of models the caller's key may use."""
+    who: Identity = request.scope["auth"]
+    if who.limits.models is None:
+        return entries
+    return [e for e in entries if who.limits.allows(model_names(str(e.get("name") or e.get("model"))))]
+
+
 def local_routes(fleet: Fleet, inventory: Inventory) -> list[BaseRoute]:
     def hosts() -> list[Host]:
         return list(fleet.hosts.values())
@@ -52,18 +61,18 @@ def local_routes(fleet: Fleet, inventory: Inventory) -> list[BaseRoute]:
         return JSONResponse({"version": max(seen, key=_version_key) if seen else DEFAULT_VERSION})
 
     async def tags(request: Request) -> Response:
-        return JSONResponse({"models": inventory.tag_entries(hosts())})
+        return JSONResponse({"models": _mine(request, inventory.tag_entries(hosts()))})
 
     async def ps(request: Request) -> Response:
-        return JSONResponse({"models": inventory.ps_entries(hosts())})
+        return JSONResponse({"models": _mine(request, inventory.ps_entries(hosts()))})
 
     async def models(request: Request) -> Response:
-        data = [_openai_model(tag) for tag in inventory.tag_entries(hosts())]
+        data = [_openai_model(tag) for tag in _mine(request, inventory.tag_entries(hosts()))]
         return JSONResponse({"object": "list", "data": data})
 
     async def model(request: Request) -> Response:
         wanted = request.path_params["model"]
-        tags = {str(t.get("name") or t.get("model")): t for t in inventory.tag_entries(hosts())}
+        tags = {str(t.get("name") or t.get("model")): t for t in _mine(request, inventory.tag_entries(hosts()))}
         for name in model_names(wanted):
             if name in tags:  # the id as the client asked for it (`llama3.2`, not `llama3.2:latest`), as Ollama does
                 return JSONResponse({**_openai_model(tags[name]), "id": wanted})

@@ -20,6 +20,7 @@ from loguru import logger
 from starlette.routing import BaseRoute, Route
 
 from gpumanager.auth import require_admin
+from gpumanager.budget import Budget
 from gpumanager.errors import (
     BadRequest,
     ClientError,
@@ -80,6 +81,7 @@ class ProxyParts:
     readier: Readier  # wakes the host that model management is aimed at
     refresh: Callable[[Host], Awaitable[None]]  # re-reads a host's models after model management
     recorder: Recorder  # told of every finished request
+    budget: Budget  # each key's limits and budgets, checked at admission
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int, stall: float) -> bytes:
@@ -184,7 +186,14 @@ class ModelRoute:
             model = fields.model
             asked = fields.stream if fields.stream is not None else self.stream_default
             ex.stream_asked = self.streams and asked
-            ask = Ask(model, scope["auth"].id, fields.options.num_ctx if fields.options else None)
+            terms = self.parts.budget.admit(scope["auth"], model)  # limits and budgets: refused here, or terms
+            ask = Ask(
+                model,
+                scope["auth"].id,
+                fields.options.num_ctx if fields.options else None,
+                no_wake=terms.no_wake,
+                max_concurrent=terms.max_concurrent,
+            )
             on_body = None
             if self.route == "show" and not _verbose(body):
                 if await self._cached_show(ex, ask):
