@@ -84,6 +84,22 @@ def test_requests_per_minute_answers_429_with_the_wait(tmp_path: Path) -> None:
             oai.chat.completions.create(model="llama3.2", messages=MESSAGES)  # type: ignore[arg-type]
 
 
+def test_max_concurrent_bounds_one_keys_requests_running_at_once(tmp_path: Path) -> None:
+    with running_stack(tmp_path, [SimHost("gpu", token_delay=0.05)]) as stack:
+        _, key = limited(stack, max_concurrent=1)
+        body = {"model": "llama3.2", "prompt": "x", "options": {"num_predict": 20}}
+        with httpx.stream("POST", stack.url + "/api/generate", json=body, headers=stack.headers(key)) as first:
+            lines = first.iter_lines()  # kept: a dropped iterator closes the response
+            assert next(lines)  # streaming: it holds the key's one place
+            second = httpx.post(stack.url + "/api/generate", json=body, headers=stack.headers(key), timeout=10)
+            assert second.status_code == 429 and "1 requests running or waiting (max_concurrent)" in second.text
+            other = httpx.post(
+                stack.url + "/api/generate", json={**body, "stream": False}, headers=stack.headers(), timeout=10
+            )
+            assert other.status_code == 200  # another key is not held back
+            assert '"done":true' in list(lines)[-1]
+
+
 def test_a_spent_token_budget_is_429_until_midnight_and_not_retried(tmp_path: Path) -> None:
     with running_stack(tmp_path, [SimHost("gpu")]) as stack:
         key_id, key = limited(stack, tokens_per_day=5)

@@ -130,3 +130,30 @@ def test_check_config_reports_a_bad_file(tmp_path: Path, capsys: pytest.CaptureF
     (tmp_path / "config.toml").write_text("[scheduler]\nmax_queue = 'lots'\n")
     code, _, err = cli(capsys, "check-config", "--config", str(tmp_path / "config.toml"))
     assert code == 2 and "scheduler.max_queue: wrong type" in err
+
+
+def test_limits_are_set_at_generation_changed_cleared_and_listed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("")
+    code, out, _ = cli(
+        capsys, "generate-key", "--config", str(config), "--name", "Ada", "--email", "a@x.org",
+        "--dollars-per-day", "5", "--requests-per-minute", "30", "--models", "llama3*,qwen2.5:*",
+    )  # fmt: skip
+    assert code == 0 and "Limits: $5.00/day; 30/min; models llama3*,qwen2.5:*" in out
+    key_id = json.loads((tmp_path / "api_keys.json").read_text())["keys"][0]["id"]
+    code, out, _ = cli(capsys, "set-limits", "--config", str(config), key_id, "--tokens-per-day", "1000",
+                       "--clear", "models", "--clear", "requests-per-minute")  # fmt: skip
+    assert code == 0 and out.strip().endswith("1,000 tokens/day; $5.00/day")
+    stored = json.loads((tmp_path / "api_keys.json").read_text())["keys"][0]["limits"]
+    assert stored == {"tokens_per_day": 1000, "dollars_per_day": 5.0}
+    assert stat.S_IMODE((tmp_path / "api_keys.json").stat().st_mode) == 0o600
+    code, out, _ = cli(capsys, "list-keys", "--config", str(config))
+    assert code == 0 and "1,000 tokens/day (used 0); $5.00/day (used $0.00)" in out and "0 tokens, $0.00" in out
+    code, _, err = cli(capsys, "set-limits", "--config", str(config), key_id, "--dollars-per-day", "-1")
+    assert code == 2 and "dollars_per_day" in err and "> 0" in err
+    code, _, err = cli(capsys, "set-limits", "--config", str(config), key_id)
+    assert code == 2 and "nothing to change" in err
+    code, _, err = cli(capsys, "set-limits", "--config", str(config), "nobody", "--max-concurrent", "2")
+    assert code == 2 and "no key with id or prefix 'nobody'" in err
