@@ -89,6 +89,54 @@ def test_choose(hosts: tuple[HostView, ...], extra: dict[str, object], expected:
     assert choose(snapshot, ASK) == expected
 
 
+WAIT = Wait("every host with the model is busy or waking")
+EW = {"scale_up": "expected_wait"}
+BUSY, WAKING_C = host("a", leases=2), host("c", S.STARTING)
+
+
+def cold(name: str, seconds: float) -> HostView:
+    """A paused host whose wake takes `seconds`."""
+    return HostView(name, S.PAUSED, True, False, 0, 2, 1.0, False, True, None, 0.0, cold_start=seconds)
+
+
+@pytest.mark.parametrize(
+    ("hosts", "extra", "expected"),
+    [
+        # One busy host of 2 slots, answers of 60 s: the wait is (ahead + 1) x 60 / 2 = 30 s per place.
+        # A cold start of 120 s pays once 4 wait ahead (150 s > 120 s); 3 ahead (120 s) is not enough.
+        ((host("a", leases=2), cold("b", 120)), {**EW, "service_seconds": 60.0, "queued": 3}, WAIT),
+        ((host("a", leases=2), cold("b", 120)), {**EW, "service_seconds": 60.0, "queued": 4}, Wake("b")),
+        # Short answers: 8 queued (the queue_depth rule would wake) wait only 9 x 2 / 2 = 9 s.
+        ((host("a", leases=2), cold("b", 30)), {**EW, "service_seconds": 2.0, "queued": 8}, WAIT),
+        ((host("a", leases=2), cold("b", 30)), {"service_seconds": 2.0, "queued": 8}, Wake("b")),  # queue_depth
+        # A fast-waking host pays even for a short wait: the first request beyond the slots.
+        ((host("a", leases=2), cold("b", 10)), {**EW, "service_seconds": 30.0, "queued": 0}, Wake("b")),
+        # A host already waking adds its slots: 5 ahead wait 6 x 60 / 4 = 90 s, not over 120 s.
+        (
+            (host("a", leases=2), host("c", S.STARTING), cold("b", 120)),
+            {**EW, "service_seconds": 60.0, "queued": 5},
+            WAIT,
+        ),
+        (
+            (host("a", leases=2), host("c", S.STARTING), cold("b", 120)),
+            {**EW, "service_seconds": 60.0, "queued": 8},
+            Wake("b"),
+        ),
+        # No answer of the model measured yet: the queue_depth rule decides.
+        ((host("a", leases=2), cold("b", 1)), {**EW, "queued": 7}, WAIT),
+        ((host("a", leases=2), cold("b", 1)), {**EW, "queued": 8}, Wake("b")),
+        # The budget forbids it (no_wake) or emergency-off: never.
+        ((host("a", leases=2), cold("b", 1)), {**EW, "service_seconds": 600.0, "queued": 9, "emergency": True}, WAIT),
+    ],
+)
+def test_expected_wait_wakes_only_when_the_wait_is_longer_than_the_cold_start(
+    hosts: tuple[HostView, ...], extra: dict[str, object], expected: object
+) -> None:
+    assert choose(Snapshot(hosts, now=10.0, **extra), ASK) == expected  # type: ignore[arg-type]
+    budget_spent = Ask("m", "k1", no_wake="this key's budget cannot pay a cold start")
+    assert choose(Snapshot(hosts, now=10.0, **extra), budget_spent) == WAIT  # type: ignore[arg-type]
+
+
 def test_choose_prefers_the_same_num_ctx_only_when_asked() -> None:
     hosts = (host("a", loaded=True, ctx_match=False), host("b", loaded=True, cost=0.5))
     assert choose(Snapshot(hosts, now=0), Ask("m", "k", num_ctx=8192)) == Use("b")

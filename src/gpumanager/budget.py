@@ -17,7 +17,6 @@ admin's override lifts the cap until the period ends.
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections import deque
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from loguru import logger
 from gpumanager.config import Config
 from gpumanager.errors import BudgetSpent, FleetBudgetSpent, Forbidden, TooManyRequests
 from gpumanager.fleet import Fleet
-from gpumanager.hosts import AWAKE, WAKEABLE, Host
+from gpumanager.hosts import AWAKE, WAKEABLE
 from gpumanager.keys import NO_LIMITS, Identity, Limits
 from gpumanager.ledger import reader
 from gpumanager.ledger.rows import MICRO
@@ -42,7 +41,6 @@ from gpumanager.models import model_names
 from gpumanager.recorder import IntervalRecord, RequestRecord
 
 WINDOW = 60.0  # requests_per_minute counts the admissions of the last this many seconds
-WAKES_KEPT = 20  # a host's cold-start estimate is the median of its last this many wakes
 CHECK_SECONDS = 1.0  # the fleet's spend is checked against its caps this often
 
 
@@ -116,7 +114,6 @@ class Budget:
         self.wall, self.clock = wall, clock
         self.calendar = Calendar(config.budget.zone())
         self._spend: dict[str, _Spend] = {}
-        self._wakes: dict[str, deque[float]] = {}
         now = wall()
         self._day, self._month = self.calendar.day(now), self.calendar.month(now)
         # The fleet's spend before this process (from the ledger), and each host's billed seconds
@@ -156,11 +153,13 @@ class Budget:
     # -- seeding -----------------------------------------------------------------------------------
 
     def seed(self, database: Path) -> None:
-        """Start from what the ledger says of the current day and month (nothing if there is none yet)."""
+        """Start from what the ledger says of the current day and month (nothing if there is none
+        yet), and the fleet's pace from its recent service and wake times."""
         now = self.wall()
         self._roll(now)
         static = {h.name for h in self.config.hosts if h.url}
         try:
+            self.fleet.pace.seed(*reader.recent_timings(database))
             for period, by_month in ((self._day, False), (self._month, True)):
                 keys = reader.usage(database, period.start, now, "key")
                 for group in keys.groups:
@@ -256,22 +255,15 @@ class Budget:
         if not asleep:
             return ""
         window = self.config.timing.fallback_reservation_minutes * 60
-        cost, host = min(((self.cold_start_seconds(h) + window) * h.cost_per_hour / 3600, h.name) for h in asleep)
+        cost, host = min(((self.fleet.cold_start(h) + window) * h.cost_per_hour / 3600, h.name) for h in asleep)
         if left >= cost:
             return ""
         chosen = self.fleet.hosts[host]
         return (
             f"this key has ${left:,.2f} of its GPU budget left, less than waking {host} would cost (about "
-            f"${cost:,.2f}: {self.cold_start_seconds(chosen):.0f}s to wake and {window / 60:g} min kept for you); "
+            f"${cost:,.2f}: {self.fleet.cold_start(chosen):.0f}s to wake and {window / 60:g} min kept for you); "
             "it may use hosts that are awake, but not wake one"
         )
-
-    def cold_start_seconds(self, host: Host) -> float:
-        """The median of the host's last wakes; before any, a quarter of its `startup_timeout_seconds`."""
-        wakes = self._wakes.get(host.name)
-        if wakes:
-            return statistics.median(wakes)
-        return self.config.host_timing(host.provider).startup_timeout_seconds / 4
 
     # -- the Recorder ------------------------------------------------------------------------------
 
@@ -293,8 +285,7 @@ class Budget:
         spend.micro_month += record.added_micro
 
     def wake(self, host: str, outcome: str, seconds: float) -> None:
-        if outcome == "ready":
-            self._wakes.setdefault(host, deque(maxlen=WAKES_KEPT)).append(seconds)
+        pass
 
     def wake_phase(self, host: str, phase: str, seconds: float) -> None:
         pass

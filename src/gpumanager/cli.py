@@ -33,6 +33,7 @@ COMMANDS = (
     "check-config",
     "hosts",
     "usage",
+    "simulate",
 )
 PROBE_SECONDS = 2.0  # check-config's wait for a static host's /api/tags
 
@@ -222,7 +223,58 @@ examples:
         help="table (default); csv: dollars to the micro-dollar, savings after a blank line; "
         "json: money in integer micro-dollars, times in Unix seconds",
     )
+    sim = sub.add_parser(
+        "simulate",
+        help="replay past traffic against other reservation windows and scale-up rules: cost and cold starts",
+        description="""Replay the ledger's requests of a period (their arrival, model and time holding a slot) against
+the hosts that served them (their cost_per_hour from the config, their measured cold starts) on a
+virtual clock, through the server's own scheduling and idle rules, once for each reservation window
+and scale-up rule. For each it prints billed GPU-hours and dollars and the cold starts requests
+waited through, against every host always on and against the oracle (a policy that knows the
+future: each idle gap billed min(gap, cold start)). With --trace, a CSV of time,model,duration_s
+is replayed instead, on the hosts the config names (or --hosts N identical ones).""",
+        epilog="""examples:
+  gpumanager simulate                                        last week, windows 3/10/20 min, both rules
+  gpumanager simulate --since 30d --reservation-minutes 1,5,15,60
+  gpumanager simulate --trace bench/traces/workday.csv --hosts 2 --price 2.5 --cold-start 90""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _config_arg(sim)
+    sim.add_argument("--since", metavar="TIME", type=_when, default="7d", help="start of the period (default 7d)")
+    sim.add_argument("--until", metavar="TIME", type=_when, default="now", help="end of the period (default now)")
+    sim.add_argument(
+        "--reservation-minutes", metavar="LIST", type=_numbers, default=[3.0, 10.0, 20.0], help="default 3,10,20"
+    )
+    sim.add_argument(
+        "--scale-up", metavar="LIST", type=_rules, default=["expected_wait", "queue_depth"], help="default both"
+    )
+    sim.add_argument("--trace", metavar="FILE", help="replay this CSV (time,model,duration_s) instead of the ledger")
+    sim.add_argument("--hosts", type=int, metavar="N", help="replay on N identical hosts (not the config's)")
+    sim.add_argument("--slots", type=int, metavar="N", help="slots of each of those hosts ([scheduler] default_slots)")
+    sim.add_argument("--price", type=float, metavar="X", default=1.0, help="their dollars an hour (default 1.00)")
+    sim.add_argument(
+        "--cold-start", type=float, metavar="S", help="their seconds to wake (startup_timeout_seconds / 4)"
+    )
+    sim.add_argument("--format", choices=["table", "json"], default="table")
     return parser
+
+
+def _numbers(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected minutes (0 or more) separated by commas, got {text!r}")
+    return values
+
+
+def _rules(text: str) -> list[str]:
+    rules = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [r for r in rules if r not in ("expected_wait", "queue_depth")]
+    if not rules or unknown:
+        raise argparse.ArgumentTypeError(f"scale-up rules are expected_wait and queue_depth, got {text!r}")
+    return rules
 
 
 def _limit_args(parser: argparse.ArgumentParser) -> None:
@@ -619,6 +671,37 @@ def _usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from gpumanager import simulate
+    from gpumanager.ledger.schema import database_path
+
+    config, _ = load_config(args, required=False)
+    if args.trace:
+        requests = simulate.read_trace(args.trace)
+        hosts = [] if args.hosts else simulate.config_hosts(config)
+    else:
+        if args.since >= args.until:
+            raise GpuManagerError("--since must be before --until")
+        path = database_path(config)
+        requests = simulate.ledger_requests(path, args.since, args.until)
+        if not requests:
+            raise GpuManagerError("no answered requests in the ledger for that period (try --since 30d, or --trace)")
+        hosts = [] if args.hosts else simulate.ledger_hosts(config, path, args.since, args.until)
+    if not hosts:
+        count = args.hosts or 1
+        cold = args.cold_start if args.cold_start is not None else config.timing.startup_timeout_seconds / 4
+        slots = args.slots or config.scheduler.default_slots
+        hosts = [
+            simulate.HostSpec(name=f"gpu-{i + 1}", slots=slots, price=args.price, cold_start=cold) for i in range(count)
+        ]
+    chosen = simulate.settings(args.reservation_minutes, args.scale_up, config)
+    report = simulate.simulate(requests, hosts, chosen)
+    print(msgspec.json.encode(report).decode() if args.format == "json" else simulate.table(report))
+    return 0
+
+
 def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -636,6 +719,7 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check-config": _check_config,
     "hosts": _hosts,
     "usage": _usage,
+    "simulate": _simulate,
 }
 
 if __name__ == "__main__":

@@ -98,6 +98,9 @@ class SchedulerConfig(_Section, frozen=True):
     max_per_key: Count = 0
     scale_up_queue_depth: Count = 8
     max_awake_hosts: Count = 0
+    # When every awake host with the model is busy, wake another: "expected_wait" when the wait for
+    # a slot would be longer than the host's cold start; "queue_depth" past scale_up_queue_depth.
+    scale_up: Literal["expected_wait", "queue_depth"] = "expected_wait"
 
 
 class HostConfig(_Section, frozen=True):

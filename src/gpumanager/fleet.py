@@ -34,8 +34,9 @@ from gpumanager.errors import (
 )
 from gpumanager.hosts import AWAKE, WAKING, Host, HostState
 from gpumanager.models import model_names
+from gpumanager.pace import Pace
 from gpumanager.recorder import Recorder
-from gpumanager.scheduler import Ask, FairQueue, HostView, Reject, Snapshot, Use, Waiter, Wake, choose
+from gpumanager.scheduler import Ask, FairQueue, HostView, Reject, Snapshot, Use, Waiter, Wake, choose, reserve
 
 
 class Waker(Protocol):
@@ -109,6 +110,8 @@ class Fleet:
         self._held: Counter[str] = Counter()
         self._leases: dict[Host, set[Lease]] = {}
         self.billing = Billing(self.leases_of, recorder=recorder, clock=clock)
+        self.pace = Pace()  # recent service and wake times, for cost-aware scale-up
+        self._startup: dict[str, float] = {}  # provider -> its startup_timeout_seconds
         self.emergency = False
         self.capped: FleetBudgetSpent | None = None  # the fleet's spend cap is reached (budget.py)
         self._changed: anyio.Event | None = None
@@ -285,8 +288,7 @@ class Fleet:
 
     def touch(self, host: Host, key: str | None) -> None:
         """A request ended on `host`: its idle deadline moves to now + reservation, reserved for `key`."""
-        until = self.clock() + self.config.timing.reservation_minutes * 60
-        host.idle_deadline = max(host.idle_deadline, until)
+        host.idle_deadline = reserve(host.idle_deadline, self.clock(), self.config.timing.reservation_minutes * 60)
         if key is not None:
             host.reserved_key = key
 
@@ -340,7 +342,7 @@ class Fleet:
         now = self.clock()
         names = model_names(ask.model)
         spare = self.config.budget.spare_protected
-        views = tuple(_view(h, names, ask.num_ctx, spare) for h in self.candidates(ask.model))
+        views = tuple(_view(h, names, ask.num_ctx, spare, self.cold_start(h)) for h in self.candidates(ask.model))
         sched = self.config.scheduler
         awake = (
             sum(1 for h in self.hosts.values() if h.state in AWAKE and not h.always_on) if sched.max_awake_hosts else 0
@@ -352,9 +354,22 @@ class Fleet:
             awake=awake,
             max_awake=sched.max_awake_hosts,
             scale_up_depth=sched.scale_up_queue_depth,
+            scale_up=sched.scale_up,
+            service_seconds=self.pace.service_seconds(ask.model) if sched.scale_up == "expected_wait" else None,
             emergency=self.emergency,
             capped=self.capped.message if self.capped is not None else "",
         )
+
+    def cold_start(self, host: Host) -> float:
+        """How long a wake of `host` takes: the median of its recent wakes; before any, a quarter of
+        its `startup_timeout_seconds`."""
+        measured = self.pace.cold_start_seconds(host.name)
+        if measured is not None:
+            return measured
+        startup = self._startup.get(host.provider)
+        if startup is None:
+            startup = self._startup[host.provider] = self.config.host_timing(host.provider).startup_timeout_seconds
+        return startup / 4
 
     def protect(self, host: Host, protected: bool) -> None:
         """A protected host is never paused for idleness (an admin's choice)."""
@@ -363,7 +378,7 @@ class Fleet:
         self.notify()
 
 
-def _view(host: Host, names: Iterable[str], num_ctx: int | None, spare_protected: bool) -> HostView:
+def _view(host: Host, names: Iterable[str], num_ctx: int | None, spare_protected: bool, cold_start: float) -> HostView:
     ctx: Any = None
     loaded = False
     for name in names:
@@ -384,6 +399,7 @@ def _view(host: Host, names: Iterable[str], num_ctx: int | None, spare_protected
         host.idle_deadline,
         host.always_on,
         host.always_on or (host.protected and spare_protected),
+        cold_start,
     )
 
 

@@ -30,6 +30,7 @@ from gpumanager.hosts import Host, HostEvent, HostState, Wake
 from gpumanager.inventory import Inventory, Probe
 from gpumanager.providers.base import Polling, Provider, ReadinessProbe
 from gpumanager.recorder import NoopRecorder, Recorder
+from gpumanager.scheduler import pause_at, reserve
 from gpumanager.tasks import forever, guarded
 
 EV, ST = HostEvent, HostState
@@ -163,7 +164,7 @@ class Lifecycle:
             self.recorder.wake_phase(host.name, "boot", answered - running)
             self.recorder.wake_phase(host.name, "model", now - answered)
             host.ready_since, host.healthy, host.last_error = now, True, ""
-            host.idle_deadline = max(host.idle_deadline, now + self.timing.fallback_reservation_minutes * 60)
+            host.idle_deadline = reserve(host.idle_deadline, now, self.timing.fallback_reservation_minutes * 60)
             log.info(
                 "{} is ready after {:.1f}s (cloud {:.1f}s, Ollama {:.1f}s, model {:.1f}s)",
                 host.name,
@@ -436,21 +437,23 @@ class Lifecycle:
                     elif host.pausing is None:
                         host.apply(EV.COOLDOWN_OVER)
                         self.fleet.dispatch()
-                elif self._idle(host):
-                    if now >= host.idle_deadline:
-                        self.request_pause(host, f"idle {now - host.idle_deadline + self._window(host):.1f}s")
-                    else:
-                        due = min(due, host.idle_deadline)
+                else:
+                    at = self._pause_at(host)
+                    if at is not None and now >= at:
+                        self.request_pause(host, f"idle {now - at + self._window(host):.1f}s")
+                    elif at is not None:
+                        due = min(due, at)
             with anyio.move_on_after(due - now):
                 await changed.wait()
 
-    def _idle(self, host: Host) -> bool:
-        return (
-            host.state is ST.READY
-            and not host.always_on
-            and not host.protected
-            and host.pausing is None
-            and not self.fleet.leases_of(host)
+    def _pause_at(self, host: Host) -> float | None:
+        return pause_at(
+            host.state,
+            always_on=host.always_on,
+            protected=host.protected,
+            pausing=host.pausing is not None,
+            leases=len(self.fleet.leases_of(host)),
+            deadline=host.idle_deadline,
         )
 
     def _window(self, host: Host) -> float:

@@ -54,7 +54,8 @@ class Runtime:
         self.ledger = LedgerWriter(database_path(config), retention_days=config.usage.retention_days)
         self.metrics = Metrics(self.fleet, ledger=self.ledger)
         self.budget = Budget(config, self.fleet)
-        self.recorder = Recorders(self.metrics, LedgerRecorder(self.ledger), self.budget)  # the core's Recorder
+        # The core's Recorder: Prometheus, the ledger, the budgets' counters and the fleet's pace.
+        self.recorder = Recorders(self.metrics, LedgerRecorder(self.ledger), self.budget, self.fleet.pace)
         self.fleet.billing.recorder = self.recorder  # the metrics read the fleet: it is built first
         self.ledger.before_flush = self.fleet.billing.checkpoint  # open intervals, every flush
         self.lifecycle = Lifecycle(config, self.fleet, self.providers, self.inventory, self.recorder)
@@ -106,7 +107,7 @@ class Runtime:
         loops, then say ready; everything runs until cancelled."""
         async with self.upstream, anyio.create_task_group() as tg:
             await tg.start(self.ledger.run)  # cancelled last of all: its final flush is shielded
-            await anyio.to_thread.run_sync(self.budget.seed, self.ledger.path)  # today's and this month's use
+            await anyio.to_thread.run_sync(self.budget.seed, self.ledger.path)  # today's use, recent timings
             for provider in self.providers.values():
                 if isinstance(provider, Service):
                     await tg.start(provider.run)

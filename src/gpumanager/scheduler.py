@@ -5,8 +5,11 @@
 1. `ready` hosts with a free slot: the host this key is reserved on, then the model already loaded
    (with the same `num_ctx` when the request names one), then the lowest `leases/slots`, then the
    lowest `cost_per_hour`. A host reserved for another key is taken only when no other has a slot.
-2. A candidate is waking, or every awake candidate is full: `Wait` (and, when the model's queue is
-   deeper than `scale_up_queue_depth` and a paused candidate exists, `Wake` that one too).
+2. A candidate is waking, or every awake candidate is full: `Wait`, and `Wake` the cheapest paused
+   candidate too when scaling up pays (`scale_up`): with "expected_wait", when the expected wait for
+   a slot ((requests queued ahead + 1) x the model's mean service time / the awake slots) is longer
+   than that host's cold start; with "queue_depth", or before the model has a measured service
+   time, when the model's queue is at least `scale_up_queue_depth` deep.
 3. Otherwise wake the cheapest paused candidate, unless `max_awake_hosts` are awake (wait),
    emergency-off is on (503), or the key's budget cannot pay for a cold start (`Ask.no_wake`: 429).
 4. No host has the model: 404.
@@ -41,6 +44,7 @@ class HostView(msgspec.Struct, frozen=True):
     reserved_until: float
     always_on: bool = False
     spared: bool = False  # serves past the fleet's spend cap (static, or protected and spared)
+    cold_start: float = 0.0  # seconds its wake takes (recent median, or an estimate)
 
 
 class Snapshot(msgspec.Struct, frozen=True):
@@ -50,6 +54,8 @@ class Snapshot(msgspec.Struct, frozen=True):
     awake: int = 0  # hosts awake in the whole fleet
     max_awake: int = 0  # 0 = no limit
     scale_up_depth: int = 8
+    scale_up: str = "queue_depth"  # or "expected_wait"
+    service_seconds: float | None = None  # the model's recent mean service time (None: none measured)
     emergency: bool = False
     capped: str = ""  # the fleet's spend cap is reached: why, for the 503
 
@@ -103,7 +109,7 @@ def choose(snapshot: Snapshot, ask: Ask) -> Decision:
     )
     may_wake = not snapshot.emergency and (snapshot.max_awake == 0 or snapshot.awake < snapshot.max_awake)
     if ready or any(h.state in WAKING for h in candidates):
-        if asleep and may_wake and not ask.no_wake and snapshot.queued >= snapshot.scale_up_depth:
+        if asleep and may_wake and not ask.no_wake and scale_up_pays(snapshot, candidates, asleep[0]):
             return Wake(asleep[0].name)
         return Wait("every host with the model is busy or waking")
     if asleep:
@@ -115,6 +121,42 @@ def choose(snapshot: Snapshot, ask: Ask) -> Decision:
             return Wait(f"{snapshot.max_awake} hosts are awake (max_awake_hosts); waiting for one to pause")
         return Wake(asleep[0].name)
     return Reject(503, f"no host with model '{ask.model}' is answering now")
+
+
+def expected_wait(snapshot: Snapshot, candidates: list[HostView]) -> float | None:
+    """Seconds until a slot is likely free for one more request of the model: (the requests queued
+    ahead + this one) x the model's mean service time / the slots of its awake (or waking) hosts."""
+    if snapshot.service_seconds is None:
+        return None
+    slots = sum(h.slots for h in candidates if (h.state is HostState.READY and not h.draining) or h.state in WAKING)
+    return (snapshot.queued + 1) * snapshot.service_seconds / max(1, slots)
+
+
+def scale_up_pays(snapshot: Snapshot, candidates: list[HostView], asleep: HostView) -> bool:
+    """Whether to wake `asleep` while the model's awake hosts are busy (or waking)."""
+    if snapshot.scale_up == "expected_wait":
+        wait = expected_wait(snapshot, candidates)
+        if wait is not None:
+            return wait > asleep.cold_start
+    return snapshot.queued >= snapshot.scale_up_depth
+
+
+# -- the idle rules (the lifecycle's idle loop, and `gpumanager simulate`) ---------------------------
+
+
+def reserve(deadline: float, now: float, window_seconds: float) -> float:
+    """A host's idle deadline after a request ended on it (or a wake made it ready) at `now`."""
+    return max(deadline, now + window_seconds)
+
+
+def pause_at(
+    state: HostState, *, always_on: bool, protected: bool, pausing: bool, leases: int, deadline: float
+) -> float | None:
+    """When a host is to be paused for idleness: at its deadline, if it is ready, idle, neither
+    static nor protected, and not pausing already; else never (None)."""
+    if state is not HostState.READY or always_on or protected or pausing or leases:
+        return None
+    return deadline
 
 
 def _preference(h: HostView, ask: Ask, now: float) -> tuple[int, int, float, float, str]:

@@ -21,6 +21,7 @@ import msgspec
 
 from gpumanager.ledger.rows import MICRO
 from gpumanager.ledger.schema import SCHEMA_VERSION, LedgerError, version
+from gpumanager.models import model_names
 
 By = Literal["key", "model", "host", "day", "hour"]
 BY: tuple[str, ...] = get_args(By)
@@ -362,3 +363,72 @@ def _savings(prices: Mapping[str, float], billed: Mapping[str, float], seconds: 
             )
         )
     return rows
+
+
+def recent_timings(
+    db_path: str | Path, *, per_model: int = 50, per_host: int = 20
+) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    """The newest service times by model (a successful request's duration less its wait) and wake
+    times by host (its `wake` intervals: resume asked to ready), oldest first, at most `per_model`
+    and `per_host` of each: what the scheduler's cost-aware scale-up starts from."""
+    conn = connect(db_path)
+    try:
+        services = conn.execute(
+            "SELECT model, max(0, duration_ms - wait_ms) / 1000.0 FROM requests "
+            "WHERE status = 200 AND host != '' ORDER BY ts DESC LIMIT 20000"
+        ).fetchall()
+        wakes = conn.execute(
+            "SELECT host, gpu_seconds FROM intervals WHERE reason = 'wake' ORDER BY \"start\" DESC LIMIT 5000"
+        ).fetchall()
+    except sqlite3.Error as exc:
+        raise LedgerError(f"{db_path}: cannot read the usage ledger: {exc}") from None
+    finally:
+        conn.close()
+    return _newest(services, per_model), _newest(wakes, per_host)
+
+
+def _newest(rows: list[tuple[str, float]], keep: int) -> list[tuple[str, float]]:
+    """Of rows newest first, the `keep` newest of each name, oldest first."""
+    counts: dict[str, int] = {}
+    kept = []
+    for name, seconds in rows:
+        if counts.get(name, 0) < keep:
+            counts[name] = counts.get(name, 0) + 1
+            kept.append((str(name), float(seconds)))
+    return kept[::-1]
+
+
+def served(db_path: str | Path, since: float, until: float) -> list[tuple[float, str, float, str]]:
+    """The answered requests that finished in [since, until): (arrival, model, seconds holding a
+    slot, key id), by arrival. Arrival is the finish less the whole duration; the slot was held
+    for the duration less the wait."""
+    conn = connect(db_path)
+    try:
+        rows = conn.execute(
+            "SELECT ts - duration_ms / 1000.0, model, max(0, duration_ms - wait_ms) / 1000.0, key_id FROM requests "
+            "WHERE ts >= ? AND ts < ? AND status = 200 AND host != '' ORDER BY 1",
+            (since, until),
+        ).fetchall()
+    except sqlite3.Error as exc:
+        raise LedgerError(f"{db_path}: cannot read the usage ledger: {exc}") from None
+    finally:
+        conn.close()
+    return [(float(a), str(m), float(d), str(k)) for a, m, d, k in rows]
+
+
+def models_by_host(db_path: str | Path, since: float, until: float) -> dict[str, set[str]]:
+    """The models each host answered in [since, until)."""
+    conn = connect(db_path)
+    try:
+        rows = conn.execute(
+            "SELECT DISTINCT host, model FROM requests WHERE ts >= ? AND ts < ? AND status = 200 AND host != ''",
+            (since, until),
+        ).fetchall()
+    except sqlite3.Error as exc:
+        raise LedgerError(f"{db_path}: cannot read the usage ledger: {exc}") from None
+    finally:
+        conn.close()
+    found: dict[str, set[str]] = {}
+    for host, model in rows:
+        found.setdefault(str(host), set()).update(model_names(str(model)))
+    return found
