@@ -190,7 +190,7 @@ class Node:
         """Signal the entrypoint; return its exit status and how long it took to exit."""
         start = time.monotonic()
         self.proc.send_signal(signum)
-        status = self.proc.wait(timeout=5)
+        status = self.proc.wait(timeout=10)
         took = time.monotonic() - start
         self.assert_nothing_left()
         return status, took
@@ -259,7 +259,7 @@ def test_entrypoint_waits_then_pulls_each_model_and_survives_a_failed_pull(run_n
         STANDIN_LIST_FAILS="2",
         STANDIN_PULL_FAIL="qwen2.5:7b",
     )
-    wait_until(lambda: "all models pulled" in node.stderr() or "not pulled" in node.stderr(), 5, "the pulls to end")
+    wait_until(lambda: "all models pulled" in node.stderr() or "not pulled" in node.stderr(), 20, "the pulls to end")
 
     # Trimmed, empties skipped, in order, and past the failing one.
     assert node.pulls() == ["llama3.2", "qwen2.5:7b", "nomic-embed-text"]
@@ -277,7 +277,7 @@ def test_entrypoint_waits_then_pulls_each_model_and_survives_a_failed_pull(run_n
 
     # SIGTERM (docker stop) reaches the server, and the entrypoint exits promptly with it.
     status, took = node.stop(signal.SIGTERM)
-    assert took < 2, f"the entrypoint took {took:.2f} s to exit after SIGTERM"
+    assert took < 5, f"the entrypoint took {took:.2f} s to exit after SIGTERM"
     assert "serve stopped by TERM" in node.calls()
     assert status == 0  # the server's own status (the stand-in exits 0 on SIGTERM)
     wait_until(lambda: process_gone(serve_pid), 2, "the stand-in server to exit")
@@ -293,7 +293,7 @@ def test_a_signal_during_a_pull_stops_the_pull_and_the_server(run_node: Callable
 
     status, took = node.stop(signum)
 
-    assert took < 2, f"the entrypoint took {took:.2f} s to exit after {signum!r}"
+    assert took < 5, f"the entrypoint took {took:.2f} s to exit after {signum!r}"
     calls = node.calls()
     assert "serve stopped by TERM" in calls  # SIGINT is passed on as SIGTERM
     wait_until(lambda: "pull huge-model stopped by TERM" in node.calls(), 2, "the hanging pull to be stopped")
@@ -315,7 +315,7 @@ def test_when_ollama_never_answers_nothing_is_pulled_and_the_server_keeps_runnin
     assert not process_gone(node.serve_pid())
 
     status, took = node.stop()
-    assert took < 2
+    assert took < 5
     assert status == 0
 
 
@@ -334,7 +334,7 @@ def test_no_models_to_pull(run_node: Callable[..., Node]) -> None:
     wait_until(lambda: "all models pulled" in node.stderr(), 5, "the (empty) pulls")
     assert node.pulls() == []
     status, took = node.stop()
-    assert (status, took < 2) == (0, True)
+    assert (status, took < 5) == (0, True)
 
 
 # --------------------------------------------------------------------------------------------

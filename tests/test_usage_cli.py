@@ -95,9 +95,9 @@ def test_table_by_key_shows_names_totals_unknown_counts_and_savings(
     ]  # fmt: skip
     assert "NO COUNTS: requests whose host sent no token counts" in out
     assert "savings against always-on for these 48 h:" in out
-    assert [c.strip() for c in cells(out, "h1")] == ["h1", "$1.00", "$48.00", "$0.31", "$47.69"]
-    assert [c.strip() for c in cells(out, "h2")] == ["h2", "$0.50", "$24.00", "$0.72", "$23.28"]
-    assert [c.strip() for c in cells(out, "h3")] == ["h3", "$2.00", "$96.00", "$0.00", "$96.00"]
+    assert [c.strip() for c in cells(out, "h1")] == ["h1", "$1.00", "$48.00", "$0.31", "$47.69", "$0.25", "$0.06"]
+    assert [c.strip() for c in cells(out, "h2")] == ["h2", "$0.50", "$24.00", "$0.72", "$23.28", "-", "-"]
+    assert [c.strip() for c in cells(out, "h3")] == ["h3", "$2.00", "$96.00", "$0.00", "$96.00", "-", "-"]
     assert "no savings line" not in out
 
 
@@ -135,10 +135,11 @@ def test_every_by_in_every_format(site: Path, capsys: pytest.CaptureFixture[str]
     assert rows[-1]["cost"] == "1.030000" and rows[-1]["requests_without_counts"] == "3"
     assert rows[-1]["cost_protected"] == "0.360000" and rows[-1]["prompt_tokens"] == "60"
     assert list(csv.reader(io.StringIO(savings))) == [
-        ["host", "price_per_hour", "always_on", "billed", "saved"],
-        ["h1", "1", "48.000000", "0.310000", "47.690000"],
-        ["h2", "0.5", "24.000000", "0.720000", "23.280000"],
-        ["h3", "2", "96.000000", "0.000000", "96.000000"],
+        ["host", "price_per_hour", "always_on", "billed", "saved", "oracle"],
+        # h1's oracle: a 300 s cold start (its one wake), 3 s of answers, two gaps billed 300 s each
+        ["h1", "1", "48.000000", "0.310000", "47.690000", "0.250002"],
+        ["h2", "0.5", "24.000000", "0.720000", "23.280000", ""],  # never woken: no cold start to price
+        ["h3", "2", "96.000000", "0.000000", "96.000000", ""],
     ]
 
 
@@ -171,7 +172,7 @@ def test_hosts_without_a_price_get_no_savings_line(tmp_path: Path, capsys: pytes
     code, out, _ = usage(capsys, config, *PERIOD, "--by", "host")
     assert code == 0 and "no savings line for h2: no cost_per_hour for them in the config" in out
     savings = out.split("savings against always-on")[1]
-    assert [c.strip() for c in cells(savings, "h1")] == ["h1", "$1.00", "$48.00", "$0.31", "$47.69"]
+    assert [c.strip() for c in cells(savings, "h1")] == ["h1", "$1.00", "$48.00", "$0.31", "$47.69", "$0.25", "$0.06"]
     assert "TOTAL" not in savings  # one host: no total line
 
 

@@ -326,7 +326,7 @@ def replay(requests: Sequence[Request], hosts: Sequence[HostSpec], setting: Sett
     billed = sum(h.billed for h in run.hosts.values())
     dollars = sum(h.billed * h.spec.price / 3600 for h in run.hosts.values())
     oracle = {
-        h.spec.name: h.billed if h.spec.always_on else _oracle_seconds(h.busy, h.spec.cold_start)
+        h.spec.name: h.billed if h.spec.always_on else reader.oracle_seconds(h.busy, h.spec.cold_start)
         for h in run.hosts.values()
     }
     waits = sorted(run.waits)
@@ -352,24 +352,6 @@ def always_on(requests: Sequence[Request], hosts: Sequence[HostSpec]) -> Outcome
         return Outcome(None, "always on", 0.0, 0.0)
     span = max(r.arrival + r.duration for r in requests) - min(r.arrival for r in requests)
     return Outcome(None, "always on", span * len(hosts) / 3600, sum(span * h.price / 3600 for h in hosts))
-
-
-def _oracle_seconds(busy: list[tuple[float, float]], cold_start: float) -> float:
-    """Billed seconds of a host that knows the future: busy time, each gap min(gap, cold start),
-    and one cold start before its first use."""
-    if not busy:
-        return 0.0
-    total, run_start, run_end = cold_start, None, None
-    for start, end in sorted(busy):
-        if run_end is None or run_start is None:
-            run_start, run_end = start, end
-        elif start <= run_end:
-            run_end = max(run_end, end)
-        else:
-            total += (run_end - run_start) + min(start - run_end, cold_start)
-            run_start, run_end = start, end
-    assert run_start is not None and run_end is not None
-    return total + (run_end - run_start)
 
 
 def _quantile(values: list[float], q: float) -> float:

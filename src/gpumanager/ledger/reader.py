@@ -10,7 +10,8 @@ hours are UTC. Money is integer micro-dollars, rounded once per sum.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator, Mapping
+import statistics
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Literal, get_args
@@ -71,6 +72,9 @@ class HostSavings(msgspec.Struct, frozen=True, kw_only=True):
     always_on_micro: int
     billed_micro: int
     saved_micro: int
+    # What the host's answered requests of the period would have cost under a policy that knows
+    # the future (`oracle_seconds`), at its measured cold start; None before any wake was recorded.
+    oracle_micro: int | None = None
 
 
 class Report(msgspec.Struct, frozen=True, kw_only=True):
@@ -219,7 +223,9 @@ def usage(
         key=key,
         groups=_ordered(groups, by),
         total=total.freeze(),
-        savings=[] if key is not None else _savings(prices, billed, until - since),
+        savings=[]
+        if key is not None
+        else _savings(prices, billed, until - since, _oracles(db_path, since, until, prices)),
         unpriced_hosts=[] if key is not None else sorted(h for h in billed if prices.get(h, 0.0) <= 0),
     )
 
@@ -346,13 +352,16 @@ def _ordered(groups: list[Group], by: str) -> list[Group]:
     return sorted(groups, key=lambda g: (g.group in last, -g.totals.cost_micro, g.group))
 
 
-def _savings(prices: Mapping[str, float], billed: Mapping[str, float], seconds: float) -> list[HostSavings]:
+def _savings(
+    prices: Mapping[str, float], billed: Mapping[str, float], seconds: float, oracles: Mapping[str, float]
+) -> list[HostSavings]:
     rows = []
     for host, price in sorted(prices.items()):
         if price <= 0:
             continue
         always_on = round(price * MICRO * seconds / 3600)
         cost = round(billed.get(host, 0.0))
+        oracle = oracles.get(host)
         rows.append(
             HostSavings(
                 host=host,
@@ -360,9 +369,53 @@ def _savings(prices: Mapping[str, float], billed: Mapping[str, float], seconds: 
                 always_on_micro=always_on,
                 billed_micro=cost,
                 saved_micro=always_on - cost,
+                oracle_micro=None if oracle is None else round(price * MICRO * oracle / 3600),
             )
         )
     return rows
+
+
+def _oracles(db_path: str | Path, since: float, until: float, prices: Mapping[str, float]) -> dict[str, float]:
+    """Each priced host's oracle seconds for its answered requests of the period (see `oracle_seconds`),
+    where a wake of it was recorded to price a cold start."""
+    _, wakes = recent_timings(db_path)
+    cold: dict[str, list[float]] = {}
+    for host, seconds in wakes:
+        cold.setdefault(host, []).append(seconds)
+    found = {}
+    conn = connect(db_path)
+    try:
+        for host in sorted(h for h, price in prices.items() if price > 0 and h in cold):
+            busy = conn.execute(
+                "SELECT ts - max(0, duration_ms - wait_ms) / 1000.0, ts FROM requests "
+                "WHERE host = ? AND ts >= ? AND ts < ? AND status = 200 ORDER BY 1",
+                (host, since, until),
+            ).fetchall()
+            found[host] = oracle_seconds([(float(a), float(b)) for a, b in busy], statistics.median(cold[host]))
+    except sqlite3.Error as exc:
+        raise LedgerError(f"{db_path}: cannot read the usage ledger: {exc}") from None
+    finally:
+        conn.close()
+    return found
+
+
+def oracle_seconds(busy: Sequence[tuple[float, float]], cold_start: float) -> float:
+    """The billed seconds of a host whose policy knows the future: its busy time, each idle gap
+    min(gap, cold start) (paused when that pays, woken just in time), and one cold start before its
+    first use. No policy serving the same requests at the same times on it bills less."""
+    if not busy:
+        return 0.0
+    total, run_start, run_end = cold_start, None, None
+    for start, end in sorted(busy):
+        if run_end is None or run_start is None:
+            run_start, run_end = start, end
+        elif start <= run_end:
+            run_end = max(run_end, end)
+        else:
+            total += (run_end - run_start) + min(start - run_end, cold_start)
+            run_start, run_end = start, end
+    assert run_start is not None and run_end is not None
+    return total + (run_end - run_start)
 
 
 def recent_timings(

@@ -120,13 +120,20 @@ def _group_lines(report: Report) -> list[str]:
 
 
 def _savings_lines(report: Report) -> list[str]:
-    rows = [["HOST", "PRICE/HOUR", "ALWAYS-ON", "BILLED", "SAVED"]]
+    rows = [["HOST", "PRICE/HOUR", "ALWAYS-ON", "BILLED", "SAVED", "ORACLE", "ABOVE ORACLE"]]
     for s in report.savings:
         price = dollars(s.price_per_hour * MICRO)
-        rows.append([s.host, price, dollars(s.always_on_micro), dollars(s.billed_micro), dollars(s.saved_micro)])
+        oracle = (
+            ["-", "-"]
+            if s.oracle_micro is None
+            else [dollars(s.oracle_micro), dollars(s.billed_micro - s.oracle_micro)]
+        )
+        rows.append(
+            [s.host, price, dollars(s.always_on_micro), dollars(s.billed_micro), dollars(s.saved_micro), *oracle]
+        )
     if len(report.savings) > 1:
         fields = ("always_on_micro", "billed_micro", "saved_micro")
-        rows.append(["TOTAL", "", *(dollars(sum(getattr(s, f) for s in report.savings)) for f in fields)])
+        rows.append(["TOTAL", "", *(dollars(sum(getattr(s, f) for s in report.savings)) for f in fields), "", ""])
     return _columns(rows, {0})
 
 
@@ -164,11 +171,12 @@ def render_csv(report: Report) -> str:
         )
     if report.savings:
         writer.writerow([])
-        writer.writerow(["host", "price_per_hour", "always_on", "billed", "saved"])
+        writer.writerow(["host", "price_per_hour", "always_on", "billed", "saved", "oracle"])
         for s in report.savings:
             writer.writerow(
                 [s.host, f"{s.price_per_hour:g}"]
                 + [_micro_dollars(v) for v in (s.always_on_micro, s.billed_micro, s.saved_micro)]
+                + ["" if s.oracle_micro is None else _micro_dollars(s.oracle_micro)]
             )
     return out.getvalue().rstrip("\n")
 
