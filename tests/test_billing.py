@@ -277,7 +277,7 @@ async def test_a_scripted_day_is_conserved_to_the_cent(tmp_path: Path) -> None:
                 if hour == 14:
                     c.lifecycle.resume(c.host("b"), "ops")
                 if hour == 21:
-                    c.lifecycle.emergency_on()
+                    c.lifecycle.emergency_on("admin")
                 for _ in range(rng.choice((0, 0, 3, 8, 20))):  # bursts, and quiet hours
                     await anyio.sleep(rng.expovariate(1 / 120))
                     tg.start_soon(_tolerant_request, c, rng.choice(keys), rng.uniform(1, 300), served)

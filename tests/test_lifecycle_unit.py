@@ -141,6 +141,6 @@ async def test_emergency_off_ends_streams_pauses_everything_and_refuses_wakes(tm
         await until(lambda: a.state is HostState.PAUSED)
         with pytest.raises(Conflict, match="emergency-off"):
             c.lifecycle.resume(b, "admin")
-        c.lifecycle.emergency_on()
+        c.lifecycle.emergency_on("admin")
         assert c.lifecycle.resume(b, "admin") is True
         await until(lambda: b.state is HostState.READY)

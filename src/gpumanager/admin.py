@@ -113,8 +113,8 @@ def admin_routes(
         )
 
     async def emergency_on(request: Request) -> Response:
-        require_admin(request.scope)
-        lifecycle.emergency_on()
+        admin = require_admin(request.scope)
+        lifecycle.emergency_on(admin.id)
         return JSONResponse({"emergency": False, "message": "hosts are woken on demand again"})
 
     async def budget_status(request: Request) -> Response:

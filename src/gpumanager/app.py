@@ -24,6 +24,7 @@ from gpumanager.admin import admin_routes
 from gpumanager.auth import PUBLIC_PATHS, AuthMiddleware
 from gpumanager.config import Config
 from gpumanager.errors import ClientError, InternalError, MethodNotAllowed, NoCapacity, NotFound
+from gpumanager.events_api import events_route
 from gpumanager.hosts import HostState
 from gpumanager.logs import clean
 from gpumanager.metrics import metrics_route
@@ -167,6 +168,12 @@ def build_app(config: Config, *, environ: Mapping[str, str] | None = None) -> St
         *proxy_routes(runtime.proxy_parts()),
         *admin_routes(runtime.fleet, runtime.lifecycle, runtime.reconciler.reconcile, runtime.budget),
         metrics_route(runtime.metrics, public=config.metrics.public),
+        events_route(
+            runtime.fleet,
+            runtime.events,
+            heartbeat=config.timing.events_heartbeat_seconds,
+            closing=lambda: runtime.draining,
+        ),
         *usage_routes(config, runtime.keys, runtime.ledger.path, runtime.budget),
     ]
     public = PUBLIC_PATHS | ({"/metrics"} if config.metrics.public else set())

@@ -6,7 +6,7 @@ the requests in flight (split equally among their leases), else one key or nobod
 (`unattributed`) with a reason, as §10 lists them.
 
 `settle(host)` is called after every change that can move a host's time to another owner: its
-state (through `Host.on_change`), its leases, its idle deadline, a wake or a pause starting or
+state (the fleet passes on `Host.on_change`), its leases, its idle deadline, a wake or a pause starting or
 ending. It charges the time since the previous settle to what was planned then, and plans the next
 stretch from what the host is doing now. Between two settles only the clock moves, and the idle
 deadline is the one thing that depends on it, so a plan is the leases in flight, or an owner
@@ -113,7 +113,6 @@ class Billing:
     def add(self, host: Host) -> None:
         now = self.clock()
         self._bills[host] = _Bill(since=now, known_since=now)
-        host.on_change = self.settle
         self.settle(host)
 
     def remove(self, host: Host) -> None:
@@ -123,7 +122,6 @@ class Billing:
             return
         self._charge(host, bill, self.clock())
         self._close(host, bill, before=math.inf)
-        host.on_change = None
         del self._bills[host]
 
     # -- settling ----------------------------------------------------------------------------------

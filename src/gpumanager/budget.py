@@ -30,6 +30,7 @@ from loguru import logger
 
 from gpumanager.config import Config
 from gpumanager.errors import BudgetSpent, FleetBudgetSpent, Forbidden, TooManyRequests
+from gpumanager.events import BudgetLevel
 from gpumanager.fleet import Fleet
 from gpumanager.hosts import AWAKE, WAKEABLE
 from gpumanager.keys import NO_LIMITS, Identity, Limits
@@ -121,7 +122,9 @@ class Budget:
         self._fleet_day_before = self._fleet_month_before = 0
         self._billed_at_day: dict[str, float] = {}
         self._billed_at_month: dict[str, float] = {}
-        self._warned: set[tuple[str, float]] = set()  # (cap, period start) already warned of
+        self._warned: set[tuple[str, int, float]] = set()  # (cap, level, period start) already told
+        self._limits: dict[str, Limits] = {}  # each key's limits as last seen at admission
+        self._told: set[tuple[str, str, int, float]] = set()  # (key, limit, level, period start) announced
         self.override_until = 0.0
         self.override_by = ""
 
@@ -193,6 +196,7 @@ class Budget:
             raise Forbidden(f"this key may not use model '{model}'; it may use: {allowed}")
         now = self.wall()
         self._roll(now)
+        self._limits[who.id] = limits
         spend = self._of(who.id)
         window = self._window(spend, limits)
         self._check_tokens(spend, limits)
@@ -275,6 +279,7 @@ class Budget:
         spend.tokens_day += (record.prompt_tokens or 0) + (record.completion_tokens or 0)
         spend.micro_day += record.cost_micro
         spend.micro_month += record.cost_micro
+        self._announce(record.key, spend)
 
     def interval(self, record: IntervalRecord) -> None:
         if record.key is None or not record.added_micro:
@@ -283,6 +288,28 @@ class Budget:
         spend = self._of(record.key)
         spend.micro_day += record.added_micro
         spend.micro_month += record.added_micro
+        self._announce(record.key, spend)
+
+    def _announce(self, key: str, spend: _Spend) -> None:
+        """A `budget` event when a key's use reaches `warn_percent` or all of one of its budgets."""
+        limits = self._limits.get(key)
+        if limits is None or limits is NO_LIMITS:
+            return
+        for name, used, limit, period, unit in (
+            ("tokens_per_day", spend.tokens_day, limits.tokens_per_day, self._day, "tokens"),
+            ("dollars_per_day", spend.micro_day / MICRO, limits.dollars_per_day, self._day, "dollars"),
+            ("dollars_per_month", spend.micro_month / MICRO, limits.dollars_per_month, self._month, "dollars"),
+        ):
+            if limit is None:
+                continue
+            for level in (round(self.config.budget.warn_percent), 100):
+                mark = (key, name, level, period.start)
+                if used >= limit * level / 100 and mark not in self._told:
+                    self._told.add(mark)
+                    word = "day" if period is self._day else "month"
+                    self.fleet.events.publish(
+                        BudgetLevel(scope="key", key=key, level=level, period=word, spent=used, limit=limit, unit=unit)
+                    )
 
     def wake(self, host: str, outcome: str, seconds: float) -> None:
         pass
@@ -308,30 +335,37 @@ class Budget:
         return day, month
 
     def reached(self) -> FleetBudgetSpent | None:
-        """The cap the fleet's spend has reached (warning once per period at `warn_percent`), or None."""
+        """The cap the fleet's spend has reached, or None. Reaching `warn_percent` of a cap, and the
+        cap, is logged and published once per period."""
         caps = self.config.budget
         day, month = self.fleet_spend()
         now = self.wall()
         reached = None
         for cap, spent, period, word in (
-            (caps.daily_dollars, day, self._day, "daily"),
-            (caps.monthly_dollars, month, self._month, "monthly"),
+            (caps.daily_dollars, day, self._day, "day"),
+            (caps.monthly_dollars, month, self._month, "month"),
         ):
             if cap is None:
                 continue
-            if spent >= cap * caps.warn_percent / 100 and (word, period.start) not in self._warned:
-                self._warned.add((word, period.start))
+            adjective = "daily" if word == "day" else "monthly"
+            for level in (round(caps.warn_percent), 100):
+                if spent < cap * level / 100 or (word, level, period.start) in self._warned:
+                    continue
+                self._warned.add((word, level, period.start))
                 logger.warning(
                     "the fleet has spent ${:,.2f} of its {} GPU budget of ${:,.2f} ({:.0f}%)",
                     spent,
-                    word,
+                    adjective,
                     cap,
                     100 * spent / cap,
                 )
+                self.fleet.events.publish(
+                    BudgetLevel(scope="fleet", key=None, level=level, period=word, spent=spent, limit=cap)
+                )
             if spent >= cap and reached is None and now >= self.override_until:
-                resets = self.calendar.at(period.end, with_date=word == "monthly")
+                resets = self.calendar.at(period.end, with_date=word == "month")
                 reached = FleetBudgetSpent(
-                    f"the fleet's {word} GPU budget of ${cap:,.2f} is spent; it resets at {resets}",
+                    f"the fleet's {adjective} GPU budget of ${cap:,.2f} is spent; it resets at {resets}",
                     retry_after=period.end - now,
                 )
         return reached

@@ -84,6 +84,8 @@ class TimingConfig(_Section, frozen=True):
     shutdown_grace_seconds: NonNegative = 10
     pause_retry_seconds: Positive = 5
     upstream_idle_seconds: Positive = 120  # a host silent this long mid-answer ends the stream
+    pause_warning_minutes: NonNegative = 2  # a pause_warning event this long before an idle host is paused
+    events_heartbeat_seconds: Positive = 15  # a comment line this often on a quiet GET /events
 
 
 class PathsConfig(_Section, frozen=True):
@@ -197,6 +199,19 @@ class BudgetConfig(_Section, frozen=True):
         return ZoneInfo(self.timezone)
 
 
+class WebhookConfig(_Section, frozen=True):
+    """A `[[webhooks]]` entry: events POSTed to a URL (Slack, Mattermost, your own scripts)."""
+
+    url: str
+    name: str = ""  # for logs and metrics (default: webhook-N); never the URL, which may hold a token
+    events: list[str] = []  # event types to send; [] = every type
+    format: Literal["json", "slack"] = "json"  # slack: {"text": "..."}, as Slack and Mattermost take it
+    secret_env: str | None = None  # the variable holding the HMAC-SHA256 signing secret
+    timeout_seconds: Positive = 5
+    retries: Count = 3  # after the first attempt, with backoff
+    retry_seconds: Positive = 1  # the first backoff, doubling
+
+
 class UsageConfig(_Section, frozen=True):
     database_url: str = ""  # "" = sqlite:///<state_dir>/usage.db
     retention_days: Annotated[int, msgspec.Meta(ge=1)] = 400  # older rows are pruned
@@ -221,6 +236,7 @@ class Config(_Section, frozen=True):
     metrics: MetricsConfig = MetricsConfig()
     usage: UsageConfig = UsageConfig()
     budget: BudgetConfig = BudgetConfig()
+    webhooks: list[WebhookConfig] = []
     hosts: list[HostConfig] = []
     providers: list[ProviderConfig] = []
 

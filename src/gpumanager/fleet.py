@@ -32,7 +32,8 @@ from gpumanager.errors import (
     TooManyRequests,
     WakeTimeout,
 )
-from gpumanager.hosts import AWAKE, WAKING, Host, HostState
+from gpumanager.events import HostStateChanged, NoPublisher, Publisher
+from gpumanager.hosts import AWAKE, WAKING, Host, HostEvent, HostState
 from gpumanager.models import model_names
 from gpumanager.pace import Pace
 from gpumanager.recorder import Recorder
@@ -98,6 +99,7 @@ class Fleet:
         *,
         waker: Waker | None = None,
         recorder: Recorder | None = None,
+        events: Publisher | None = None,
         clock: Callable[[], float] = anyio.current_time,
     ) -> None:
         self.config = config
@@ -110,6 +112,7 @@ class Fleet:
         self._held: Counter[str] = Counter()
         self._leases: dict[Host, set[Lease]] = {}
         self.billing = Billing(self.leases_of, recorder=recorder, clock=clock)
+        self.events: Publisher = events or NoPublisher()  # the event bus
         self.pace = Pace()  # recent service and wake times, for cost-aware scale-up
         self._startup: dict[str, float] = {}  # provider -> its startup_timeout_seconds
         self.emergency = False
@@ -129,10 +132,12 @@ class Fleet:
         self.hosts[host.name] = host
         self._leases.setdefault(host, set())
         self.billing.add(host)
+        host.on_change = self._state_changed
         self.reindex()
 
     def remove(self, host: Host) -> None:
         self.billing.remove(host)
+        host.on_change = None
         self.hosts.pop(host.name, None)
         self._leases.pop(host, None)
         self.reindex()
@@ -145,6 +150,11 @@ class Fleet:
                 index.setdefault(model, []).append(host)
         self._by_model = index
         self.dispatch()
+
+    def _state_changed(self, host: Host, old: HostState, event: HostEvent) -> None:
+        self.billing.settle(host)
+        if host.state is not old:
+            self.events.publish(HostStateChanged(host=host.name, old=str(old), new=str(host.state), reason=str(event)))
 
     def find(self, ident: str) -> Host | None:
         """A host by name or by its provider's id."""
@@ -288,9 +298,11 @@ class Fleet:
 
     def touch(self, host: Host, key: str | None) -> None:
         """A request ended on `host`: its idle deadline moves to now + reservation, reserved for `key`."""
-        host.idle_deadline = reserve(host.idle_deadline, self.clock(), self.config.timing.reservation_minutes * 60)
+        now = self.clock()
+        host.idle_deadline = reserve(host.idle_deadline, now, self.config.timing.reservation_minutes * 60)
         if key is not None:
             host.reserved_key = key
+            host.recent_keys[key] = now
 
     def notify(self) -> None:
         """Wake whoever waits on `changed` (the idle loop, draining pauses); later waits use a fresh event."""

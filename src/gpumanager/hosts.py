@@ -129,13 +129,17 @@ class Host:
     pausing: anyio.Event | None = None  # while a pause runs: set when it ends
     paused_by: str | None = None  # the admin key whose pause or emergency-off runs (it pays meanwhile)
     pause_failing: bool = False  # the pause call failed and is being retried
-    on_change: Callable[[Host], None] | None = None  # told of every state change (the billing meter)
+    recent_keys: dict[str, float] = field(default_factory=dict)  # key id -> when its last request ended here
+    warned_for: float = 0.0  # the idle deadline a pause warning was last given for
+    # Told of every state change (the fleet: its billing meter, and the event bus): the host, the
+    # state before, and the lifecycle event.
+    on_change: Callable[[Host, HostState, HostEvent], None] | None = None
 
     def apply(self, event: HostEvent) -> HostState:
         """Move to the state the table gives for `event`: the only write of `state`."""
-        self.state = transition(self.state, event)
+        old, self.state = self.state, transition(self.state, event)
         if self.on_change is not None:
-            self.on_change(self)
+            self.on_change(self, old, event)
         return self.state
 
     def adopt(self, info: HostInfo) -> None:

@@ -102,6 +102,9 @@ class KeyStore:
         self._records: list[KeyRecord] = []
         self._stamp: tuple[int, int, int] | None = None
         self._next_check = 0.0
+        # Told of each key created, revoked or given new limits since the previous load: (record, change).
+        self.on_change: Callable[[KeyRecord, str], None] | None = None
+        self._loaded = False
         self.reload()
 
     # -- reading -----------------------------------------------------------------------------------
@@ -112,6 +115,7 @@ class KeyStore:
         if stamp == self._stamp:
             return
         records = self._read() if stamp is not None else []
+        before = {r.id: r for r in self._records} if self._loaded else None
         self._records = records
         self._by_hash = {}
         for record in records:
@@ -126,7 +130,16 @@ class KeyStore:
                 digest = record.key_hash.removeprefix("sha256:")
             limits = NO_LIMITS if record.limits == NO_LIMITS else record.limits  # the admission's fast path
             self._by_hash[digest] = (digest, Identity(record.id, record.name, record.admin, limits))
-        self._stamp = stamp
+        self._stamp, self._loaded = stamp, True
+        if before is not None and self.on_change is not None:
+            for record in records:
+                old = before.get(record.id)
+                if old is None:
+                    self.on_change(record, "revoked" if record.revoked else "created")
+                elif record.revoked and not old.revoked:
+                    self.on_change(record, "revoked")
+                elif record.limits != old.limits:
+                    self.on_change(record, "limits")
 
     def _file_stamp(self) -> tuple[int, int, int] | None:
         try:

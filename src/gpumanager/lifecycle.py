@@ -25,6 +25,8 @@ from loguru import logger
 from gpumanager.cloud import CloudState, HostInfo
 from gpumanager.config import Config, HostTiming
 from gpumanager.errors import Conflict, ProbeFailed, ProviderError, ProviderTimeout, ProviderUnavailable, WakeFailed
+from gpumanager.events import Emergency, Paused, PauseWarning, WakeStarted
+from gpumanager.events import WakeFailed as WakeFailedEvent
 from gpumanager.fleet import Fleet
 from gpumanager.hosts import Host, HostEvent, HostState, Wake
 from gpumanager.inventory import Inventory, Probe
@@ -106,6 +108,7 @@ class Lifecycle:
             deadline = now + self.host_timing(host).startup_timeout_seconds
             host.wake = Wake(anyio.Event(), deadline=deadline, started=now, by=by, admin=admin)
             self.fleet.billing.settle(host)
+            self.fleet.events.publish(WakeStarted(host=host.name, model=model, key=by))
             self.spawn(self._wake, host, host.wake)
         if model is not None:
             host.wake.models.add(model)
@@ -203,6 +206,7 @@ class Lifecycle:
             return  # whoever stopped the wake is pausing the host
         host.last_error = error
         host.apply(EV.WAKE_FAILED)
+        self.fleet.events.publish(WakeFailedEvent(host=host.name, error=error))
         host.failed_until = self.now() + self.timing.failed_cooldown_seconds
         logger.bind(host=host.name).error(
             "waking {} failed: {}; pausing it, and not trying it again for {:g}s",
@@ -333,9 +337,9 @@ class Lifecycle:
         host.paused_by = by
         self.fleet.billing.settle(host)
         self.recorder.paused(host.name, kind)
-        self.spawn(self._pause, host, reason, drain, stopped)
+        self.spawn(self._pause, host, reason, drain, stopped, kind)
 
-    async def _pause(self, host: Host, reason: str, drain: bool, stopped: Wake | None) -> None:
+    async def _pause(self, host: Host, reason: str, drain: bool, stopped: Wake | None, kind: str) -> None:
         log = logger.bind(host=host.name)
         assert host.pausing is not None
         try:
@@ -353,7 +357,9 @@ class Lifecycle:
             if host.state is not ST.FAILED:
                 host.apply(EV.CLOUD_PAUSED)
             host.reserved_key, host.ready_since = None, None
+            host.recent_keys.clear()
             log.info("{} is paused", host.name)
+            self.fleet.events.publish(Paused(host=host.name, reason=kind))
         finally:
             done, host.pausing, host.draining = host.pausing, None, False
             host.paused_by, host.pause_failing = None, False
@@ -408,7 +414,8 @@ class Lifecycle:
         """Admin key `by` pauses every host now, protected ones too, ending open streams; wakes are
         refused until `emergency_on`."""
         self.fleet.emergency = True
-        logger.warning("emergency-off: pausing every host and refusing wakes")
+        logger.warning("emergency-off by key {}: pausing every host and refusing wakes", by)
+        self.fleet.events.publish(Emergency(on=True, key=by))
         for host in list(self.fleet.hosts.values()):
             if host.always_on:
                 continue
@@ -418,9 +425,11 @@ class Lifecycle:
         await anyio.lowlevel.checkpoint()  # let the stopped wakes and streams unwind
         self.fleet.dispatch()
 
-    def emergency_on(self) -> None:
+    def emergency_on(self, by: str) -> None:
+        """Admin key `by` lets hosts be woken on demand again."""
         self.fleet.emergency = False
-        logger.warning("emergency-on: hosts are woken on demand again")
+        logger.warning("emergency-on by key {}: hosts are woken on demand again", by)
+        self.fleet.events.publish(Emergency(on=False, key=by))
         self.fleet.dispatch()
 
     # -- idle --------------------------------------------------------------------------------------
@@ -442,9 +451,23 @@ class Lifecycle:
                     if at is not None and now >= at:
                         self.request_pause(host, f"idle {now - at + self._window(host):.1f}s")
                     elif at is not None:
-                        due = min(due, at)
+                        due = min(due, at, self._warn(host, at, now))
             with anyio.move_on_after(due - now):
                 await changed.wait()
+
+    def _warn(self, host: Host, at: float, now: float) -> float:
+        """Publish a `pause_warning` once `pause_warning_minutes` before `at` (once per deadline);
+        return when the next warning of the host is due."""
+        warn_at = at - self.timing.pause_warning_minutes * 60
+        if host.warned_for == at:
+            return math.inf
+        if now < warn_at:
+            return warn_at
+        host.warned_for = at
+        window = self._window(host)
+        keys = sorted(k for k, ended in host.recent_keys.items() if ended >= at - window)
+        self.fleet.events.publish(PauseWarning(host=host.name, seconds_left=round(at - now, 3), keys=keys))
+        return math.inf
 
     def _pause_at(self, host: Host) -> float | None:
         return pause_at(

@@ -77,6 +77,9 @@ class Metrics:
             registry=registry,
         )
         self.cost = Counter(p + "cost_dollars", "Billed cost by who pays (DESIGN.md §10)", ["key"], registry=registry)
+        self.webhook_failures = Counter(
+            p + "webhook_failures", "Events a webhook did not take after every retry", ["webhook"], registry=registry
+        )
         registry.register(_FleetCollector(fleet, ledger))
 
     def render(self) -> bytes:
@@ -125,6 +128,9 @@ class Metrics:
             self._child(self.gpu_seconds, key, record.host).inc(record.added_seconds)
         if record.added_micro:
             self._child(self.cost, key).inc(record.added_micro / 1_000_000)
+
+    def webhook_failed(self, webhook: str) -> None:
+        self.webhook_failures.labels(webhook).inc()
 
     def wake(self, host: str, outcome: str, seconds: float) -> None:
         self.wakes.labels(host, outcome).inc()

@@ -15,10 +15,11 @@ from loguru import logger
 
 from gpumanager.budget import Budget
 from gpumanager.config import Config
-from gpumanager.errors import NoCapacity
+from gpumanager.errors import KeyStoreError, NoCapacity
+from gpumanager.events import Bus, KeyChanged, Publisher, RequestDone, WakePhase
 from gpumanager.fleet import Fleet
 from gpumanager.inventory import Inventory
-from gpumanager.keys import KeyStore
+from gpumanager.keys import KeyRecord, KeyStore
 from gpumanager.ledger.recording import LedgerRecorder
 from gpumanager.ledger.schema import database_path
 from gpumanager.ledger.writer import LedgerWriter
@@ -29,9 +30,36 @@ from gpumanager.providers.base import Service
 from gpumanager.proxy.forward import Upstream
 from gpumanager.proxy.routes import ProxyParts
 from gpumanager.reconcile import Reconciler
-from gpumanager.recorder import Recorders
+from gpumanager.recorder import NoopRecorder, Recorders, RequestRecord
+from gpumanager.tasks import forever
+from gpumanager.webhooks import Webhooks
 
 UPSTREAM_TOKEN_ENV = "GPUMANAGER_UPSTREAM_TOKEN"
+KEYS_RELOAD_SECONDS = 1.0  # key file changes (new, revoked, limits) become `key` events this soon
+
+
+class Announcer(NoopRecorder):
+    """The `Recorder` calls that are events too: each finished request, each wake phase."""
+
+    def __init__(self, events: Publisher) -> None:
+        self.events = events
+
+    def request(self, record: RequestRecord) -> None:
+        self.events.publish(
+            RequestDone(
+                key=record.key,
+                route=record.route,
+                model=record.model,
+                host=record.host,
+                status=record.status,
+                prompt_tokens=record.prompt_tokens,
+                completion_tokens=record.completion_tokens,
+                seconds=round(record.duration_seconds, 6),
+            )
+        )
+
+    def wake_phase(self, host: str, phase: str, seconds: float) -> None:
+        self.events.publish(WakePhase(host=host, phase=phase, seconds=round(seconds, 6)))
 
 
 class Runtime:
@@ -50,12 +78,17 @@ class Runtime:
             upstream_headers={"authorization": f"Bearer {token}"} if token else None,
         )
         self.providers = build_providers(config, environ, self.upstream.client)
-        self.fleet = Fleet(config)
+        self.events = Bus()
+        self.fleet = Fleet(config, events=self.events)
         self.ledger = LedgerWriter(database_path(config), retention_days=config.usage.retention_days)
         self.metrics = Metrics(self.fleet, ledger=self.ledger)
+        self.webhooks = Webhooks(config.webhooks, self.events, environ, on_failure=self.metrics.webhook_failed)
+        self.keys.on_change = self._key_changed
         self.budget = Budget(config, self.fleet)
-        # The core's Recorder: Prometheus, the ledger, the budgets' counters and the fleet's pace.
-        self.recorder = Recorders(self.metrics, LedgerRecorder(self.ledger), self.budget, self.fleet.pace)
+        # The core's Recorder: Prometheus, the ledger, the budgets' counters, the fleet's pace, the events.
+        self.recorder = Recorders(
+            self.metrics, LedgerRecorder(self.ledger), self.budget, self.fleet.pace, Announcer(self.events)
+        )
         self.fleet.billing.recorder = self.recorder  # the metrics read the fleet: it is built first
         self.ledger.before_flush = self.fleet.billing.checkpoint  # open intervals, every flush
         self.lifecycle = Lifecycle(config, self.fleet, self.providers, self.inventory, self.recorder)
@@ -64,6 +97,16 @@ class Runtime:
             config, self.fleet, self.providers, self.inventory, self.lifecycle, clock=self.fleet.clock
         )
         self.draining = False  # a shutdown has begun: new requests are refused with 503
+
+    def _key_changed(self, record: KeyRecord, change: str) -> None:
+        self.events.publish(KeyChanged(key=record.id, name=record.name, change=change))
+
+    async def _reload_keys(self) -> None:
+        await anyio.sleep(KEYS_RELOAD_SECONDS)
+        try:
+            self.keys.reload()
+        except KeyStoreError as exc:
+            logger.error("{}; keeping the keys loaded before", exc)
 
     async def drain(self, grace: float) -> None:
         """Refuse new requests, give open streams `grace` seconds to finish, then end the rest with an
@@ -117,6 +160,9 @@ class Runtime:
                 await self.reconciler.refresh_all()
             tg.start_soon(self.reconciler.run)
             tg.start_soon(self.budget.run, self.lifecycle)
+            tg.start_soon(forever, self._reload_keys)
+            if self.webhooks.hooks:
+                tg.start_soon(self.webhooks.run, self.upstream.client)
             if not self.keys.records():
                 logger.warning("no API keys in {}: make one with `gpumanager generate-key`", self.keys.path)
             task_status.started()

@@ -1,0 +1,92 @@
+"""`GET /events`: the event bus as Server-Sent Events, for admins.
+
+A stream begins with a `snapshot` of the fleet (no `id:`), then every event as it is published,
+each with its bus number as `id:`. A client that reconnects with `Last-Event-ID` (or `?after=N`)
+gets the events it missed from the bounded history first (and a `lost` event if the history no
+longer reaches back that far); a reader too slow for its buffer gets a `lost` event with the count.
+`?type=wake_started,paused` keeps only those types; `?follow=false` sends the snapshot and the
+history, then ends. A comment line (`: heartbeat`) goes out every `events_heartbeat_seconds` of
+quiet, so proxies and clients can tell a quiet stream from a dead one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from gpumanager.admin import describe
+from gpumanager.auth import require_admin
+from gpumanager.errors import BadRequest
+from gpumanager.events import TYPES, Bus, Envelope, Lost, Snapshot
+from gpumanager.fleet import Fleet
+
+_encode = msgspec.json.Encoder().encode
+CHECK_SECONDS = 0.5  # how often a quiet stream looks whether the server is shutting down
+
+
+def sse(envelope: Envelope) -> bytes:
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (envelope.id, envelope.type.encode(), envelope.data)
+
+
+def events_route(fleet: Fleet, bus: Bus, *, heartbeat: float, closing: Callable[[], bool]) -> Route:
+    def snapshot() -> bytes:
+        now = fleet.clock()
+        hosts = [describe(host, now) for host in fleet.hosts.values()]
+        data = _encode(Snapshot(hosts=hosts, emergency=fleet.emergency, queued=len(fleet.queue)))
+        return b"event: snapshot\ndata: %s\n\n" % data
+
+    async def stream(request: Request) -> Response:
+        require_admin(request.scope)
+        types = _types(request.query_params.get("type"))
+        follow = request.query_params.get("follow", "true").lower() not in ("false", "0", "no")
+        after = _after(request.headers.get("last-event-id") or request.query_params.get("after"))
+        from_history = after if after is not None else (None if follow else bus.first_id - 1)
+        subscription = bus.subscribe(types, after=from_history)
+
+        async def body() -> AsyncIterator[bytes]:
+            with subscription:
+                if after is None:
+                    yield snapshot()
+                quiet_since = time.monotonic()
+                while not closing():
+                    item = await subscription.get(patience=min(CHECK_SECONDS, heartbeat))
+                    if isinstance(item, Lost):
+                        yield b"event: lost\ndata: %s\n\n" % _encode({"lost": item.count})
+                    elif item is not None:
+                        yield sse(item)
+                    elif not follow:
+                        return
+                    elif time.monotonic() - quiet_since >= heartbeat:
+                        yield b": heartbeat\n\n"
+                    else:
+                        continue
+                    quiet_since = time.monotonic()
+
+        headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+        return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+    return Route("/events", stream, methods=["GET"])
+
+
+def _types(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    wanted = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in wanted if t not in TYPES]
+    if unknown:
+        raise BadRequest(f"unknown event type {', '.join(unknown)}; types: {', '.join(TYPES)}")
+    return wanted
+
+
+def _after(text: str | None) -> int | None:
+    if text is None or not text.strip():
+        return None
+    try:
+        return max(0, int(text))
+    except ValueError:
+        raise BadRequest(f"Last-Event-ID must be an event number, not {text!r}") from None
