@@ -18,7 +18,15 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_the_example_documents_every_key_and_loads() -> None:
     config = load(ROOT / "config.toml.example")
     text = (ROOT / "config.toml.example").read_text()
-    for section in (config.server, config.timing, config.paths, config.scheduler, config.usage, config.budget):
+    for section in (
+        config.server,
+        config.timing,
+        config.paths,
+        config.scheduler,
+        config.usage,
+        config.budget,
+        config.events,
+    ):
         for key in section.__struct_fields__:
             assert f"\n{key} = " in text or f"\n# {key} = " in text, f"{key} is not documented"
     assert config.hosts[0].name == "lab-box"

@@ -171,7 +171,7 @@ def build_app(config: Config, *, environ: Mapping[str, str] | None = None) -> St
         events_route(
             runtime.fleet,
             runtime.events,
-            heartbeat=config.timing.events_heartbeat_seconds,
+            heartbeat=config.events.heartbeat_seconds,
             closing=lambda: runtime.draining,
         ),
         *usage_routes(config, runtime.keys, runtime.ledger.path, runtime.budget),

@@ -1,7 +1,8 @@
 """The `gpumanager` command: server (the default), demo, init, generate-key, list-keys, set-limits,
-revoke-key, check-config, hosts, usage. Every subcommand takes `--config PATH` after its name; `GPUMANAGER_CONFIG`
-works for all. The `.env` beside the config is loaded into the environment at start (never
-overriding what is already set): the only place that writes the environment.
+revoke-key, check-config, hosts, usage, simulate, events. Every subcommand takes `--config PATH`
+after its name; `GPUMANAGER_CONFIG` works for all. The `.env` beside the config is loaded into the
+environment at start (never overriding what is already set): the only place that writes the
+environment.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ COMMANDS = (
     "hosts",
     "usage",
     "simulate",
+    "events",
 )
 PROBE_SECONDS = 2.0  # check-config's wait for a static host's /api/tags
 
@@ -256,6 +258,25 @@ is replayed instead, on the hosts the config names (or --hosts N identical ones)
         "--cold-start", type=float, metavar="S", help="their seconds to wake (startup_timeout_seconds / 4)"
     )
     sim.add_argument("--format", choices=["table", "json"], default="table")
+
+    ev = sub.add_parser(
+        "events",
+        help="print what the fleet does, one line per event (needs an admin key)",
+        description="Print the fleet's events from a running server (GET /events): the fleet as it is now, "
+        "then the recent events (or, with --follow, every event as it happens), one line each.",
+    )
+    _config_arg(ev)
+    ev.add_argument("--follow", "-f", action="store_true", help="keep printing events as they happen (Ctrl-C ends)")
+    ev.add_argument(
+        "--type",
+        action="append",
+        metavar="TYPE",
+        help="only this event type (repeatable): host_state, wake_started, wake_phase, wake_failed, "
+        "pause_warning, paused, request, budget, emergency, key",
+    )
+    ev.add_argument("--json", action="store_true", help="print each event's JSON instead of a sentence")
+    ev.add_argument("--url", help="the server's URL (default: from [server] of the config)")
+    ev.add_argument("--key", help="admin key (default: $GPUMANAGER_API_KEY)")
     return parser
 
 
@@ -621,6 +642,55 @@ def _hosts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _events(args: argparse.Namespace) -> int:
+    import httpx
+
+    config, _ = load_config(args, required=False)
+    url = (args.url or _local_url(config)).rstrip("/")
+    key = args.key or os.environ.get("GPUMANAGER_API_KEY")
+    if not key:
+        raise ConfigError("events", "--key", "an admin key is needed: pass --key or set GPUMANAGER_API_KEY")
+    params = {"follow": "true" if args.follow else "false"}
+    if args.type:
+        params["type"] = ",".join(args.type)
+    headers = {"Authorization": f"Bearer {key}", "Accept": "text/event-stream"}
+    timeout = httpx.Timeout(10, read=None)  # a followed stream may be quiet for long
+    try:
+        with httpx.stream("GET", url + "/events", params=params, headers=headers, timeout=timeout) as response:
+            if response.status_code != 200:
+                response.read()
+                print(f"gpumanager: error: {url} answered {response.status_code}: {response.text}", file=sys.stderr)
+                return 2
+            kind = ""
+            for line in response.iter_lines():
+                if line.startswith("event: "):
+                    kind = line.removeprefix("event: ")
+                elif line.startswith("data: "):
+                    print(_event_line(kind, line.removeprefix("data: "), as_json=args.json), flush=True)
+    except httpx.HTTPError as exc:
+        print(f"gpumanager: error: cannot reach {url}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def _event_line(kind: str, data: str, *, as_json: bool) -> str:
+    """One event of the stream as `gpumanager events` prints it."""
+    import datetime as dt
+
+    import msgspec
+
+    from gpumanager.events import AnyEvent, describe
+
+    if as_json:
+        return data
+    stamp = dt.datetime.now().strftime("%H:%M:%S")
+    if kind == "lost":
+        return f"{stamp} {kind:<13} {msgspec.json.decode(data)['lost']} events not received (this reader fell behind)"
+    return f"{stamp} {kind:<13} {describe(msgspec.json.decode(data, type=AnyEvent))}"
+
+
 def _local_url(config: Config) -> str:
     from gpumanager.serve import local_url
 
@@ -720,6 +790,7 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "hosts": _hosts,
     "usage": _usage,
     "simulate": _simulate,
+    "events": _events,
 }
 
 if __name__ == "__main__":

@@ -85,7 +85,6 @@ class TimingConfig(_Section, frozen=True):
     pause_retry_seconds: Positive = 5
     upstream_idle_seconds: Positive = 120  # a host silent this long mid-answer ends the stream
     pause_warning_minutes: NonNegative = 2  # a pause_warning event this long before an idle host is paused
-    events_heartbeat_seconds: Positive = 15  # a comment line this often on a quiet GET /events
 
 
 class PathsConfig(_Section, frozen=True):
@@ -199,6 +198,12 @@ class BudgetConfig(_Section, frozen=True):
         return ZoneInfo(self.timezone)
 
 
+class EventsConfig(_Section, frozen=True):
+    history: Annotated[int, msgspec.Meta(ge=1)] = 1000  # events kept for Last-Event-ID resume
+    buffer: Annotated[int, msgspec.Meta(ge=1)] = 1000  # events a slow reader may fall behind before it loses some
+    heartbeat_seconds: Positive = 15  # a comment line this often on a quiet GET /events
+
+
 class WebhookConfig(_Section, frozen=True):
     """A `[[webhooks]]` entry: events POSTed to a URL (Slack, Mattermost, your own scripts)."""
 
@@ -236,6 +241,7 @@ class Config(_Section, frozen=True):
     metrics: MetricsConfig = MetricsConfig()
     usage: UsageConfig = UsageConfig()
     budget: BudgetConfig = BudgetConfig()
+    events: EventsConfig = EventsConfig()
     webhooks: list[WebhookConfig] = []
     hosts: list[HostConfig] = []
     providers: list[ProviderConfig] = []

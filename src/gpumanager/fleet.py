@@ -15,8 +15,10 @@ the event loop's one thread and none awaits except `wait()`, so no lock is neede
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import anyio
@@ -371,6 +373,18 @@ class Fleet:
             emergency=self.emergency,
             capped=self.capped.message if self.capped is not None else "",
         )
+
+    def reserved_until(self, host: Host) -> str | None:
+        """When `host` will be paused if nothing else comes after the request now on it ends (RFC
+        3339, UTC), when that is within `pause_warning_minutes`; else None (and for hosts never
+        paused for idleness)."""
+        if host.always_on or host.protected:
+            return None
+        timing, now = self.config.timing, self.clock()
+        left = reserve(host.idle_deadline, now, timing.reservation_minutes * 60) - now
+        if left > timing.pause_warning_minutes * 60:
+            return None
+        return datetime.fromtimestamp(time.time() + left, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
     def cold_start(self, host: Host) -> float:
         """How long a wake of `host` takes: the median of its recent wakes; before any, a quarter of

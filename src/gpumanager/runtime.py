@@ -78,7 +78,7 @@ class Runtime:
             upstream_headers={"authorization": f"Bearer {token}"} if token else None,
         )
         self.providers = build_providers(config, environ, self.upstream.client)
-        self.events = Bus()
+        self.events = Bus(history=config.events.history, buffer=config.events.buffer)
         self.fleet = Fleet(config, events=self.events)
         self.ledger = LedgerWriter(database_path(config), retention_days=config.usage.retention_days)
         self.metrics = Metrics(self.fleet, ledger=self.ledger)

@@ -58,7 +58,7 @@ class Webhook:
                     self.sent += 1
                     return True
                 problem = f"it answered {response.status_code}"
-            except httpx.HTTPError as exc:
+            except Exception as exc:  # httpx's errors, and whatever else a transport raises: never fatal
                 problem = f"{type(exc).__name__}"
             if attempt < self.config.retries:
                 logger.warning("webhook {}: {} event: {}; retrying in {:g}s", self.name, envelope.type, problem, delay)
@@ -87,8 +87,12 @@ class Webhooks:
         self.hooks: list[Webhook] = []
         for i, hook in enumerate(configs):
             where = f"webhooks[{i}]"
-            if not hook.url.startswith(("http://", "https://")):
-                raise ConfigError(config_path, f"{where}.url", "must start with http:// or https://")
+            try:
+                valid = hook.url.startswith(("http://", "https://")) and bool(httpx.URL(hook.url).host)
+            except httpx.InvalidURL:
+                valid = False
+            if not valid:
+                raise ConfigError(config_path, f"{where}.url", "must be an http:// or https:// URL with a host")
             unknown = [t for t in hook.events if t not in TYPES]
             if unknown:
                 raise ConfigError(
@@ -113,7 +117,8 @@ class Webhooks:
                 tg.start_soon(self._feed, client, hook)
 
     async def _feed(self, client: httpx.AsyncClient, hook: Webhook) -> None:
-        with self.bus.subscribe(hook.config.events or None) as subscription:
+        # From the bus's first event: what happened while the server started is delivered too.
+        with self.bus.subscribe(hook.config.events or None, after=0) as subscription:
             while True:
                 item = await subscription.get()
                 if isinstance(item, Lost):

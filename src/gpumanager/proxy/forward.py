@@ -220,8 +220,15 @@ def upstream_headers(scope: MutableMapping[str, Any], extra: list[tuple[bytes, b
 
 
 def routing_headers(ex: Exchange) -> list[tuple[bytes, bytes]]:
-    """Which host answered and how long the request waited for it."""
-    return [(b"x-gpumanager-host", ex.host.encode()), (b"x-gpumanager-wait-ms", str(round(ex.wait_ms)).encode())]
+    """Which host answered and how long the request waited for it; and when that host will be
+    paused, if that is within `pause_warning_minutes` of this answer."""
+    headers = [(b"x-gpumanager-host", ex.host.encode()), (b"x-gpumanager-wait-ms", str(round(ex.wait_ms)).encode())]
+    lease = ex.lease
+    if lease is not None:
+        until = lease.fleet.reserved_until(lease.host)
+        if until is not None:
+            headers.append((b"x-gpumanager-reserved-until", until.encode()))
+    return headers
 
 
 def response_headers(response: httpx.Response, ex: Exchange) -> list[tuple[bytes, bytes]]:
