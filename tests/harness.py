@@ -96,6 +96,23 @@ shutdown_grace_seconds = 1
 """
 
 
+def cycle_timing(reservation: float = 0.01, fallback: float | None = None, **more: float) -> str:
+    """`[timing]` for a cloud host that wakes in a fraction of a second and is paused `reservation`
+    minutes after its last request (`fallback` after a wake nobody used; default the same)."""
+    lines = {
+        "reservation_minutes": reservation,
+        "fallback_reservation_minutes": reservation if fallback is None else fallback,
+        "startup_timeout_seconds": 10,
+        "ollama_readiness_wait_seconds": 0.05,
+        "probe_timeout_seconds": 1,
+        "reconcile_interval_seconds": 0.3,
+        "wake_keepalive_seconds": 0.5,
+        "shutdown_grace_seconds": 1,
+        **more,
+    }
+    return "[timing]\n" + "".join(f"{key} = {value}\n" for key, value in lines.items())
+
+
 @contextlib.contextmanager
 def running_stack(
     tmp_path: Path, hosts: list[SimHost], *, extra: str = FAST_TIMING, environ: dict[str, str] | None = None

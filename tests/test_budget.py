@@ -17,7 +17,7 @@ import pytest
 
 from gpumanager.keys import Limits
 from tests.clouds import Machine
-from tests.harness import SimHost, Stack, running_cloud_stack, running_stack, wait_until
+from tests.harness import SimHost, Stack, cycle_timing, running_cloud_stack, running_stack, wait_until
 
 MESSAGES = [{"role": "user", "content": "one two"}]  # 2 prompt tokens on the simulated Ollama
 
@@ -93,6 +93,11 @@ def test_max_concurrent_bounds_one_keys_requests_running_at_once(tmp_path: Path)
             assert next(lines)  # streaming: it holds the key's one place
             second = httpx.post(stack.url + "/api/generate", json=body, headers=stack.headers(key), timeout=10)
             assert second.status_code == 429 and "1 requests running or waiting (max_concurrent)" in second.text
+            with (
+                openai.OpenAI(base_url=stack.v1, api_key=key, max_retries=0) as oai,
+                pytest.raises(openai.RateLimitError, match="max_concurrent"),
+            ):
+                oai.chat.completions.create(model="llama3.2", messages=MESSAGES)  # type: ignore[arg-type]
             other = httpx.post(
                 stack.url + "/api/generate", json={**body, "stream": False}, headers=stack.headers(), timeout=10
             )
@@ -146,6 +151,11 @@ def test_a_spent_dollar_budget_is_429_and_limits_change_on_a_running_server(tmp_
                 client.generate(model="llama3.2", prompt="x")
         assert refused.value.status_code == 429
         assert "daily GPU budget of $0.50 is spent" in refused.value.error
+        with (
+            openai.OpenAI(base_url=stack.v1, api_key=key, max_retries=0) as oai,
+            pytest.raises(openai.RateLimitError, match=r"daily GPU budget of \$0.50 is spent .* resets at 00:00 UTC"),
+        ):
+            oai.chat.completions.create(model="llama3.2", messages=MESSAGES)  # type: ignore[arg-type]
         stack.keys.set_limits(key_id, {"dollars_per_day": 1000.0})  # the admin raises it
         with openai.OpenAI(base_url=stack.v1, api_key=key, max_retries=0) as oai:
 
@@ -162,25 +172,14 @@ def test_a_spent_dollar_budget_is_429_and_limits_change_on_a_running_server(tmp_
             assert me(stack, key)["limits"] == {"max_concurrent": 1}
 
 
-LIFE = """
-[timing]
-reservation_minutes = 0.005
-fallback_reservation_minutes = 0.005
-startup_timeout_seconds = 10
-ollama_readiness_wait_seconds = 0.05
-probe_timeout_seconds = 1
-reconcile_interval_seconds = 0.3
-wake_keepalive_seconds = 0.5
-shutdown_grace_seconds = 1
-queue_timeout_seconds = 5
-"""
+LIFE = cycle_timing(0.005, queue_timeout_seconds=5)
 
 
 def test_a_nearly_spent_key_may_use_an_awake_host_but_not_wake_one(tmp_path: Path) -> None:
     # A cold start here is priced at 2.5 s (a quarter of startup_timeout_seconds, before any wake
     # was measured) plus the 0.3 s fallback window, at a dollar a second: $2.80.
     machine = Machine("gpu-1", cost=3600.0)
-    extra = LIFE.replace("reservation_minutes = 0.005\n", "reservation_minutes = 0.1\n", 1)
+    extra = cycle_timing(0.1, fallback=0.005, queue_timeout_seconds=5)
     with running_cloud_stack(tmp_path, "simulated", [machine], extra=extra) as (stack, cloud):
         _, key = limited(stack, dollars_per_day=2.0)
         with openai.OpenAI(base_url=stack.v1, api_key=key, max_retries=0) as oai:

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.clouds import Machine
-from tests.harness import FAST_TIMING, SimHost, Stack, running_cloud_stack, running_stack, wait_until
+from tests.harness import FAST_TIMING, SimHost, Stack, cycle_timing, running_cloud_stack, running_stack, wait_until
 
 PROMPT = [{"role": "user", "content": "one two three"}]  # 3 prompt tokens on the simulated Ollama
 
@@ -90,17 +90,7 @@ def test_public_metrics_need_no_key(tmp_path: Path) -> None:
         assert httpx.get(s.url + "/api/tags").status_code == 401  # nothing else became public
 
 
-LIFE = """
-[timing]
-reservation_minutes = 0.01
-fallback_reservation_minutes = 0.01
-startup_timeout_seconds = 10
-ollama_readiness_wait_seconds = 0.05
-probe_timeout_seconds = 1
-reconcile_interval_seconds = 0.3
-wake_keepalive_seconds = 0.5
-shutdown_grace_seconds = 1
-"""
+LIFE = cycle_timing()
 
 
 def test_wakes_their_phases_and_pauses_are_on_metrics(tmp_path: Path) -> None:

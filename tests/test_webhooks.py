@@ -37,7 +37,7 @@ from gpumanager.config import loads
 from gpumanager.errors import ConfigError
 from gpumanager.sim import running_server
 from tests.clouds import CLOUDS, Cloud, Machine, SimulatedCloud
-from tests.harness import FAST_TIMING, SimHost, Stack, running_cloud_stack, running_stack, wait_until
+from tests.harness import FAST_TIMING, SimHost, Stack, cycle_timing, running_cloud_stack, running_stack, wait_until
 
 PROMPT = [{"role": "user", "content": "one two three"}]  # 3 prompt tokens on the simulated Ollama
 SECRET_ENV = "TEST_WEBHOOK_SECRET"
@@ -45,17 +45,7 @@ SECRET = "s3cret-for-the-webhook-test"
 HANG_LIMIT = 30.0  # a hanging receiver answers after this at the latest (it is released at teardown)
 
 # A cloud host that wakes in ~0.2 s and pauses ~0.6 s after its last request.
-LIFE = """
-[timing]
-reservation_minutes = 0.01
-fallback_reservation_minutes = 0.01
-startup_timeout_seconds = 10
-ollama_readiness_wait_seconds = 0.05
-probe_timeout_seconds = 1
-reconcile_interval_seconds = 0.3
-wake_keepalive_seconds = 0.5
-shutdown_grace_seconds = 1
-"""
+LIFE = cycle_timing()
 
 
 # -- the receiver --------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from gpumanager.ledger.rows import MICRO
 from gpumanager.ledger.schema import LedgerError
 from gpumanager.lifecycle import Lifecycle
 from gpumanager.models import model_names
-from gpumanager.recorder import IntervalRecord, RequestRecord
+from gpumanager.recorder import IntervalRecord, NoopRecorder, RequestRecord
 
 WINDOW = 60.0  # requests_per_minute counts the admissions of the last this many seconds
 CHECK_SECONDS = 1.0  # the fleet's spend is checked against its caps this often
@@ -95,7 +95,7 @@ class _Spend:
     admitted: deque[float] = field(default_factory=deque)  # clock times of its admissions in the window
 
 
-class Budget:
+class Budget(NoopRecorder):
     """The keys' limits and the fleet's cap, checked at admission.
 
     Owns: the counters of each key's use, the fleet's cap state (`Fleet.capped`), and the cap's
@@ -310,15 +310,6 @@ class Budget:
                     self.fleet.events.publish(
                         BudgetLevel(scope="key", key=key, level=level, period=word, spent=used, limit=limit, unit=unit)
                     )
-
-    def wake(self, host: str, outcome: str, seconds: float) -> None:
-        pass
-
-    def wake_phase(self, host: str, phase: str, seconds: float) -> None:
-        pass
-
-    def paused(self, host: str, reason: str) -> None:
-        pass
 
     # -- the fleet's cap ---------------------------------------------------------------------------
 

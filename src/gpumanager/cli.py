@@ -612,11 +612,7 @@ def _live_models(hosts: dict[str, HostConfig], timeout: float = PROBE_SECONDS) -
 def _hosts(args: argparse.Namespace) -> int:
     import httpx
 
-    config, _ = load_config(args, required=False)
-    url = (args.url or _local_url(config)).rstrip("/")
-    key = args.key or os.environ.get("GPUMANAGER_API_KEY")
-    if not key:
-        raise ConfigError("hosts", "--key", "an admin key is needed: pass --key or set GPUMANAGER_API_KEY")
+    url, key = _server_and_key(args, "hosts")
     try:
         response = httpx.get(url + "/gpu/discover", headers={"Authorization": f"Bearer {key}"}, timeout=10)
     except httpx.HTTPError as exc:
@@ -645,11 +641,7 @@ def _hosts(args: argparse.Namespace) -> int:
 def _events(args: argparse.Namespace) -> int:
     import httpx
 
-    config, _ = load_config(args, required=False)
-    url = (args.url or _local_url(config)).rstrip("/")
-    key = args.key or os.environ.get("GPUMANAGER_API_KEY")
-    if not key:
-        raise ConfigError("events", "--key", "an admin key is needed: pass --key or set GPUMANAGER_API_KEY")
+    url, key = _server_and_key(args, "events")
     params = {"follow": "true" if args.follow else "false"}
     if args.type:
         params["type"] = ",".join(args.type)
@@ -689,6 +681,17 @@ def _event_line(kind: str, data: str, *, as_json: bool) -> str:
     if kind == "lost":
         return f"{stamp} {kind:<13} {msgspec.json.decode(data)['lost']} events not received (this reader fell behind)"
     return f"{stamp} {kind:<13} {describe(msgspec.json.decode(data, type=AnyEvent))}"
+
+
+def _server_and_key(args: argparse.Namespace, command: str) -> tuple[str, str]:
+    """The running server's URL (`--url`, else the config's [server]) and the admin key to call it
+    with (`--key`, else $GPUMANAGER_API_KEY)."""
+    config, _ = load_config(args, required=False)
+    url = (args.url or _local_url(config)).rstrip("/")
+    key = args.key or os.environ.get("GPUMANAGER_API_KEY")
+    if not key:
+        raise ConfigError(command, "--key", "an admin key is needed: pass --key or set GPUMANAGER_API_KEY")
+    return url, key
 
 
 def _local_url(config: Config) -> str:

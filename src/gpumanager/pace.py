@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Iterable
 
 from gpumanager.models import model_names
-from gpumanager.recorder import IntervalRecord, RequestRecord
+from gpumanager.recorder import NoopRecorder, RequestRecord
 
 SERVICES_KEPT = 50  # a model's service time is the mean of its last this many answers
 WAKES_KEPT = 20  # a host's cold start is the median of its last this many wakes
@@ -23,7 +23,9 @@ def model_key(model: str) -> str:
     return model_names(model)[-1]
 
 
-class Pace:
+class Pace(NoopRecorder):
+    """Recent service times by model and wake times by host (a `Recorder`: it hears of both)."""
+
     def __init__(self) -> None:
         self._services: dict[str, deque[float]] = {}
         self._wakes: dict[str, deque[float]] = {}
@@ -57,15 +59,6 @@ class Pace:
         if record.host and record.status == 200:
             self.served(record.model, max(0.0, record.duration_seconds - record.wait_seconds))
 
-    def interval(self, record: IntervalRecord) -> None:
-        pass
-
     def wake(self, host: str, outcome: str, seconds: float) -> None:
         if outcome == "ready":
             self.woke(host, seconds)
-
-    def wake_phase(self, host: str, phase: str, seconds: float) -> None:
-        pass
-
-    def paused(self, host: str, reason: str) -> None:
-        pass

@@ -285,8 +285,10 @@ class _Replay:
         self.dispatch()
         self.check_idle(host)
 
-    def check_idle(self, host: _Host) -> None:
-        due = pause_at(
+    @staticmethod
+    def pause_at(host: _Host) -> float | None:
+        """When the server's idle rule pauses `host` (pauses here are instant: never "pausing")."""
+        return pause_at(
             host.state,
             always_on=host.spec.always_on,
             protected=False,
@@ -294,18 +296,14 @@ class _Replay:
             leases=host.leases,
             deadline=host.deadline,
         )
+
+    def check_idle(self, host: _Host) -> None:
+        due = self.pause_at(host)
         if due is not None:
             self.at(max(due, self.now), "idle", host)
 
     def idle(self, host: _Host) -> None:
-        due = pause_at(
-            host.state,
-            always_on=host.spec.always_on,
-            protected=False,
-            pausing=False,
-            leases=host.leases,
-            deadline=host.deadline,
-        )
+        due = self.pause_at(host)
         if due is None or due > self.now:
             return  # used again meanwhile: a later check stands
         host.state, host.reserved_key = ST.PAUSED, None

@@ -14,7 +14,7 @@ import statistics
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -455,33 +455,34 @@ def served(db_path: str | Path, since: float, until: float) -> list[tuple[float,
     """The answered requests that finished in [since, until): (arrival, model, seconds holding a
     slot, key id), by arrival. Arrival is the finish less the whole duration; the slot was held
     for the duration less the wait."""
-    conn = connect(db_path)
-    try:
-        rows = conn.execute(
-            "SELECT ts - duration_ms / 1000.0, model, max(0, duration_ms - wait_ms) / 1000.0, key_id FROM requests "
-            "WHERE ts >= ? AND ts < ? AND status = 200 AND host != '' ORDER BY 1",
-            (since, until),
-        ).fetchall()
-    except sqlite3.Error as exc:
-        raise LedgerError(f"{db_path}: cannot read the usage ledger: {exc}") from None
-    finally:
-        conn.close()
+    rows = _rows(
+        db_path,
+        "SELECT ts - duration_ms / 1000.0, model, max(0, duration_ms - wait_ms) / 1000.0, key_id FROM requests "
+        "WHERE ts >= ? AND ts < ? AND status = 200 AND host != '' ORDER BY 1",
+        (since, until),
+    )
     return [(float(a), str(m), float(d), str(k)) for a, m, d, k in rows]
 
 
 def models_by_host(db_path: str | Path, since: float, until: float) -> dict[str, set[str]]:
     """The models each host answered in [since, until)."""
-    conn = connect(db_path)
-    try:
-        rows = conn.execute(
-            "SELECT DISTINCT host, model FROM requests WHERE ts >= ? AND ts < ? AND status = 200 AND host != ''",
-            (since, until),
-        ).fetchall()
-    except sqlite3.Error as exc:
-        raise LedgerError(f"{db_path}: cannot read the usage ledger: {exc}") from None
-    finally:
-        conn.close()
+    rows = _rows(
+        db_path,
+        "SELECT DISTINCT host, model FROM requests WHERE ts >= ? AND ts < ? AND status = 200 AND host != ''",
+        (since, until),
+    )
     found: dict[str, set[str]] = {}
     for host, model in rows:
         found.setdefault(str(host), set()).update(model_names(str(model)))
     return found
+
+
+def _rows(db_path: str | Path, sql: str, params: tuple[object, ...]) -> list[tuple[Any, ...]]:
+    """Every row of one query of the ledger, read-only."""
+    conn = connect(db_path)
+    try:
+        return conn.execute(sql, params).fetchall()
+    except sqlite3.Error as exc:
+        raise LedgerError(f"{db_path}: cannot read the usage ledger: {exc}") from None
+    finally:
+        conn.close()
