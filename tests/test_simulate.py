@@ -32,7 +32,7 @@ def test_a_short_window_pauses_between_bursts_and_a_long_one_does_not() -> None:
     # 3 min: the host is still reserved at 200 (until 35 + 180 = 215): one wake, billed 0-385.
     long = replay(TRACE, [HOST], Setting(reservation_minutes=3, scale_up="queue_depth", fallback_minutes=0))
     assert (long.dollars, long.wakes, long.cold_starts) == (pytest.approx(385), 1, 1)
-    assert always_on(TRACE, [HOST]).dollars == pytest.approx(205)  # the trace's first arrival to its last end
+    assert always_on([HOST], 0.0, 385.0).dollars == pytest.approx(385)
 
 
 def test_the_second_host_is_woken_only_when_the_wait_is_worth_a_cold_start() -> None:
@@ -62,7 +62,9 @@ def test_simulate_prints_a_table_of_every_setting_for_a_trace(
     out = capsys.readouterr().out
     assert code == 0 and "replay of 3 requests" in out
     rows = {line.split()[1] + line.split()[2]: line for line in out.splitlines() if line.startswith("queue_depth")}
-    assert "$170.00" in rows["1min"] and "$385.00" in rows["3min"] and "$205.00" in out  # always on
+    assert "$170.00" in rows["1min"] and "$385.00" in rows["3min"]
+    always = next(line for line in out.splitlines() if line.startswith("always on"))
+    assert "$385.00" in always and "56% saved" in rows["1min"]  # on from 0 until the latest billed moment
     code = main([*args, "--price", "3600", "--cold-start", "10", "--format", "json"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and len(report["outcomes"]) == 6 and report["requests"] == 3

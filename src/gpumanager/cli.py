@@ -770,7 +770,7 @@ def _simulate(args: argparse.Namespace) -> int:
             simulate.HostSpec(name=f"gpu-{i + 1}", slots=slots, price=args.price, cold_start=cold) for i in range(count)
         ]
     chosen = simulate.settings(args.reservation_minutes, args.scale_up, config)
-    report = simulate.simulate(requests, hosts, chosen)
+    report = simulate.simulate(requests, hosts, chosen, period=None if args.trace else (args.since, args.until))
     print(msgspec.json.encode(report).decode() if args.format == "json" else simulate.table(report))
     return 0
 

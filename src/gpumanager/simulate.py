@@ -95,6 +95,7 @@ class Outcome(msgspec.Struct, frozen=True):
     oracle_dollars: float = 0.0
     wakes: int = 0
     refused: int = 0
+    until: float = 0.0  # when the replay billed last (its last pause), in the requests' time
 
 
 @dataclass(eq=False)
@@ -341,14 +342,13 @@ def replay(requests: Sequence[Request], hosts: Sequence[HostSpec], setting: Sett
         oracle_dollars=sum(oracle[h.spec.name] * h.spec.price / 3600 for h in run.hosts.values()),
         wakes=sum(h.wakes for h in run.hosts.values()),
         refused=run.refused,
+        until=max(end, run.now),
     )
 
 
-def always_on(requests: Sequence[Request], hosts: Sequence[HostSpec]) -> Outcome:
-    """Every host billed from the first arrival to the last answer."""
-    if not requests:
-        return Outcome(None, "always on", 0.0, 0.0)
-    span = max(r.arrival + r.duration for r in requests) - min(r.arrival for r in requests)
+def always_on(hosts: Sequence[HostSpec], start: float, end: float) -> Outcome:
+    """Every host billed throughout [start, end)."""
+    span = max(0.0, end - start)
     return Outcome(None, "always on", span * len(hosts) / 3600, sum(span * h.price / 3600 for h in hosts))
 
 
@@ -495,8 +495,15 @@ class Report(msgspec.Struct, frozen=True):
 PARALLEL_FROM = 20_000  # requests: replays this long run in worker processes, one setting each
 
 
-def simulate(requests: Sequence[Request], hosts: Sequence[HostSpec], chosen: Sequence[Setting]) -> Report:
-    """Every setting's outcome and the two bounds; long replays use every core (they are independent)."""
+def simulate(
+    requests: Sequence[Request],
+    hosts: Sequence[HostSpec],
+    chosen: Sequence[Setting],
+    period: tuple[float, float] | None = None,
+) -> Report:
+    """Every setting's outcome, and always-on over the same period: `period` (the ledger's), or the
+    first arrival to the last moment any setting billed (a trace's). Long replays use every core
+    (they are independent)."""
     started = time.perf_counter()
     workers = min(len(chosen) + 1, os.cpu_count() or 1)
     if len(requests) >= PARALLEL_FROM and workers > 1:
@@ -504,13 +511,16 @@ def simulate(requests: Sequence[Request], hosts: Sequence[HostSpec], chosen: Seq
             outcomes = list(pool.map(replay, *zip(*((requests, hosts, setting) for setting in chosen), strict=True)))
     else:
         outcomes = [replay(requests, hosts, setting) for setting in chosen]
-    span = (max(r.arrival + r.duration for r in requests) - min(r.arrival for r in requests)) if requests else 0.0
+    first = min((r.arrival for r in requests), default=0.0)
+    last = max([r.arrival + r.duration for r in requests] + [o.until for o in outcomes], default=first)
+    start, end = period if period is not None else (first, last)
+    end = max(end, last)  # a replay may bill past the period's end (its last window): count it on both sides
     return Report(
         requests=len(requests),
-        hours=span / 3600,
+        hours=(end - start) / 3600,
         hosts=list(hosts),
         outcomes=outcomes,
-        always_on=always_on(requests, hosts),
+        always_on=always_on(hosts, start, end),
         seconds=time.perf_counter() - started,
     )
 
