@@ -308,3 +308,28 @@ async def _tolerant_request(c: Core[BilledCloud], key: str, seconds: float, serv
         await request(c, key, seconds, served)
     except Exception as exc:
         assert any(word in str(exc) for word in ("emergency", "ready", "GPU", "no free slot")), exc
+
+
+async def test_a_wake_that_waits_for_an_idle_pause_leaves_the_pause_to_its_reserving_key(tmp_path: Path) -> None:
+    machine = MemoryMachine("gpu", boot_seconds=30, pause_seconds=120)  # a slow pause
+    phases: list[tuple[str, float]] = []
+
+    class Timed(Ledger):
+        def wake(self, host: str, outcome: str, seconds: float) -> None:
+            phases.append((outcome, seconds))
+
+    ledger = Timed()
+    async with running_core(tmp_path, TIMING, BilledCloud(), machine, recorder=ledger) as c:
+        c.host("gpu").cost_per_hour = PRICE
+        served: list[Served] = []
+        await request(c, "k1", 20, served)
+        await until(lambda: c.host("gpu").state is HostState.PAUSING)
+        await anyio.sleep(10)
+        await request(c, "k2", 5, served)  # wakes the host once its pause is done
+        await all_paused(c)
+        owners = [o[:2] for o in ledger.owners("gpu")]
+        assert owners[:4] == [("wake", "k1"), ("reserve", "k1"), ("drain", "k1"), ("wake", "k2")]
+        drain = ledger.owners("gpu")[2][2]
+        assert 120 <= drain <= 122  # the whole pause, though k2 was waiting for it from 10 s in
+        assert phases[-1][0] == "ready" and 30 <= phases[-1][1] <= 32  # its cold start: not the pause too
+        assert_conserved(c, ledger, served, c.host("gpu"))

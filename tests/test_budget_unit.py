@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import msgspec
 import pytest
 from loguru import logger
 
@@ -17,6 +18,7 @@ from gpumanager.errors import BudgetSpent
 from gpumanager.fleet import Fleet
 from gpumanager.keys import Identity, Limits
 from gpumanager.ledger.schema import open_database
+from gpumanager.pace import Pace
 from gpumanager.recorder import RequestRecord
 
 AMSTERDAM = ZoneInfo("Europe/Amsterdam")
@@ -91,3 +93,24 @@ def test_counters_start_from_the_ledger_and_the_fleet_warns_before_its_cap(tmp_p
     finally:
         logger.remove(sink)
     assert len(warnings) == 1 and "spent $8.50 of its daily GPU budget of $10.00 (85%)" in warnings[0]
+
+
+def test_when_both_dollar_budgets_are_spent_the_later_reset_is_told() -> None:
+    now = at(2026, 5, 4, 12, 0, zone=UTC)
+    config = loads('[budget]\ntimezone = "UTC"\n')
+    budget = Budget(config, Fleet(config), wall=lambda: now)
+    who = Identity("k1", "Ada", False, Limits(dollars_per_day=1.0, dollars_per_month=1.5))
+    budget.admit(who, "llama3.2")
+    budget.request(record("k1", 1, cost_micro=2_000_000))
+    with pytest.raises(BudgetSpent, match=re.escape("monthly GPU budget of $1.50 is spent")) as refused:
+        budget.admit(who, "llama3.2")
+    assert refused.value.retry_after == pytest.approx(at(2026, 6, 1, zone=UTC) - now)
+
+
+def test_only_answers_of_models_count_as_their_service_time() -> None:
+    pace = Pace()
+    answer = record("k1", 5)
+    pace.request(msgspec.structs.replace(answer, route="/api/pull", duration_seconds=600.0))  # model management
+    assert pace.service_seconds("llama3.2") is None
+    pace.request(answer)
+    assert pace.service_seconds("llama3.2:latest") == pytest.approx(1.0)  # either spelling

@@ -140,6 +140,10 @@ def test_a_reconnecting_reader_resumes_after_its_last_event_and_hears_what_it_lo
         assert "snapshot" not in resumed.kinds()  # a resumed stream goes on where it stopped
     finally:
         resumed.close()
+    restarted = Reader(stack, "?follow=false", headers={"Last-Event-ID": "999999"})  # an id of before a restart
+    wait_until(lambda: bool(restarted.items), timeout=10)
+    restarted.close()
+    assert restarted.items[0][0] == "snapshot"  # begins afresh: the fleet as it is, then the history
     for _ in range(60):  # more than [events] history = 50 events in all
         assert ask(stack, tokens=1).status_code == 200
     behind = Reader(stack, "?follow=false", headers={"Last-Event-ID": str(first)})

@@ -144,3 +144,13 @@ async def test_emergency_off_ends_streams_pauses_everything_and_refuses_wakes(tm
         c.lifecycle.emergency_on("admin")
         assert c.lifecycle.resume(b, "admin") is True
         await until(lambda: b.state is HostState.READY)
+
+
+async def test_a_pause_asked_for_before_a_wake_began_stops_it_at_once(tmp_path: Path) -> None:
+    async with core(tmp_path, MemoryMachine("gpu", boot_seconds=30, pause_seconds=5)) as c:
+        h, start = c.host("gpu"), anyio.current_time()
+        wake = c.lifecycle.start_wake(h, "llama3.2", by="k1")
+        c.lifecycle.request_pause(h, "the fleet's GPU budget is spent", kind="budget")  # before the wake's task ran
+        await until(lambda: h.wake is None and h.pausing is None)
+        assert anyio.current_time() - start < 10  # not the 600 s of startup_timeout_seconds
+        assert "budget" in wake.error and c.cloud.count("resume", "gpu") == 0 and h.state is HostState.PAUSED

@@ -84,6 +84,8 @@ class _Bill:
     open: dict[Owner, _Open] = field(default_factory=dict)
     seconds: float = 0.0  # billed, in total
     waker: Owner | None = None  # who started the latest wake: its fallback window, a failed wake's pause
+    previous: Owner | None = None  # ...and the wake before (a pause under way when a new wake began is its)
+    wake: object = None  # the latest wake seen (`hosts.Wake`)
 
 
 class Billing:
@@ -136,7 +138,7 @@ class Billing:
         bill.plan = plan = self._plan(host, bill)
         if not plan.billed:
             self._close(host, bill, before=math.inf)
-            bill.waker = None
+            bill.waker = bill.previous = bill.wake = None  # a wake waiting for this pause is seen anew
 
     def checkpoint(self) -> None:
         """Settle every host and record every open interval that grew since it was last recorded."""
@@ -214,27 +216,38 @@ class Billing:
         leases = tuple(self.leases_of(host))
         if leases:
             return _Plan(billed=True, leases=leases)
-        if host.wake is not None:
+        if host.wake is not None and host.wake is not bill.wake:
+            bill.wake, bill.previous = host.wake, bill.waker
             bill.waker = _waker(host.wake.by, admin=host.wake.admin)
         if host.pause_failing:
             return _always(Owner(Reason.PAUSE_RETRY, None))
         if host.paused_by is not None:  # an admin's pause or emergency-off, until the cloud says paused
             return _always(Owner(Reason.ADMIN, host.paused_by))
+        if host.pausing is not None and host.state is not ST.FAILED:
+            # An idle pause under way is its reserving owner's, even when a new wake already waits for it.
+            return _always(self._late(host, bill.previous if host.wake is not None else bill.waker))
         woken_by = bill.waker or Owner(Reason.FOUND, None)
         if host.wake is not None or host.state in WAKING or host.state is ST.FAILED:
             return _always(woken_by)
-        if host.reserved_key is not None:
-            early = Owner(Reason.RESERVE, host.reserved_key)
-        elif woken_by.key is not None:
-            early = Owner(Reason.FALLBACK, woken_by.key)
-        else:
-            early = woken_by
+        early = self._early(host, woken_by)
         late = early if early.key is None else Owner(Reason.DRAIN, early.key)
-        if host.pausing is not None:
-            return _always(late)
         if host.protected or host.always_on:
             late = Owner(Reason.PROTECTED, None)
         return _Plan(billed=True, early=early, deadline=host.idle_deadline, late=late)
+
+    @staticmethod
+    def _early(host: Host, woken_by: Owner) -> Owner:
+        """Who owns the host's idle time before its deadline."""
+        if host.reserved_key is not None:
+            return Owner(Reason.RESERVE, host.reserved_key)
+        if woken_by.key is not None:
+            return Owner(Reason.FALLBACK, woken_by.key)
+        return woken_by
+
+    def _late(self, host: Host, woken_by: Owner | None) -> Owner:
+        """Who owns the host's idle time after its deadline, and its idle pause."""
+        early = self._early(host, woken_by or Owner(Reason.FOUND, None))
+        return early if early.key is None else Owner(Reason.DRAIN, early.key)
 
     # -- reading -----------------------------------------------------------------------------------
 

@@ -236,20 +236,24 @@ class Budget(NoopRecorder):
         """Refuse a key past a dollar budget; else the dollars it has left (the tighter budget's)."""
         running = sum(lease.cost_micro for lease in self.fleet.all_leases() if lease.key == key)
         left = math.inf
+        refusal = None
+        # The month's budget first: when both are spent, the later reset is the true one.
         for limit, used, period, word in (
-            (limits.dollars_per_day, spend.micro_day, self._day, "daily"),
             (limits.dollars_per_month, spend.micro_month, self._month, "monthly"),
+            (limits.dollars_per_day, spend.micro_day, self._day, "daily"),
         ):
             if limit is None:
                 continue
             spent = (used + running) / MICRO
-            if spent >= limit:
+            if spent >= limit and refusal is None:
                 resets = self.calendar.at(period.end, with_date=word == "monthly")
-                raise BudgetSpent(
+                refusal = BudgetSpent(
                     f"this key's {word} GPU budget of ${limit:,.2f} is spent (${spent:,.2f}); it resets at {resets}",
                     retry_after=period.end - now,
                 )
             left = min(left, limit - spent)
+        if refusal is not None:
+            raise refusal
         return left
 
     def _cold_start_refusal(self, model: str, left: float) -> str:
@@ -353,7 +357,7 @@ class Budget(NoopRecorder):
                 self.fleet.events.publish(
                     BudgetLevel(scope="fleet", key=None, level=level, period=word, spent=spent, limit=cap)
                 )
-            if spent >= cap and reached is None and now >= self.override_until:
+            if spent >= cap and now >= self.override_until:  # the month's, when both: the later reset
                 resets = self.calendar.at(period.end, with_date=word == "month")
                 reached = FleetBudgetSpent(
                     f"the fleet's {adjective} GPU budget of ${cap:,.2f} is spent; it resets at {resets}",

@@ -45,11 +45,12 @@ def events_route(fleet: Fleet, bus: Bus, *, heartbeat: float, closing: Callable[
         types = _types(request.query_params.get("type"))
         follow = request.query_params.get("follow", "true").lower() not in ("false", "0", "no")
         after = _after(request.headers.get("last-event-id") or request.query_params.get("after"))
+        if after is not None and after > bus.last_id:
+            after = None  # an id from before a restart (they start again at 1): begin afresh
         from_history = after if after is not None else (None if follow else bus.first_id - 1)
-        subscription = bus.subscribe(types, after=from_history)
 
         async def body() -> AsyncIterator[bytes]:
-            with subscription:
+            with bus.subscribe(types, after=from_history) as subscription:  # left by every way out
                 if after is None:
                     yield snapshot()
                 quiet_since = time.monotonic()

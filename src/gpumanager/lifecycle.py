@@ -137,15 +137,19 @@ class Lifecycle:
 
     def stop_wake(self, host: Host, reason: str) -> None:
         """End a wake in progress (a pause was asked for): its waiters are served elsewhere or told why."""
-        if host.wake is not None and host.wake.scope is not None and not host.wake.error:
-            host.wake.stopped_by = reason
-            host.wake.scope.cancel()
+        wake = host.wake
+        if wake is not None and not wake.error:
+            wake.stopped_by = reason  # a wake whose task has not run yet stops as it starts
+            if wake.scope is not None:
+                wake.scope.cancel()
 
     async def _wake(self, host: Host, wake: Wake) -> None:
         log = logger.bind(host=host.name)
         progress = _Progress()
         try:
             with anyio.CancelScope() as wake.scope, anyio.fail_after(wake.deadline - self.now()):
+                if wake.stopped_by:  # stopped before it began: the pause that stopped it waits for this
+                    raise WakeFailed(wake.stopped_by)
                 await self._resume(host, wake, progress)
                 host.apply(EV.OLLAMA_READY)
             if wake.scope.cancel_called:
@@ -160,10 +164,12 @@ class Lifecycle:
             self._wake_failed(host, wake, f"unexpected error: {exc!r}")
         else:
             now = self.now()
+            asked = progress.asked if progress.asked is not None else wake.started
             answered = progress.answered if progress.answered is not None else now
             running = min(progress.running if progress.running is not None else answered, answered)
-            self.recorder.wake(host.name, "ready", now - wake.started)
-            self.recorder.wake_phase(host.name, "resume", running - wake.started)
+            # From the resume call: the end of a pause it waited for is no part of a cold start.
+            self.recorder.wake(host.name, "ready", now - asked)
+            self.recorder.wake_phase(host.name, "resume", running - asked)
             self.recorder.wake_phase(host.name, "boot", answered - running)
             self.recorder.wake_phase(host.name, "model", now - answered)
             host.ready_since, host.healthy, host.last_error = now, True, ""
@@ -171,8 +177,8 @@ class Lifecycle:
             log.info(
                 "{} is ready after {:.1f}s (cloud {:.1f}s, Ollama {:.1f}s, model {:.1f}s)",
                 host.name,
-                now - wake.started,
-                running - wake.started,
+                now - asked,
+                running - asked,
                 answered - running,
                 now - answered,
             )
@@ -190,6 +196,7 @@ class Lifecycle:
         if host.pausing is not None:
             logger.bind(host=host.name).info("{} is pausing; it is resumed once the pause is done", host.name)
             await host.pausing.wait()
+        progress.asked = self.now()
         if host.state is ST.FAILED:  # only an admin's resume gets here: it ends the cooldown
             host.apply(EV.COOLDOWN_OVER)
         if host.state in (ST.PAUSED, ST.UNKNOWN):
@@ -493,6 +500,7 @@ class _Progress:
         self.info: HostInfo | None = None  # the cloud's newest answer with the address
         self.running: float | None = None  # when the cloud was first seen to say the host runs
         self.answered: float | None = None  # when Ollama first answered a probe
+        self.asked: float | None = None  # when the resume was asked (after any pause it waited for)
 
     def located(self, info: HostInfo) -> None:
         self.info = info

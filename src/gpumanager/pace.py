@@ -15,6 +15,18 @@ from gpumanager.models import model_names
 from gpumanager.recorder import NoopRecorder, RequestRecord
 
 SERVICES_KEPT = 50  # a model's service time is the mean of its last this many answers
+# The routes whose answers are a model's service (not model management, nor /api/show from a cache).
+SERVED_ROUTES = frozenset(
+    {
+        "/api/chat",
+        "/api/generate",
+        "/api/embed",
+        "/api/embeddings",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+    }
+)
 WAKES_KEPT = 20  # a host's cold start is the median of its last this many wakes
 
 
@@ -56,7 +68,7 @@ class Pace(NoopRecorder):
     # -- the Recorder ------------------------------------------------------------------------------
 
     def request(self, record: RequestRecord) -> None:
-        if record.host and record.status == 200:
+        if record.host and record.status == 200 and record.route in SERVED_ROUTES:
             self.served(record.model, max(0.0, record.duration_seconds - record.wait_seconds))
 
     def wake(self, host: str, outcome: str, seconds: float) -> None:

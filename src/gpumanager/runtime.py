@@ -7,6 +7,7 @@ given only the parts they use. `run()` opens the one task group that every backg
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import anyio
@@ -159,10 +160,11 @@ class Runtime:
             with anyio.move_on_after(self.config.timing.probe_timeout_seconds * 4):
                 await self.reconciler.refresh_all()
             tg.start_soon(self.reconciler.run)
-            tg.start_soon(self.budget.run, self.lifecycle)
+            if self.config.budget.daily_dollars is not None or self.config.budget.monthly_dollars is not None:
+                tg.start_soon(forever, functools.partial(self.budget.run, self.lifecycle))
             tg.start_soon(forever, self._reload_keys)
             if self.webhooks.hooks:
-                tg.start_soon(self.webhooks.run, self.upstream.client)
+                tg.start_soon(forever, functools.partial(self.webhooks.run, self.upstream.client))
             if not self.keys.records():
                 logger.warning("no API keys in {}: make one with `gpumanager generate-key`", self.keys.path)
             task_status.started()

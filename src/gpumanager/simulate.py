@@ -366,7 +366,7 @@ def read_trace(path: str | Path) -> list[Request]:
     from any origin, or an ISO date and time."""
     requests = []
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # a spreadsheet's byte-order mark too
             for number, row in enumerate(csv.reader(f), start=1):
                 if not row or row[0].startswith("#") or row[0].strip().lower() == "time":
                     continue
@@ -382,9 +382,13 @@ def read_trace(path: str | Path) -> list[Request]:
 
 def _time(text: str, path: str | Path, line: int) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(value):
+            raise TraceError(f"{path}:{line}: time {text!r} is not a number of seconds")
+        return value
     try:
         return datetime.fromisoformat(text.strip()).timestamp()
     except ValueError:

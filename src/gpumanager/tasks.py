@@ -19,7 +19,8 @@ async def guarded(fn: Callable[..., Awaitable[None]], *args: Any) -> None:
     try:
         await fn(*args)
     except Exception as exc:
-        logger.opt(exception=exc).error("background task {} failed unexpectedly", fn.__name__)
+        name = getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", repr(fn))
+        logger.opt(exception=exc).error("background task {} failed unexpectedly", name)
 
 
 async def forever(loop: Callable[[], Awaitable[None]], *, restart_seconds: float = 1.0) -> None:

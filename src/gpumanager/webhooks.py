@@ -51,9 +51,10 @@ class Webhook:
         delay = self.config.retry_seconds
         for attempt in range(self.config.retries + 1):
             try:
-                response = await client.post(
-                    self.config.url, content=body, headers=headers, timeout=self.config.timeout_seconds
-                )
+                with anyio.fail_after(self.config.timeout_seconds):  # the whole POST, not each read
+                    response = await client.post(
+                        self.config.url, content=body, headers=headers, timeout=self.config.timeout_seconds
+                    )
                 if response.status_code < 300:
                     self.sent += 1
                     return True

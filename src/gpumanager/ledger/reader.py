@@ -428,7 +428,8 @@ def recent_timings(
     try:
         services = conn.execute(
             "SELECT model, max(0, duration_ms - wait_ms) / 1000.0 FROM requests "
-            "WHERE status = 200 AND host != '' ORDER BY ts DESC LIMIT 20000"
+            "WHERE status = 200 AND host != '' AND route NOT IN ('/api/pull', '/api/push', '/api/create', "
+            "'/api/copy', '/api/delete', '/api/show') ORDER BY ts DESC LIMIT 20000"
         ).fetchall()
         wakes = conn.execute(
             "SELECT host, gpu_seconds FROM intervals WHERE reason = 'wake' ORDER BY \"start\" DESC LIMIT 5000"

@@ -60,6 +60,8 @@ class Exchange:
         "completed",
         "completion_tokens",
         "dialect",
+        "earlier_cost_micro",
+        "earlier_gpu_seconds",
         "first_byte",
         "first_byte_at",
         "host",
@@ -87,6 +89,9 @@ class Exchange:
         self.wait_ms = 0.0
         self.last_read = 0.0  # when the host's last chunk arrived (anyio clock); 0 before the first
         self.lease: Lease | None = None  # the slot the answer streams from, while it does
+        # What the slots of earlier attempts (a host that could not be reached) were charged.
+        self.earlier_gpu_seconds = 0.0
+        self.earlier_cost_micro = 0
         self.prompt_tokens: int | None = None  # read from the answer as it passed (None: not sent)
         self.completion_tokens: int | None = None
         # perf_counter marks: request sent upstream, first byte to the client, last upstream byte

@@ -163,8 +163,8 @@ def _record(scope: Scope, ex: Exchange, model: str, status: int, started: float)
         overhead_seconds=overhead,
         prompt_tokens=ex.prompt_tokens,
         completion_tokens=ex.completion_tokens,
-        gpu_seconds=ex.lease.gpu_seconds if ex.lease is not None else 0.0,
-        cost_micro=ex.lease.cost_micro if ex.lease is not None else 0,
+        gpu_seconds=ex.earlier_gpu_seconds + (ex.lease.gpu_seconds if ex.lease is not None else 0.0),
+        cost_micro=ex.earlier_cost_micro + (ex.lease.cost_micro if ex.lease is not None else 0),
     )
 
 
@@ -276,6 +276,8 @@ class ModelRoute:
                 with lease, anyio.CancelScope() as lease.scope:
                     await self._send(scope, ex, lease, ask, body, on_body)
             except ConnectFailed as exc:
+                ex.earlier_gpu_seconds += lease.gpu_seconds  # its slot was held, and billed, meanwhile
+                ex.earlier_cost_micro += lease.cost_micro
                 parts.inventory.mark_unhealthy(lease.host, str(exc))
                 if attempt == 2:
                     raise UpstreamFailed(str(exc)) from None
