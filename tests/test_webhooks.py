@@ -313,6 +313,6 @@ def test_a_dead_or_hanging_receiver_delays_neither_requests_nor_pauses(tmp_path:
     ],
 )
 def test_a_bad_webhook_is_refused_at_start_with_one_line(tmp_path: Path, entry: str, problem: str) -> None:
-    config = loads(f'[paths]\nstate_dir = "{tmp_path}"\n[[webhooks]]\n{entry}\n', tmp_path / "config.toml")
-    with pytest.raises(ConfigError, match=re.escape(problem)):
-        build_app(config, environ={})
+    text = f'[paths]\nstate_dir = "{tmp_path}"\n[[webhooks]]\n{entry}\n'
+    with pytest.raises(ConfigError, match=re.escape(problem)):  # when the file is read, or at the latest at start
+        build_app(loads(text, tmp_path / "config.toml"), environ={})

@@ -342,6 +342,9 @@ def _check(config: Config, path: str) -> None:
             "budget.timezone",
             f"unknown time zone {config.budget.timezone!r} (an IANA name: UTC, Europe/Amsterdam)",
         ) from None
+    for i, hook in enumerate(config.webhooks):  # the URL may hold a token: never repeated in the error
+        if not re.match(r"^https?://[^/\s]+", hook.url):
+            raise ConfigError(path, f"webhooks[{i}].url", "must be an http:// or https:// URL with a host")
     seen: set[str] = set()
     for i, host in enumerate(config.hosts):
         if host.name in seen:
