@@ -186,6 +186,8 @@ def _response_text(line: str) -> str:
 
 def _banner(url: str, key: str, folder: Path) -> None:
     python = sys.executable  # the interpreter that runs gpumanager has the openai and ollama clients
+    script = Path(sys.executable).with_name("gpumanager")
+    gpumanager = str(script) if script.exists() else f"{python} -m gpumanager"
     print(
         textwrap.dedent(f"""
         gpumanager demo: a proxy at {url} in front of a simulated cloud of two paused GPU hosts.
@@ -204,5 +206,8 @@ def _banner(url: str, key: str, folder: Path) -> None:
 
           {python} -c 'import ollama; c = ollama.Client(host="{url}", headers={{"Authorization": "Bearer {key}"}})
           print(c.generate(model="qwen2.5:7b", prompt="hi").response)'
+
+          {gpumanager} events --follow --url {url} --key {key}     # what the fleet does, live
+          {gpumanager} usage --config {folder / "config.toml"}     # who used what, and what it cost
         """)
     )
