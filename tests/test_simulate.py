@@ -126,3 +126,13 @@ def test_the_replay_and_the_live_server_wake_and_pause_alike(
                  "--reservation-minutes", str(window_minutes)])  # fmt: skip
     same = json.loads(capsys.readouterr().out)["outcomes"]
     assert code == 0 and all(o["wakes"] == live_wakes for o in same) and replayed
+
+
+def test_a_static_hosts_showback_does_not_grow_with_the_window() -> None:
+    hosts = [
+        HostSpec(name="box", slots=1, price=3600.0, cold_start=0.0, always_on=True),  # a dollar a second
+        HostSpec(name="cloud", slots=1, price=0.0, cold_start=10.0),  # free: only the box costs
+    ]
+    trace = [Request(0.0, "m", 50.0), Request(1.0, "m", 50.0), Request(100.0, "m", 5.0)]
+    short, long = (replay(trace, hosts, Setting(reservation_minutes=m, scale_up="queue_depth")) for m in (1, 60))
+    assert short.dollars == long.dollars == pytest.approx(105)  # from the first arrival to the last answer

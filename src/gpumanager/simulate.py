@@ -158,10 +158,13 @@ class _Replay:
             elif kind == "idle":
                 self.idle(payload)
 
-    def finish(self, end: float) -> None:
+    def finish(self, end: float, static_end: float) -> None:
+        """Stop billing: cloud hosts at `end`, static ones at `static_end` (the last answer: the same
+        for every setting, so their showback does not grow with the reservation window)."""
         for host in self.hosts.values():
             if host.billed_since is not None:
-                host.billed += max(0.0, end - host.billed_since)
+                stop = static_end if host.spec.always_on else end
+                host.billed += max(0.0, stop - host.billed_since)
                 host.billed_since = None
 
     # -- the policy, as the fleet applies it -------------------------------------------------------
@@ -321,7 +324,7 @@ def replay(requests: Sequence[Request], hosts: Sequence[HostSpec], setting: Sett
     run = _Replay(hosts, setting, start)
     run.run(ordered)
     end = max((b for h in run.hosts.values() for _, b in h.busy), default=start)
-    run.finish(max(end, run.now))
+    run.finish(max(end, run.now), max(r.arrival + r.duration for r in ordered) if ordered else start)
     billed = sum(h.billed for h in run.hosts.values())
     dollars = sum(h.billed * h.spec.price / 3600 for h in run.hosts.values())
     oracle = {

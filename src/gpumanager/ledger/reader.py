@@ -453,14 +453,14 @@ def _newest(rows: list[tuple[str, float]], keep: int) -> list[tuple[str, float]]
 
 
 def served(db_path: str | Path, since: float, until: float) -> list[tuple[float, str, float, str]]:
-    """The answered requests that finished in [since, until): (arrival, model, seconds holding a
-    slot, key id), by arrival. Arrival is the finish less the whole duration; the slot was held
-    for the duration less the wait."""
+    """The answered requests that arrived in [since, until) and finished by `until`: (arrival,
+    model, seconds holding a slot, key id), by arrival. Arrival is the finish less the whole
+    duration; the slot was held for the duration less the wait."""
     rows = _rows(
         db_path,
         "SELECT ts - duration_ms / 1000.0, model, max(0, duration_ms - wait_ms) / 1000.0, key_id FROM requests "
-        "WHERE ts >= ? AND ts < ? AND status = 200 AND host != '' ORDER BY 1",
-        (since, until),
+        "WHERE ts >= ? AND ts < ? AND ts - duration_ms / 1000.0 >= ? AND status = 200 AND host != '' ORDER BY 1",
+        (since, until, since),
     )
     return [(float(a), str(m), float(d), str(k)) for a, m, d, k in rows]
 
