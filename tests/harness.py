@@ -22,6 +22,7 @@ from gpumanager.config import load
 from gpumanager.keys import KeyStore
 from gpumanager.runtime import Runtime
 from gpumanager.sim import SimOllama, SimServer, running_server
+from gpumanager.sim.wire import respond
 from tests.clouds import CLOUDS, Cloud, Machine
 
 
@@ -94,6 +95,28 @@ inventory_refresh_seconds = 0.5
 probe_timeout_seconds = 1
 shutdown_grace_seconds = 1
 """
+
+
+# What an older OpenAI-compatible server (Ollama before 0.5.2) answers to `stream_options`.
+STREAM_OPTIONS_REFUSAL = b'{"error":{"message":"unknown field \\"stream_options\\"","type":"invalid_request_error"}}'
+
+
+async def refuse_stream_options(send: Any) -> None:
+    await respond(send, 400, STREAM_OPTIONS_REFUSAL)
+
+
+def replaying(body: bytes, receive: Any) -> Callable[[], Any]:
+    """An ASGI `receive` that gives `body` (already read) first, then what `receive` gives."""
+    given = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return dict(await receive())
+
+    return replay
 
 
 def cycle_timing(reservation: float = 0.01, fallback: float | None = None, **more: float) -> str:

@@ -21,8 +21,17 @@ from anyio.from_thread import start_blocking_portal
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpumanager.sim import SimOllama, expected_text, running_server
+from gpumanager.sim.wire import read_body
 from tests.clouds import Machine
-from tests.harness import FAST_TIMING, Stack, running_cloud_stack, running_stack, wait_until
+from tests.harness import (
+    FAST_TIMING,
+    Stack,
+    refuse_stream_options,
+    replaying,
+    running_cloud_stack,
+    running_stack,
+    wait_until,
+)
 from tests.test_openai_hosts import OpenAIServer
 
 HF = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -43,31 +52,12 @@ class Door:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] not in ("/v1/chat/completions", "/v1/completions"):
             return await self.server(scope, receive, send)
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
+        body = await read_body(receive)
         self.bodies.append(json.loads(body))
         if self.refuses and b"stream_options" in body:
             self.refused += 1
-            error = b'{"error":{"message":"unknown field \\"stream_options\\"","type":"invalid_request_error"}}'
-            await send(
-                {"type": "http.response.start", "status": 400, "headers": [(b"content-type", b"application/json")]}
-            )
-            await send({"type": "http.response.body", "body": error})
-            return
-        replayed = False
-
-        async def replay() -> dict[str, Any]:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return dict(await receive())
-
-        await self.server(scope, replay, send)
+            return await refuse_stream_options(send)
+        await self.server(scope, replaying(body, receive), send)
 
 
 # name, models, more of its [[hosts]] entry, whether it refuses stream_options

@@ -15,7 +15,7 @@ import pytest
 from loguru import logger
 
 from gpumanager.sim import SimOllama, expected_text
-from tests.harness import FAST_TIMING, SimHost, Stack, running_stack, wait_until
+from tests.harness import FAST_TIMING, SimHost, Stack, refuse_stream_options, replaying, running_stack, wait_until
 
 PROMPT = "one two three four"  # the simulated Ollama counts prompt tokens as words: 4
 
@@ -109,22 +109,8 @@ def test_a_host_that_refuses_stream_options_is_asked_again_without(tmp_path: Any
             body = message.get("body", b"")
             if b"stream_options" in body:
                 refusals.append(body)
-                error = b'{"error":{"message":"unknown field \\"stream_options\\"","type":"invalid_request_error"}}'
-                await send(
-                    {"type": "http.response.start", "status": 400, "headers": [(b"content-type", b"application/json")]}
-                )
-                await send({"type": "http.response.body", "body": error})
-                return
-            sent = False
-
-            async def replay() -> dict[str, Any]:
-                nonlocal sent
-                if not sent:
-                    sent = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
-
-            await sim(scope, replay, send)
+                return await refuse_stream_options(send)
+            await sim(scope, replaying(body, receive), send)
             return
         await sim(scope, receive, send)
 

@@ -234,7 +234,7 @@ class Budget(NoopRecorder):
 
     def _check_dollars(self, key: str, spend: _Spend, limits: Limits, now: float) -> float:
         """Refuse a key past a dollar budget; else the dollars it has left (the tighter budget's)."""
-        running = sum(lease.cost_micro for lease in self.fleet.all_leases() if lease.key == key)
+        running = self._running(key)
         left = math.inf
         refusal = None
         # The month's budget first: when both are spent, the later reset is the true one.
@@ -255,6 +255,10 @@ class Budget(NoopRecorder):
         if refusal is not None:
             raise refusal
         return left
+
+    def _running(self, key: str) -> int:
+        """The cost so far of the key's requests still running (micro-dollars), to their last settle."""
+        return sum(lease.cost_micro for lease in self.fleet.all_leases() if lease.key == key)
 
     def _cold_start_refusal(self, model: str, left: float) -> str:
         """Why this key may not wake a host for `model` (its dollars left cannot pay the cheapest
@@ -416,7 +420,7 @@ class Budget(NoopRecorder):
         """A key's limits and its use of them in the current day and month."""
         self._roll(self.wall())
         spend = self._spend.get(who.id) or _Spend()
-        running = sum(lease.cost_micro for lease in self.fleet.all_leases() if lease.key == who.id)
+        running = self._running(who.id)
         return {
             "limits": {name: value for name, value in _fields(who.limits).items() if value is not None},
             "tokens_today": spend.tokens_day,

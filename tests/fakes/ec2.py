@@ -49,6 +49,7 @@ from starlette.types import Receive, Scope, Send
 
 from gpumanager.sim import SimOllama, SimServer, running_server
 from gpumanager.sim.server import free_port_on
+from gpumanager.sim.wire import read_body
 from tests.fakes.machine import MachineCloud, SimMachine, until
 
 __all__ = ["FakeEC2", "free_port_for_all"]
@@ -494,12 +495,7 @@ class FakeEC2(MachineCloud[_Instance]):
     async def _asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
+        body = await read_body(receive)
         reply = await self._answer(scope, body)
         await send(
             {

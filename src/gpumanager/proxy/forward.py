@@ -100,6 +100,11 @@ class Exchange:
         self.woke: Host | None = None  # the host this request waited for a wake of, and got
         self.silence: SilenceWatch | None = None  # ends the answer if its host falls silent
 
+    def mark_first_byte(self) -> None:
+        """The answer's first byte went to the client now (once; later calls change nothing)."""
+        if not self.first_byte:
+            self.first_byte, self.first_byte_at = time.perf_counter(), anyio.current_time()
+
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.started, self.status = True, status
         for name, value in headers:
@@ -176,6 +181,17 @@ class SilenceWatch:
             self.on_silent(self.ex)
         elif self._alarm is not None:
             self._alarm.arm(self.idle - quiet)
+
+
+def refuses_usage(error_body: bytes) -> bool:
+    """Whether a host's 400 refused the `stream_options` it was sent (an older Ollama's OpenAI API)."""
+    return b"stream_options" in error_body
+
+
+def stop_asking_usage(host: Host) -> None:
+    """The host refused `stream_options`: it is not asked again, and its streams go uncounted."""
+    logger.bind(host=host.name).info("{} refuses stream_options: its streams go uncounted", host.name)
+    host.stream_usage = False
 
 
 class UsageRefused(Exception):
@@ -313,7 +329,7 @@ async def _relay(
         raise refused(response, lease.host, await response.aread())
     if response.status_code == 400 and meter is not None and meter.drop_usage:
         refusal = await response.aread()
-        if b"stream_options" in refusal:  # an OpenAI-compatible server that refuses it (older Ollama)
+        if refuses_usage(refusal):
             raise UsageRefused(lease.host.name)
         response = httpx.Response(400, headers=response.headers, content=refusal)
     if ex.started and response.status_code != 200:
@@ -334,7 +350,7 @@ async def _relay(
                     continue
             await ex.write(chunk)
             if not ex.first_byte:
-                ex.first_byte, ex.first_byte_at = time.perf_counter(), anyio.current_time()
+                ex.mark_first_byte()
                 if ex.silence is not None:
                     ex.silence.start()
             if kept is not None:

@@ -48,6 +48,7 @@ from gpumanager.proxy.forward import (
     Upstream,
     UsageRefused,
     forward,
+    stop_asking_usage,
     upstream_headers,
 )
 from gpumanager.proxy.local import local_routes
@@ -314,8 +315,7 @@ class ModelRoute:
                 await forward(parts.upstream, ex, lease, "POST", target, headers, usage.with_usage(body), meter=meter)
                 return
             except UsageRefused:
-                logger.bind(host=host.name).info("{} refuses stream_options: its streams go uncounted", host.name)
-                host.stream_usage = False
+                stop_asking_usage(host)
         meter = usage.Meter(streaming=streams)
         await forward(parts.upstream, ex, lease, scope["method"], target, headers, body, on_body, meter=meter)
 

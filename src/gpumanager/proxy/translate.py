@@ -21,13 +21,21 @@ from typing import Any
 import anyio
 import httpx
 import msgspec
-from loguru import logger
 
 from gpumanager.errors import BadRequest, UpstreamFailed
 from gpumanager.fleet import Lease
 from gpumanager.models import listed_name
 from gpumanager.proxy.dialects import STREAM_CONTENT_TYPE, Dialect
-from gpumanager.proxy.forward import Exchange, Upstream, mid_answer, refused, routing_headers, send_upstream
+from gpumanager.proxy.forward import (
+    Exchange,
+    Upstream,
+    mid_answer,
+    refused,
+    refuses_usage,
+    routing_headers,
+    send_upstream,
+    stop_asking_usage,
+)
 
 PATHS = {
     "chat": "/v1/chat/completions",
@@ -196,8 +204,7 @@ async def forward(
     try:
         if await _refuses_usage(response, translated):
             await _close(response)
-            logger.bind(host=host.name).info("{} refuses stream_options: its streams go uncounted", host.name)
-            host.stream_usage = False
+            stop_asking_usage(host)
             del translated["stream_options"]
             response = await _send(upstream, ex, lease, path, headers, translated)
         if response.status_code != 200:
@@ -234,13 +241,7 @@ async def _refuses_usage(response: httpx.Response, translated: dict[str, Any]) -
     """Whether the host refused the `stream_options` it was sent (an older Ollama's OpenAI API does)."""
     if response.status_code != 400 or "stream_options" not in translated:
         return False
-    return b"stream_options" in await response.aread()  # read once: `_error` gets it again if not
-
-
-def _first_byte(ex: Exchange) -> None:
-    """Mark the first byte of the answer to the client (the direct path marks it the same way)."""
-    if not ex.first_byte:
-        ex.first_byte, ex.first_byte_at = time.perf_counter(), anyio.current_time()
+    return refuses_usage(await response.aread())  # read once: `_error` gets it again if not
 
 
 async def _error(ex: Exchange, response: httpx.Response, lease: Lease) -> None:
@@ -257,7 +258,7 @@ async def _error(ex: Exchange, response: httpx.Response, lease: Lease) -> None:
         raise UpstreamFailed(f"host {lease.host.name} answered {response.status_code}: {message}")
     await ex.start(response.status_code, [(b"content-type", b"application/json"), *routing_headers(ex)])
     await ex.finish(_encode.encode({"error": str(message or f"HTTP {response.status_code}")}))
-    _first_byte(ex)
+    ex.mark_first_byte()
 
 
 def _json(data: bytes, lease: Lease) -> Any:
@@ -280,7 +281,7 @@ async def _whole(ex: Exchange, response: httpx.Response, answer: Answer, route: 
     if not ex.started:
         await ex.start(200, [(b"content-type", b"application/json; charset=utf-8"), *routing_headers(ex)])
     await ex.finish(payload)
-    _first_byte(ex)
+    ex.mark_first_byte()
 
 
 async def _stream(ex: Exchange, response: httpx.Response, answer: Answer, lease: Lease) -> None:
@@ -297,11 +298,11 @@ async def _stream(ex: Exchange, response: httpx.Response, answer: Answer, lease:
         out = b"".join(_frames(events, answer, lease))
         if out:
             await ex.write(out)
-            _first_byte(ex)
+            ex.mark_first_byte()
     ex.upstream_done = time.perf_counter()
     ex.prompt_tokens, ex.completion_tokens = answer.prompt_tokens, answer.completion_tokens
     await ex.finish(answer.frame("", done=True))
-    _first_byte(ex)
+    ex.mark_first_byte()
 
 
 def _frames(events: list[bytes], answer: Answer, lease: Lease) -> list[bytes]:

@@ -103,7 +103,8 @@ def model_size(name: str) -> int:
     return base + int(model_digest(name)[:6], 16)
 
 
-async def _read_body(receive: Receive) -> bytes:
+async def read_body(receive: Receive) -> bytes:
+    """A request's whole body (what came before a disconnect)."""
     chunks: list[bytes] = []
     while True:
         msg = await receive()
@@ -142,7 +143,7 @@ class Request:
         self.path, self.receive, self.send, self.sim = path, receive, send, sim
 
     async def json(self) -> dict[str, Any]:
-        body = await _read_body(self.receive)
+        body = await read_body(self.receive)
         self.sim.last_body = body
         if not body:
             raise HTTPError(400, "missing request body")
