@@ -86,6 +86,8 @@ def test_unknown_paths_get_404(client: httpx.Client, path: str) -> None:
     assert answer.status_code == 404
     if path.startswith("/v1/"):
         assert openai_error(answer)["type"] == "not_found_error"
+    elif path.startswith("/v2/"):  # RunPod's job API: its shape, and which endpoints serve jobs
+        assert "no RunPod job endpoint 'chat'" in ollama_error(answer)
     else:
         assert "no route" in ollama_error(answer)
 

@@ -73,6 +73,19 @@ def test_the_seed_cloud_api_section_is_a_surf_provider() -> None:
         ('[[providers]]\ntype = "surf"\nname = "s"\n', "c.toml: providers[0].machine_name_filter: must not be empty"),
         ('[[providers]]\ntype = "runpod"\nname = "r"\n', "c.toml: providers[0]: a runpod provider needs"),
         ('[[providers]]\ntype = "ec2"\nname = "e"\n', "c.toml: providers[0]: an ec2 provider needs"),
+        (
+            '[[hosts]]\nname = "a"\nurl = "http://x"\njobs = true\n',
+            "c.toml: hosts[0].jobs: only a RunPod serverless endpoint serves jobs, not a static one",
+        ),
+        (
+            '[[hosts]]\nname = "a"\njobs = true\n',
+            'hosts[0].jobs: only a RunPod serverless endpoint serves jobs: name a `type = "runpod"`',
+        ),
+        (
+            '[[providers]]\ntype = "surf"\nname = "s"\nmachine_name_filter = "x"\n'
+            '[[hosts]]\nname = "a"\nprovider = "s"\njobs = true\n',
+            "c.toml: hosts[0].jobs: only a RunPod serverless endpoint serves jobs",
+        ),
     ],
 )
 def test_a_bad_file_fails_with_the_file_the_key_and_the_problem(tmp_path: Path, text: str, message: str) -> None:

@@ -1,4 +1,4 @@
-"""The RunPod fake, checked over real loopback HTTP with httpx and the `openai` client.
+"""The RunPod fake, checked over real loopback HTTP with httpx, the `openai` client and the `runpod` SDK.
 
 Other tests trust `FakeRunPod` to behave like RunPod (REFERENCE.md section 4), so this file pins its
 wire formats, the pod and worker timelines, and each failure knob.
@@ -6,9 +6,11 @@ wire formats, the pod and worker timelines, and each failure knob.
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import anyio
@@ -17,7 +19,7 @@ import openai
 import pytest
 
 from gpumanager.sim import expected_text
-from tests.fakes.runpod import DEFAULT_MODEL, NO_GPUS, FakeRunPod
+from tests.fakes.runpod import DEFAULT_MODEL, NO_GPUS, FakeRunPod, runpod_sdk
 
 pytestmark = pytest.mark.anyio
 
@@ -39,6 +41,8 @@ POD = (
 RESUME = 'mutation {{ podResume(input: {{podId: "{}", gpuCount: 1}}) {{ id desiredStatus }} }}'
 STOP = 'mutation {{ podStop(input: {{podId: "{}"}}) {{ id desiredStatus }} }}'
 CHAT = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT")
+NO_JOBS = {"completed": 0, "failed": 0, "inProgress": 0, "inQueue": 0, "retried": 0}
 
 
 @asynccontextmanager
@@ -91,6 +95,27 @@ async def health(fake: FakeRunPod, eid: str) -> dict[str, Any]:
     assert response.status_code == 200
     body: dict[str, Any] = response.json()
     return body
+
+
+async def submit(client: httpx.AsyncClient, eid: str, job_input: Any, op: str = "run", **params: str) -> dict[str, Any]:
+    """The answer to a ``run`` (or ``runsync``) that must be accepted."""
+    response = await client.post(f"/{eid}/{op}", json={"input": job_input}, params=params)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def job_status(client: httpx.AsyncClient, eid: str, job_id: str, until: str) -> dict[str, Any]:
+    """The job's first status object showing ``until``; it must not end in another state first."""
+    with anyio.fail_after(5):
+        while True:
+            response = await client.get(f"/{eid}/status/{job_id}")
+            assert response.status_code == 200, response.text
+            body: dict[str, Any] = response.json()
+            if body["status"] == until:
+                return body
+            assert body["status"] not in FINAL, body
+            await anyio.sleep(0.005)
 
 
 async def patch(api: httpx.AsyncClient, eid: str, body: Any, key: str = KEY) -> httpx.Response:
@@ -531,3 +556,260 @@ async def test_exit_stops_every_pod() -> None:
         port = (await pod(api, pid))["runtime"]["ports"][0]["publicPort"]
         assert await ollama_tags(port) is not None
     assert await ollama_tags(port) is None
+
+
+# -- the job API of queue-based endpoints ----------------------------------------------------------
+
+
+async def test_a_job_cold_starts_a_worker_and_goes_from_in_queue_to_completed() -> None:
+    async with runpod(boot=SEEN) as (fake, api), serverless(fake) as client:
+        eid = fake.add_endpoint("gpu-ep", idle_timeout=SEEN)
+        job_input = {"prompt": "hi", "seconds": SEEN}
+        queued = await submit(client, eid, job_input)
+        job_id = queued["id"]
+        assert queued == {"id": job_id, "status": "IN_QUEUE"} and re.fullmatch(r"[0-9a-f-]{36}-e1", job_id)
+        assert (await job_status(client, eid, job_id, "IN_QUEUE")) == queued
+        assert await health(fake, eid) == {
+            "jobs": NO_JOBS | {"inQueue": 1},
+            "workers": {"idle": 0, "running": 0, "initializing": 1},
+        }
+        running = await job_status(client, eid, job_id, "IN_PROGRESS")
+        assert running.keys() == {"id", "status", "delayTime", "workerId"} and running["delayTime"] >= SEEN * 1000
+        [worker] = (await api.get(f"/v2/serverless/{eid}/workers")).json()
+        assert worker == {"id": running["workerId"], "status": "RUNNING", "type": "FLEX"}
+        assert await health(fake, eid) == {"jobs": NO_JOBS | {"inProgress": 1}, "workers": {"idle": 0, "running": 1}}
+        done = await job_status(client, eid, job_id, "COMPLETED")
+        assert done == running | {
+            "status": "COMPLETED",
+            "executionTime": done["executionTime"],
+            "output": {"echo": job_input},
+        }
+        assert SEEN * 1000 <= done["executionTime"] < SEEN * 1000 + 500
+        assert await health(fake, eid) == {"jobs": NO_JOBS | {"completed": 1}, "workers": {"idle": 1, "running": 0}}
+        assert fake.jobs_of("gpu-ep") == [done | {"input": job_input}]
+        # The flex worker idles out; it was billed from being asked for: boot, the job, the idle timeout.
+        await fake.wait_for("gpu-ep", serving=False)
+        billed = fake.billed_seconds("gpu-ep")
+        assert 3 * SEEN <= billed < 3 * SEEN + 0.5 and fake.billed_seconds("gpu-ep") == billed
+        assert fake.job_calls[0] == ("run", "gpu-ep", "")
+        assert set(fake.job_calls[1:]) == {("status", "gpu-ep", job_id)}
+        assert fake.calls == []
+
+
+async def test_runsync_waits_for_the_job_or_for_its_wait() -> None:
+    async with runpod() as (fake, _), serverless(fake) as client:
+        eid = fake.add_endpoint("gpu-ep", workers_min=1)
+        answers: list[dict[str, Any]] = []
+
+        async def short_wait() -> None:
+            start = time.monotonic()
+            answers.append(await submit(client, eid, {"seconds": 1.1}, "runsync", wait="1000"))
+            assert time.monotonic() - start >= 1
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(short_wait)  # RunPod's shortest wait is 1 s: the rest is checked meanwhile
+            done = await submit(client, eid, {"n": 1}, "runsync")
+            assert re.fullmatch(r"sync-[0-9a-f-]{36}-e1", done["id"])
+            assert done.keys() == {"id", "status", "delayTime", "workerId", "executionTime", "output"}
+            assert (done["status"], done["output"]) == ("COMPLETED", {"echo": {"n": 1}})
+            assert (await submit(client, eid, {}, "runsync", wait="300000"))["status"] == "COMPLETED"
+            for bad in ("999", "300001", "1.5", "-1000", "soon", ""):
+                refused = await client.post(f"/{eid}/runsync", params={"wait": bad}, json={"input": {}})
+                assert refused.status_code == 400 and "wait" in refused.json()["error"], bad
+        # The wait ended first: the answer is the job as it was then, and it runs on.
+        [waited] = answers
+        assert waited.keys() == {"id", "status", "delayTime", "workerId"} and waited["status"] == "IN_PROGRESS"
+        assert (await job_status(client, eid, waited["id"], "COMPLETED"))["executionTime"] >= 1100
+
+
+async def test_failed_and_timed_out_jobs_and_their_retries() -> None:
+    async with runpod() as (fake, _), serverless(fake) as client:
+        eid = fake.add_endpoint("gpu-ep", workers_min=1)
+        job_input = {"fail": "CUDA out of memory", "seconds": 0.01}
+        failed = await submit(client, eid, job_input, "runsync")
+        assert failed.keys() == {"id", "status", "delayTime", "workerId", "executionTime", "error"}
+        assert (failed["status"], failed["error"]) == ("FAILED", "CUDA out of memory")
+        start = time.monotonic()
+        timed_out = await submit(client, eid, {"seconds": 5, "timeout": T}, "runsync")
+        assert timed_out.keys() == {"id", "status", "delayTime", "workerId", "executionTime"}
+        assert timed_out["status"] == "TIMED_OUT" and T * 1000 <= timed_out["executionTime"] < 1000
+        assert time.monotonic() - start < 1
+        crashed = await submit(client, eid, {"seconds": "soon"}, "runsync")
+        assert (crashed["status"], crashed["error"]) == ("FAILED", "handler: seconds must be a number >= 0")
+        assert (await health(fake, eid))["jobs"] == NO_JOBS | {"failed": 3}
+        # A retry is a new job with the same input, named after the original.
+        first, second = f"{failed['id']}-u1", f"{failed['id']}-u2"
+        retried = await client.post(f"/{eid}/retry/{failed['id']}")
+        assert (retried.status_code, retried.json()) == (200, {"id": first, "status": "IN_QUEUE"})
+        assert (await job_status(client, eid, first, "FAILED"))["error"] == "CUDA out of memory"  # the same fate
+        assert (await client.post(f"/{eid}/retry/{first}")).json() == {"id": second, "status": "IN_QUEUE"}
+        again = await client.post(f"/{eid}/retry/{timed_out['id']}")
+        assert again.json() == {"id": f"{timed_out['id']}-u1", "status": "IN_QUEUE"}
+        done = (await submit(client, eid, {}, "runsync"))["id"]
+        refused = await client.post(f"/{eid}/retry/{done}")
+        message = f"job {done} is COMPLETED: only FAILED or TIMED_OUT jobs can be retried"
+        assert (refused.status_code, refused.json()) == (400, {"error": message})
+        assert (await client.post(f"/{eid}/retry/nope")).status_code == 404
+        assert (await health(fake, eid))["jobs"]["retried"] == 3
+        jobs = {j["id"]: j for j in fake.jobs_of("gpu-ep")}
+        assert list(jobs) == [failed["id"], timed_out["id"], crashed["id"], first, second, again.json()["id"], done]
+        assert jobs[failed["id"]]["status"] == "FAILED" and jobs[second]["input"] == job_input
+        # No worker can come: the job fails after queue_timeout without having run.
+        nowhere = fake.add_endpoint("no-workers", workers_max=0)
+        unserved = await submit(client, nowhere, {}, "runsync")
+        assert unserved == {
+            "id": unserved["id"],
+            "status": "FAILED",
+            "executionTime": 0,
+            "error": "no workers available",
+        }
+
+
+async def test_cancel_and_purge_queue() -> None:
+    async with runpod(boot=SEEN) as (fake, _), serverless(fake) as client:
+        eid = fake.add_endpoint("gpu-ep")
+        queued = (await submit(client, eid, {"seconds": 5}))["id"]
+        cancelled = await client.post(f"/{eid}/cancel/{queued}")
+        assert (cancelled.status_code, cancelled.json()) == (200, {"id": queued, "status": "CANCELLED"})
+        assert await job_status(client, eid, queued, "CANCELLED") == {
+            "id": queued,
+            "status": "CANCELLED",
+            "executionTime": 0,
+        }
+        assert (await health(fake, eid))["jobs"] == NO_JOBS  # a cancelled job counts nowhere
+        await fake.wait_for("gpu-ep")  # the worker it asked for still comes up
+        running = (await submit(client, eid, {"seconds": 5}))["id"]
+        await job_status(client, eid, running, "IN_PROGRESS")
+        assert (await health(fake, eid))["workers"] == {"idle": 0, "running": 1}
+        assert (await client.post(f"/{eid}/cancel/{running}")).json() == {"id": running, "status": "CANCELLED"}
+        assert await health(fake, eid) == {"jobs": NO_JOBS, "workers": {"idle": 1, "running": 0}}  # released
+        stopped = await job_status(client, eid, running, "CANCELLED")
+        assert stopped.keys() == {"id", "status", "delayTime", "workerId", "executionTime"}
+        assert stopped["executionTime"] < 1000
+        # A final job keeps its state.
+        assert (await client.post(f"/{eid}/cancel/{running}")).json() == {"id": running, "status": "CANCELLED"}
+        done = (await submit(client, eid, {}, "runsync"))["id"]
+        assert (await client.post(f"/{eid}/cancel/{done}")).json() == {"id": done, "status": "COMPLETED"}
+        unknown = await client.post(f"/{eid}/cancel/nope")
+        assert (unknown.status_code, unknown.json()) == (404, {"error": "request does not exist"})
+        # purge-queue cancels the queued jobs, and only those.
+        cold = fake.add_endpoint("cold-ep")
+        for i in range(3):
+            await submit(client, cold, {"i": i})
+        assert (await health(fake, cold))["jobs"] == NO_JOBS | {"inQueue": 3}
+        purged = await client.post(f"/{cold}/purge-queue")
+        assert (purged.status_code, purged.json()) == (200, {"removed": 3, "status": "completed"})
+        assert [j["status"] for j in fake.jobs_of("cold-ep")] == ["CANCELLED"] * 3
+        assert (await health(fake, cold))["jobs"] == NO_JOBS
+        running = (await submit(client, eid, {"seconds": 5}))["id"]
+        await job_status(client, eid, running, "IN_PROGRESS")
+        assert (await client.post(f"/{eid}/purge-queue")).json() == {"removed": 0, "status": "completed"}
+        assert (await job_status(client, eid, running, "IN_PROGRESS"))["id"] == running
+
+
+async def test_stream_hands_out_each_chunk_once() -> None:
+    async with runpod() as (fake, _), serverless(fake) as client:
+        eid = fake.add_endpoint("gpu-ep", workers_min=1)
+        chunks = ["The", " quick", {"token": "brown"}, 4]
+        job_id = (await submit(client, eid, {"stream": chunks, "seconds": SEEN}))["id"]
+        polls: list[dict[str, Any]] = []
+        with anyio.fail_after(5):
+            while not polls or polls[-1]["status"] != "COMPLETED":
+                response = await client.get(f"/{eid}/stream/{job_id}")
+                assert response.status_code == 200
+                polls.append(response.json())
+                await anyio.sleep(0.01)
+        assert all(p.keys() == {"id", "status", "stream"} and p["id"] == job_id for p in polls)
+        assert [c["output"] for p in polls for c in p["stream"]] == chunks
+        assert any(p["stream"] and p["status"] == "IN_PROGRESS" for p in polls)  # handed out as they came
+        after = await client.get(f"/{eid}/stream/{job_id}")
+        assert after.json() == {"id": job_id, "status": "COMPLETED", "stream": []}
+        assert (await job_status(client, eid, job_id, "COMPLETED"))["output"] == chunks
+        plain = (await submit(client, eid, {}, "runsync"))["id"]
+        assert (await client.get(f"/{eid}/stream/{plain}")).json()["stream"] == []  # its result is in status
+        assert (await client.get(f"/{eid}/stream/nope")).status_code == 404
+
+
+async def test_job_api_auth_and_bad_requests() -> None:
+    async with runpod() as (fake, _):
+        eid = fake.add_endpoint("gpu-ep", workers_min=1)
+        async with serverless(fake) as client:
+            job = (await submit(client, eid, {}, "runsync"))["id"]
+        async with serverless(fake, key="nope") as wrong:
+            assert (await wrong.post(f"/{eid}/run", json={"input": {}})).status_code == 401
+            assert (await wrong.get(f"/{eid}/status/{job}")).status_code == 401
+            bare = await wrong.post(f"/{eid}/run", json={"input": {}}, headers={"authorization": KEY})
+            assert bare.status_code == 200
+        async with serverless(fake, key=READ_ONLY) as ro:
+            for path in ("run", "runsync", f"cancel/{job}", f"retry/{job}", "purge-queue"):
+                refused = await ro.post(f"/{eid}/{path}", json={"input": {}})
+                assert refused.status_code == 403 and refused.json()["error"], path
+            for path in (f"status/{job}", f"stream/{job}", "health"):
+                assert (await ro.get(f"/{eid}/{path}")).status_code == 200, path
+        assert fake.upstream_headers["gpu-ep"]["authorization"] == f"Bearer {READ_ONLY}"  # the last allowed call
+        assert len(fake.jobs_of("gpu-ep")) == 2  # the runsync and the bare run: nothing refused ran
+        async with serverless(fake) as client:
+            for body in (b"{", b"[]", b'{"inputs": {}}', b'{"input": "hi"}'):
+                refused = await client.post(f"/{eid}/run", content=body)
+                assert refused.status_code == 400 and "input" in refused.json()["error"], body
+            assert (await client.get(f"/{eid}/run")).status_code == 405
+            assert (await client.get(f"/{eid}/status")).status_code == 404  # no job id
+            assert (await client.post(f"/{eid}/run/{job}", json={"input": {}})).status_code == 404
+            other = fake.add_endpoint("other-ep")
+            elsewhere = await client.get(f"/{other}/status/{job}")
+            assert (elsewhere.status_code, elsewhere.json()) == (404, {"error": "request does not exist"})
+        assert fake.job_calls == [
+            ("runsync", "gpu-ep", ""),
+            ("run", "gpu-ep", ""),
+            ("run", "gpu-ep", ""),
+            ("runsync", "gpu-ep", ""),
+            ("cancel", "gpu-ep", job),
+            ("retry", "gpu-ep", job),
+            ("purge-queue", "gpu-ep", ""),
+            ("status", "gpu-ep", job),
+            ("stream", "gpu-ep", job),
+            *[("run", "gpu-ep", "")] * 4,
+            ("status", "other-ep", job),
+        ]
+        assert fake.calls == []
+
+
+async def test_the_runpod_sdk_drives_the_job_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    sdk = runpod_sdk()
+
+    async def call(function: Callable[[], Any]) -> Any:
+        return await anyio.to_thread.run_sync(function)  # the SDK is synchronous (requests)
+
+    async with runpod() as (fake, _):
+        eid = fake.add_endpoint("gpu-ep", workers_min=1)
+        monkeypatch.setattr(sdk, "api_key", KEY)
+        monkeypatch.setattr(sdk, "endpoint_url_base", fake.serverless_url)
+        endpoint = sdk.Endpoint(eid)
+        assert await call(partial(endpoint.run_sync, {"prompt": "hi"})) == {"echo": {"prompt": "hi"}}
+        failed = await call(partial(endpoint.run_sync, {"fail": "boom", "seconds": 0}))
+        assert failed is None  # run_sync answers a FAILED job's output, dropping its error
+        chunks = ["a", "b", "c"]
+        streaming = await call(partial(endpoint.run, {"stream": chunks, "seconds": SEEN}))
+        plain = await call(partial(endpoint.run, {"seconds": 0.5}))  # done before the SDK's second look
+        assert await call(plain.status) in ("IN_QUEUE", "IN_PROGRESS")
+        # Both poll once a second: side by side, not one after the other.
+        results: dict[str, Any] = {}
+
+        async def collect(name: str, function: Callable[[], Any]) -> None:
+            results[name] = await call(function)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(collect, "stream", lambda: list(streaming.stream()))
+            tg.start_soon(collect, "output", partial(plain.output, timeout=5))
+        assert results == {"stream": chunks, "output": {"echo": {"seconds": 0.5}}}
+        assert await call(streaming.output) == chunks
+        slow = await call(partial(endpoint.run, {"seconds": 5}))
+        assert await call(slow.cancel) == {"id": slow.job_id, "status": "CANCELLED"}
+        assert await call(slow.status) == "CANCELLED"
+        assert await call(endpoint.purge_queue) == {"removed": 0, "status": "completed"}
+        report = await call(endpoint.health)
+        assert report == {"jobs": NO_JOBS | {"completed": 3, "failed": 1}, "workers": {"idle": 1, "running": 0}}
+        assert fake.upstream_headers["gpu-ep"]["authorization"] == f"Bearer {KEY}"
+        assert {op for op, _, _ in fake.job_calls} == {"runsync", "run", "status", "stream", "cancel", "purge-queue"}
+        with pytest.raises(RuntimeError, match="401 Unauthorized"):
+            await call(sdk.Endpoint(eid, api_key="nope").health)

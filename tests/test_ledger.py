@@ -153,13 +153,13 @@ def test_a_file_of_the_previous_version_is_migrated_and_keeps_its_rows(tmp_path:
     path = tmp_path / "usage.db"
     old = sqlite3.connect(path, isolation_level=None)
     assert migrate(old, MIGRATIONS[:-1]) == SCHEMA_VERSION - 1
-    assert "intervals_open" not in names(old, "index")
+    assert "jobs" not in names(old, "table")
     old.execute("INSERT INTO requests (ts, key_id, route, model, host, status, wait_ms, duration_ms, gpu_seconds, "
                 "cost_micro) VALUES (?, 'k', '/api/chat', 'm', 'h', 200, 0, 0, 1.5, 7)", (T0,))  # fmt: skip
     old.close()
     conn = open_database(path, retention_days=10_000, now=T0)
     assert version(conn) == SCHEMA_VERSION
-    assert "intervals_open" in names(conn, "index")
+    assert "jobs" in names(conn, "table") and "jobs_key" in names(conn, "index")
     assert conn.execute("SELECT key_id, gpu_seconds, cost_micro FROM requests").fetchall() == [("k", 1.5, 7)]
     conn.close()
 

@@ -61,6 +61,8 @@ def admin_routes(
         info.setdefault("flavor", "static" if host.always_on else "")
         info["can_resume"] = not host.always_on and host.state in RESUMABLE and not fleet.emergency
         info["can_pause"] = not host.always_on and host.state not in (HostState.PAUSED, HostState.PAUSING)
+        if host.jobs_url:  # a RunPod endpoint serving jobs: those queued or running now
+            info["jobs"] = sum(1 for lease in fleet.leases_of(host) if lease.job)
         return info
 
     def find(request: Request) -> tuple[Host, str]:

@@ -29,6 +29,7 @@ from gpumanager.hosts import HostState
 from gpumanager.logs import clean
 from gpumanager.metrics import metrics_route
 from gpumanager.proxy.dialects import dialect_for, error_body, error_headers
+from gpumanager.proxy.jobs import job_routes
 from gpumanager.proxy.routes import proxy_routes
 from gpumanager.runtime import Runtime
 from gpumanager.usage_api import usage_routes
@@ -166,6 +167,7 @@ def build_app(config: Config, *, environ: Mapping[str, str] | None = None) -> St
     routes = [
         _health_route(runtime),
         *proxy_routes(runtime.proxy_parts()),
+        *job_routes(runtime.job_parts()),
         *admin_routes(runtime.fleet, runtime.lifecycle, runtime.reconciler.reconcile, runtime.budget),
         metrics_route(runtime.metrics, public=config.metrics.public),
         events_route(

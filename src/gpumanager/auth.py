@@ -1,4 +1,5 @@
-"""Plain ASGI authentication: `Authorization: Bearer <key>` or `X-API-Key: <key>`.
+"""Plain ASGI authentication: `Authorization: Bearer <key>`, a bare `Authorization: <key>` (as RunPod's
+job API takes it), or `X-API-Key: <key>`.
 
 A known key puts its `Identity` in `scope["auth"]`; anything else is answered 401 in the route's
 dialect before any routing happens. The key itself goes no further than this module, and never
@@ -30,9 +31,11 @@ PUBLIC_PATHS = frozenset({"/health", "/"})
 def key_from_headers(headers: list[tuple[bytes, bytes]]) -> str | None:
     for name, value in headers:
         if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
+            scheme, space, token = value.decode("latin-1").strip().partition(" ")
             if scheme.lower() == "bearer" and token.strip():
                 return token.strip()
+            if scheme and not space:  # a bare key, as RunPod's docs show for its job API
+                return scheme
         elif name == b"x-api-key" and value:
             return value.decode("latin-1").strip()
     return None

@@ -85,6 +85,7 @@ class TimingConfig(_Section, frozen=True):
     pause_retry_seconds: Positive = 5
     upstream_idle_seconds: Positive = 120  # a host silent this long mid-answer ends the stream
     pause_warning_minutes: NonNegative = 2  # a pause_warning event this long before an idle host is paused
+    job_poll_seconds: Positive = 10  # a RunPod job no client asked about this long is checked by gpumanager
 
 
 class PathsConfig(_Section, frozen=True):
@@ -117,6 +118,7 @@ class HostConfig(_Section, frozen=True):
     api: Literal["ollama", "openai"] = "ollama"  # "openai": vLLM, llama-server, SGLang, TGI, LM Studio
     api_key_env: str | None = None  # the variable holding an OpenAI-compatible static host's bearer token
     stream_usage: bool = True  # false: never send it `stream_options` (its OpenAI streams go uncounted)
+    jobs: bool = False  # a RunPod serverless endpoint: serve its job API at /v2/{name}/... (README)
 
 
 class _ProviderBase(_Section, frozen=True, tag_field="type"):
@@ -179,6 +181,7 @@ class RunpodProviderConfig(_CloudBase, frozen=True, tag="runpod"):
     pod_proxy_url: str = "https://{pod_id}-{port}.proxy.runpod.net"
     warm_workers: Annotated[int, msgspec.Meta(ge=1)] = 1  # min workers while awake (0 while paused)
     poll_seconds: Positive = 2
+    jobs: bool = False  # every endpoint serves RunPod's job API at /v2/{name}/... (README)
 
 
 class MetricsConfig(_Section, frozen=True):
@@ -355,6 +358,10 @@ def _check(config: Config, path: str) -> None:
         if host.url is None and (host.api != "ollama" or host.api_key_env):
             key = "api" if host.api != "ollama" else "api_key_env"
             raise ConfigError(path, f"hosts[{i}].{key}", "only a static host (one with a `url`) takes it")
+        if host.jobs and host.url is not None:
+            raise ConfigError(
+                path, f"hosts[{i}].jobs", "only a RunPod serverless endpoint serves jobs, not a static one"
+            )
     names = {"static"}
     labelled = [(f"providers[{i}]", p) for i, p in enumerate(config.providers)]
     if config.cloud_api is not None:
@@ -371,6 +378,10 @@ def _check(config: Config, path: str) -> None:
             )
         if host.url is not None and host.provider not in (None, "static"):
             raise ConfigError(path, f"hosts[{i}].url", "a host with a url is static; drop `provider` or `url`")
+        runpod = [p.name for p in config.providers if isinstance(p, RunpodProviderConfig)]
+        if host.jobs and (not runpod or (host.provider is not None and host.provider not in runpod)):
+            problem = 'only a RunPod serverless endpoint serves jobs: name a `type = "runpod"` provider'
+            raise ConfigError(path, f"hosts[{i}].jobs", problem)
 
 
 def _check_scope(provider: ProviderConfig, where: str, path: str) -> None:

@@ -60,12 +60,13 @@ class _NoWaker:
 class Lease:
     """One slot of one host, held by one request until `release()` (idempotent)."""
 
-    __slots__ = ("aborted", "counted", "fleet", "gpu_seconds", "host", "key", "released", "scope")
+    __slots__ = ("aborted", "counted", "fleet", "gpu_seconds", "host", "job", "key", "on_abort", "released", "scope")
 
-    def __init__(self, fleet: Fleet, host: Host, key: str, *, counted: bool = True) -> None:
-        self.fleet, self.host, self.key, self.counted = fleet, host, key, counted
+    def __init__(self, fleet: Fleet, host: Host, key: str, *, counted: bool = True, job: bool = False) -> None:
+        self.fleet, self.host, self.key, self.counted, self.job = fleet, host, key, counted, job
         self.released = False
         self.scope: anyio.CancelScope | None = None  # set by the proxy while it streams
+        self.on_abort: Callable[[Lease], None] | None = None  # a job's: cancel it where it runs
         self.aborted = ""
         # Its share of the host's serving time: each second is split equally among the requests
         # in flight then (DESIGN §10, `billing.py`), so a lone request pays the whole GPU.
@@ -86,6 +87,8 @@ class Lease:
         self.aborted = reason
         if self.scope is not None:
             self.scope.cancel()
+        if self.on_abort is not None:
+            self.on_abort(self)
 
     def __enter__(self) -> Lease:
         return self
@@ -179,8 +182,9 @@ class Fleet:
         return [lease for leases in self._leases.values() for lease in leases]
 
     def lease_count(self) -> int:
-        """Open leases of the whole fleet (admin holds included): the requests still running."""
-        return sum(len(leases) for leases in self._leases.values())
+        """Open leases of the whole fleet (admin holds included): the requests still running. Jobs
+        are not requests of this process: they run on at RunPod across a restart."""
+        return sum(1 for leases in self._leases.values() for lease in leases if not lease.job)
 
     # -- admission ---------------------------------------------------------------------------------
 
@@ -268,9 +272,11 @@ class Fleet:
             f"no free slot for model '{waiter.ask.model}' within {seconds:.0f}s; try again later", retry_after=30
         )
 
-    def hold(self, host: Host, key: str) -> Lease:
-        """A lease outside the slot count, for admin operations on one host (pull, delete...)."""
-        lease = Lease(self, host, key, counted=False)
+    def hold(self, host: Host, key: str, *, job: bool = False) -> Lease:
+        """A lease outside the slot count: an admin's operation on one host (pull, delete...), or a
+        `job` queued or running on a RunPod endpoint (RunPod queues jobs: they take no slot), whose
+        end reserves the host for its key as a request's does."""
+        lease = Lease(self, host, key, counted=False, job=job)
         self._leases.setdefault(host, set()).add(lease)
         self.billing.settle(host)
         return lease
@@ -293,6 +299,8 @@ class Fleet:
                 del self._held[lease.key]
             if not lease.aborted:  # a request ended by a pause does not reserve the host being paused
                 self.touch(host, lease.key)
+        elif lease.job and not lease.aborted:
+            self.touch(host, lease.key)
         self.billing.settle(host)
         self.dispatch()
         if not self._leases.get(host):

@@ -111,6 +111,7 @@ class Host:
     api: str = "ollama"  # "openai": an OpenAI-compatible upstream only (a RunPod serverless endpoint)
     auth: list[tuple[bytes, bytes]] | None = None  # upstream credentials of its own (else the fleet's token)
     stream_usage: bool = True  # takes `stream_options.include_usage` (OpenAI API); False once it refused it
+    jobs_url: str = ""  # a RunPod endpoint serving jobs: its job API (ready once its workers are set)
     models: frozenset[str] = frozenset()  # on disk, from /api/tags (or the config before first seen)
     loaded: dict[str, int | None] = field(default_factory=dict)  # in VRAM: model -> context length
     state: HostState = HostState.UNKNOWN

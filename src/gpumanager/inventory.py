@@ -110,6 +110,8 @@ class Inventory:
         One read per host at a time: a slow background read must not land after (and undo) a
         fresher one, such as the read right after an admin pulled a model.
         """
+        if host.jobs_url:  # a job endpoint has no model list to read: its models are the config's
+            return
         lock = self._locks.setdefault(host.name, anyio.Lock())
         async with lock:
             if host.api == "openai":

@@ -202,7 +202,7 @@ class Lifecycle:
         if host.state in (ST.PAUSED, ST.UNKNOWN):
             host.apply(EV.RESUME)
             logger.bind(host=host.name).info(
-                "resuming {} for {}", host.name, ", ".join(sorted(wake.models)) or "an admin"
+                "resuming {} for {}", host.name, ", ".join(sorted(wake.models)) or _for_whom(host, wake)
             )
             await provider.resume(host.id)
         await self._until_ready(host, provider, wake, progress)
@@ -310,7 +310,10 @@ class Lifecycle:
             probes.cancel_scope.cancel()
 
     async def _probe(self, host: Host, provider: Provider, info: HostInfo, model: str | None) -> Probe:
-        """One readiness probe: the provider's own (RunPod endpoints), else Ollama's."""
+        """One readiness probe: the provider's own (RunPod endpoints), else Ollama's. A job endpoint
+        woken for jobs is ready once its workers are set: RunPod queues the jobs meanwhile."""
+        if host.jobs_url and model is None:
+            return Probe.READY
         ready = await provider.ready(info, model) if isinstance(provider, ReadinessProbe) else None
         if ready is None:
             return await self.inventory.probe(host, model)
@@ -505,6 +508,13 @@ class _Progress:
     def located(self, info: HostInfo) -> None:
         self.info = info
         self.address_known.set()
+
+
+def _for_whom(host: Host, wake: Wake) -> str:
+    """Who a wake that names no model is for, in the log."""
+    if wake.admin:
+        return "an admin"
+    return "jobs" if host.jobs_url else "a request"
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:

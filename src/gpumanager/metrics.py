@@ -27,7 +27,7 @@ from gpumanager.hosts import HostState
 from gpumanager.ledger.reader import UNATTRIBUTED
 from gpumanager.ledger.writer import LedgerWriter
 from gpumanager.models import model_names
-from gpumanager.recorder import IntervalRecord, RequestRecord
+from gpumanager.recorder import IntervalRecord, JobRecord, RequestRecord
 
 # Waits include cold starts of several minutes; answers can stream for as long.
 SLOW = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200)
@@ -77,6 +77,13 @@ class Metrics:
             registry=registry,
         )
         self.cost = Counter(p + "cost_dollars", "Billed cost by who pays (DESIGN.md §10)", ["key"], registry=registry)
+        self.jobs = Counter(p + "jobs", "RunPod jobs ended, by final state", ["host", "status"], registry=registry)
+        self.job_seconds = Counter(
+            p + "job_seconds",
+            "RunPod jobs' own times (RunPod's delayTime and executionTime), recorded, not priced",
+            ["key", "host", "phase"],
+            registry=registry,
+        )
         self.webhook_failures = Counter(
             p + "webhook_failures", "Events a webhook did not take after every retry", ["webhook"], registry=registry
         )
@@ -95,7 +102,8 @@ class Metrics:
     # -- the Recorder ------------------------------------------------------------------------------
 
     def request(self, record: RequestRecord) -> None:
-        model = self.model_label(record.model)
+        # A job's "model" is its endpoint's host name: bounded like the hosts.
+        model = record.model if record.route.startswith("/v2/") else self.model_label(record.model)
         child = self._child
         child(self.requests, record.route, model, str(record.status)).inc()
         child(self.duration, record.route).observe(record.duration_seconds)
@@ -128,6 +136,14 @@ class Metrics:
             self._child(self.gpu_seconds, key, record.host).inc(record.added_seconds)
         if record.added_micro:
             self._child(self.cost, key).inc(record.added_micro / 1_000_000)
+
+    def job(self, record: JobRecord) -> None:
+        if record.ended is None:
+            return
+        self.jobs.labels(record.host, record.status).inc()
+        for phase, ms in (("delay", record.delay_ms), ("execution", record.execution_ms)):
+            if ms:
+                self._child(self.job_seconds, record.key_id, record.host, phase).inc(ms / 1000)
 
     def webhook_failed(self, webhook: str) -> None:
         self.webhook_failures.labels(webhook).inc()

@@ -23,7 +23,7 @@ from gpumanager.errors import ProviderError
 from gpumanager.fleet import Fleet, Waker
 from gpumanager.hosts import Host, HostEvent, HostState
 from gpumanager.inventory import Inventory
-from gpumanager.providers.base import Provider, UpstreamAuth
+from gpumanager.providers.base import JobApi, Provider, UpstreamAuth
 from gpumanager.tasks import forever
 
 EV, ST = HostEvent, HostState
@@ -104,6 +104,10 @@ class Reconciler:
         source = self.providers.get(provider)
         if isinstance(source, UpstreamAuth):
             host.auth = source.upstream_auth(info.id)
+        if isinstance(source, JobApi) and (getattr(pconf, "jobs", False) or (override is not None and override.jobs)):
+            host.jobs_url = source.job_url(info.id) or ""
+            if not host.jobs_url:
+                logger.bind(host=info.name).warning("{} is not a serverless endpoint: it serves no jobs", info.name)
         self.inventory.restore(host)
         if host.always_on:  # always running, and answering or not: health decides, not the lifecycle
             host.apply(EV.CLOUD_RUNNING)

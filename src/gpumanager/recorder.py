@@ -45,8 +45,29 @@ class IntervalRecord(msgspec.Struct, frozen=True, kw_only=True):
     added_micro: int
 
 
+class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A RunPod job as gpumanager last saw it: recorded when it is submitted and when it ends (and
+    again as its state changes), always whole: a later record of the same `id` replaces the earlier."""
+
+    id: str  # RunPod's job id
+    ts: float  # submitted (Unix seconds)
+    key_id: str  # the key that submitted it: it owns it
+    host: str  # the endpoint's host name
+    endpoint: str  # RunPod's endpoint id
+    route: str  # "run", "runsync" or "retry"
+    status: str  # RunPod's: IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED, CANCELLED, TIMED_OUT
+    ended: float | None = None  # when gpumanager saw it end (Unix seconds)
+    delay_ms: int | None = None  # RunPod's delayTime: queued, and a worker starting
+    execution_ms: int | None = None  # RunPod's executionTime: what the work itself took
+    gpu_seconds: float = 0.0  # its share of the endpoint's billed time while it was queued or running
+    cost_micro: int = 0  # ...priced at the host's cost_per_hour, in micro-dollars
+
+
 class Recorder(Protocol):
     def request(self, record: RequestRecord) -> None: ...
+
+    def job(self, record: JobRecord) -> None:
+        """A RunPod job was submitted, changed state or ended."""
 
     def interval(self, record: IntervalRecord) -> None:
         """A non-serving billed interval began, grew or ended."""
@@ -75,6 +96,10 @@ class Recorders:
         for recorder in self.recorders:
             recorder.interval(record)
 
+    def job(self, record: JobRecord) -> None:
+        for recorder in self.recorders:
+            recorder.job(record)
+
     def wake(self, host: str, outcome: str, seconds: float) -> None:
         for recorder in self.recorders:
             recorder.wake(host, outcome, seconds)
@@ -90,6 +115,9 @@ class Recorders:
 
 class NoopRecorder:
     def request(self, record: RequestRecord) -> None:
+        pass
+
+    def job(self, record: JobRecord) -> None:
         pass
 
     def interval(self, record: IntervalRecord) -> None:

@@ -8,6 +8,7 @@ given only the parts they use. `run()` opens the one task group that every backg
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Mapping
 
 import anyio
@@ -21,14 +22,16 @@ from gpumanager.events import Bus, KeyChanged, Publisher, RequestDone, WakePhase
 from gpumanager.fleet import Fleet
 from gpumanager.inventory import Inventory
 from gpumanager.keys import KeyRecord, KeyStore
+from gpumanager.ledger.reader import jobs_since
 from gpumanager.ledger.recording import LedgerRecorder
-from gpumanager.ledger.schema import database_path
+from gpumanager.ledger.schema import LedgerError, database_path
 from gpumanager.ledger.writer import LedgerWriter
 from gpumanager.lifecycle import Lifecycle
 from gpumanager.metrics import Metrics
 from gpumanager.providers import build_providers
 from gpumanager.providers.base import Service
 from gpumanager.proxy.forward import Upstream
+from gpumanager.proxy.jobs import REMEMBER_SECONDS, JobParts, Jobs
 from gpumanager.proxy.routes import ProxyParts
 from gpumanager.reconcile import Reconciler
 from gpumanager.recorder import NoopRecorder, Recorders, RequestRecord
@@ -97,6 +100,14 @@ class Runtime:
         self.reconciler = Reconciler(
             config, self.fleet, self.providers, self.inventory, self.lifecycle, clock=self.fleet.clock
         )
+        self.jobs = Jobs(
+            self.fleet,
+            self.lifecycle,
+            self.upstream.client,
+            self.recorder,
+            poll_seconds=config.timing.job_poll_seconds,
+            clock=self.fleet.clock,
+        )
         self.draining = False  # a shutdown has begun: new requests are refused with 503
 
     def _key_changed(self, record: KeyRecord, change: str) -> None:
@@ -125,7 +136,8 @@ class Runtime:
             logger.warning("ending {} open requests: shutdown_grace_seconds ({:g}s) passed", busy(), grace)
             fleet.fail_waiters(NoCapacity("gpumanager is shutting down; try again", retry_after=5))
             for lease in fleet.all_leases():
-                lease.abort("gpumanager is shutting down")
+                if not lease.job:  # a job runs on at RunPod; the next start watches it again
+                    lease.abort("gpumanager is shutting down")
             with anyio.move_on_after(2):
                 while busy():  # noqa: ASYNC110 - as above
                     await anyio.sleep(0.05)
@@ -146,6 +158,29 @@ class Runtime:
             budget=self.budget,
         )
 
+    def job_parts(self) -> JobParts:
+        return JobParts(
+            fleet=self.fleet,
+            lifecycle=self.lifecycle,
+            jobs=self.jobs,
+            client=self.upstream.client,
+            budget=self.budget,
+            max_body=int(self.config.server.max_body_mb * 2**20),
+            client_timeout_seconds=self.config.server.client_timeout_seconds,
+        )
+
+    async def _adopt_jobs(self) -> None:
+        """The RunPod jobs of the ledger: their owners, and those still running are watched again."""
+        if not any(host.jobs_url for host in self.fleet.hosts.values()):
+            return
+        try:
+            since = time.time() - REMEMBER_SECONDS
+            records = await anyio.to_thread.run_sync(jobs_since, self.ledger.path, since)
+        except LedgerError as exc:
+            logger.warning("RunPod jobs of before the restart are not known: {}", exc)
+            return
+        self.jobs.adopt(records)
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Start the providers' services and the lifecycle, discover and probe every host, start the
         loops, then say ready; everything runs until cancelled."""
@@ -160,6 +195,8 @@ class Runtime:
             with anyio.move_on_after(self.config.timing.probe_timeout_seconds * 4):
                 await self.reconciler.refresh_all()
             tg.start_soon(self.reconciler.run)
+            await self._adopt_jobs()
+            tg.start_soon(forever, self.jobs.run)
             if self.config.budget.daily_dollars is not None or self.config.budget.monthly_dollars is not None:
                 tg.start_soon(forever, functools.partial(self.budget.run, self.lifecycle))
             tg.start_soon(forever, self._reload_keys)

@@ -7,8 +7,9 @@
   ``pod(``, ``myself``), the ``input: {...}`` arguments by regular expressions (GraphQL ``variables``
   work for a whole ``input: $var`` or a single ``podId: $var``), and every answer carries the full
   object whatever the selection asked for. REST v2 lives under ``/v2/serverless/{id}`` and ``/v2/pods/{id}``.
-* `serverless_url` stands for https://api.runpod.ai/v2: ``/{id}/health`` and a vLLM worker's
-  OpenAI-compatible routes under ``/{id}/openai/v1``.
+* `serverless_url` stands for https://api.runpod.ai/v2: ``/{id}/health``, the job API of a queue-based
+  endpoint (``/{id}/run``, ``runsync``, ``status/{job}``, ``stream/{job}``, ``cancel/{job}``,
+  ``retry/{job}``, ``purge-queue``) and a vLLM worker's OpenAI-compatible routes under ``/{id}/openai/v1``.
 
 Pods: a start makes ``desiredStatus`` RUNNING at once; ``boot_seconds`` later the container, a
 `SimOllama` on 127.0.0.1, listens and only then is ``runtime`` non-null. A stop makes it EXITED at
@@ -22,11 +23,25 @@ until it is ready; a flex worker, or an active one demoted when ``workersMin`` d
 takes any number of requests at once (vLLM batches), so a second flex worker is never started. Each
 request runs the endpoint's `SimOllama` ASGI app in-process, so SSE streams pass through chunk by chunk.
 
+A job of the job API runs on the same workers in the same way (queued, cold-starting a flex worker,
+"running" and billed while it runs), as a task of the fake's. Its handler is scripted by its ``input``:
+
+* ``seconds`` (number, default 0.05): how long it runs;
+* ``fail`` (str): it then ends FAILED with that ``error``;
+* ``timeout`` (number): an execution timeout: when ``seconds`` exceeds it, the job ends TIMED_OUT
+  after ``timeout`` seconds (RunPod's ``executionTimeout`` policy);
+* ``stream`` (list): chunks it produces spread evenly over its ``seconds`` (the last at the end); its
+  ``output`` is then the list of chunks;
+* otherwise its ``output`` is ``{"echo": input}``. A knob of the wrong type fails the job as a
+  crashing handler would: FAILED, with the problem as its ``error``.
+
 Choices where REFERENCE.md leaves the behaviour open (its [U] items and unstated details):
 
 * Auth: a wrong or missing key gets HTTP 401 everywhere, GraphQL included. `read_only_key` may read
-  (GraphQL queries, REST GETs, ``/health``) and gets 403 on writes: mutations, PATCH, pod actions and
-  the OpenAI routes (they run jobs). The serverless surface also takes the bare key (REFERENCE 4.3).
+  (GraphQL queries, REST GETs, ``/health``, a job's ``status`` and ``stream``) and gets 403 on writes:
+  mutations, PATCH, pod actions, the OpenAI routes (they run jobs) and the job API's ``run``,
+  ``runsync``, ``cancel``, ``retry`` and ``purge-queue``. The serverless surface also takes the bare
+  key (REFERENCE 4.3).
 * GraphQL: an unknown query gets HTTP 200 ``{"errors": [...]}``; an unknown pod id gets
   ``{"data": {"pod": null}}`` plus an error. ``saveEndpoint`` without ``id`` (a create) is refused.
   GraphQL's ``idleTimeout`` takes any number >= 0 (tests use sub-second values and clients echo what
@@ -50,7 +65,9 @@ Choices where REFERENCE.md leaves the behaviour open (its [U] items and unstated
   ``initializing``, ``unhealthy`` (`fail_next_start`) and ``throttled`` (`hang_next_start`) appear
   only when non-zero. A faulty worker shows ``initializing`` for ``boot_seconds`` first, never serves,
   is not billed, and goes like a flex worker unless it is an active one. ``jobs`` counts each OpenAI
-  request: ``inQueue`` while it waits for a worker, ``failed`` for HTTP >= 400 answers.
+  request (``inQueue`` while it waits for a worker, ``failed`` for HTTP >= 400 answers) and each job of
+  the job API by its state: ``inQueue``, ``inProgress``, ``completed``, ``failed`` (FAILED and
+  TIMED_OUT); CANCELLED counts nowhere; ``retried`` counts ``retry`` calls.
 * No worker can take a request (``workersMax`` 0, or only faulty workers) and none is booting: after
   `queue_timeout` seconds it gets 503 ``{"error": "no workers available"}`` (RunPod's queue would
   wait forever; its load-balancing endpoints give up after 2 min). A booting worker is always waited for.
@@ -60,10 +77,31 @@ Choices where REFERENCE.md leaves the behaviour open (its [U] items and unstated
   Face id with vLLM's ``owned_by: "vllm"``. A request naming another model gets vLLM's 404
   (``{"error": {"message": "The model `x` does not exist.", "type": "NotFoundError", ...}}``); the sim
   itself would accept ``id:latest`` too, as it appends Ollama's default tag.
+* The job API: a job's status object is ``{"id", "status", "delayTime", "executionTime", "output" |
+  "error", "workerId"}``: ``delayTime`` (ms from submission to a worker taking it) and ``workerId`` once
+  it started, ``executionTime`` (ms it ran; 0 if it never did) once final, ``output`` when COMPLETED,
+  ``error`` when FAILED, neither when TIMED_OUT or CANCELLED. Ids are ``{uuid4}-e1``, ``sync-{uuid4}-e1``
+  from ``runsync``. A worker takes any number of jobs at once, as it does OpenAI requests (a real
+  handler worker takes one unless its ``concurrency_modifier`` says otherwise). A job no worker takes
+  within `queue_timeout` ends FAILED ``"no workers available"``. Every job is kept for the fake's
+  lifetime (RunPod: 30 min after ``run``, 1 after ``runsync``); an unknown id, or another endpoint's,
+  gets 404 ``{"error": "request does not exist"}``. Bad bodies and queries get 400 ``{"error"}``.
+* ``runsync`` takes ``?wait=`` ms from 1000 to 300000 (default 90000), anything else is 400; when the
+  wait ends first it answers the status object as it is then (IN_QUEUE or IN_PROGRESS), still 200; a
+  client that leaves does not cancel its job.
+  ``stream`` hands out each chunk once, with the job's state; a job without ``stream`` has no chunks
+  (its result is in ``status``). ``cancel`` ends a queued or running job at once, its worker released
+  before the answer; a final job's answer is its unchanged state. ``retry`` (FAILED or TIMED_OUT jobs
+  only, else 400) queues a new job ``{original id}-u{n}`` with the same input and leaves the old one as
+  it was (RunPod requeues the job itself, answering the ``-u1`` id; what its old id shows then is not
+  documented). ``purge-queue`` cancels the IN_QUEUE jobs only.
 * ``workersStandby`` (FlashBoot's cached, unbilled workers, per third-party reports) is always 0.
 * `calls` records every action request that passed authentication, refused ones included: ("warm" |
   "cold", name) for each write that sets ``workersMin`` (also to its current value), ("start" | "stop"
   | "restart" | "terminate", name) for pod actions. Console changes (`set_running`) are not recorded.
+  `job_calls` records the job API's calls the same way, as (operation, name, job id or ""); ``/health``
+  and the OpenAI routes are not recorded. `upstream_headers` holds the headers of an endpoint's latest
+  OpenAI request a worker took or job-API call the key allowed.
 * Billing (`billed_seconds`): a pod from each start until its stop; a healthy worker from being asked
   for (boot included) until it stops (REFERENCE 4.4 bills flex workers "from start until fully stopped").
 """
@@ -72,6 +110,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import math
 import re
 import secrets
@@ -84,8 +123,9 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
-from types import TracebackType
-from typing import Any
+from types import ModuleType, TracebackType
+from typing import Any, NamedTuple
+from uuid import uuid4
 
 import anyio
 import msgspec
@@ -96,7 +136,7 @@ from starlette.types import Message, Receive, Scope, Send
 from gpumanager.sim import SimOllama, SimServer, running_server
 from tests.fakes.machine import MachineCloud, SimMachine, until
 
-__all__ = ["DEFAULT_MODEL", "NO_GPUS", "FakeRunPod"]
+__all__ = ["DEFAULT_MODEL", "NO_GPUS", "FakeRunPod", "runpod_sdk"]
 
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 NO_GPUS = "There are not enough free GPUs on the host machine to start this pod."  # runpod-python issue 168
@@ -109,6 +149,35 @@ _FAULTS = {"fail": "unhealthy", "hang": "throttled"}
 _SCALERS = ("QUEUE_DELAY", "REQUEST_COUNT")
 _POD_ACTIONS = ("start", "stop", "restart", "terminate")
 _OPENAI_METHODS = {"chat/completions": "POST", "completions": "POST", "embeddings": "POST", "models": "GET"}
+
+
+class _Op(NamedTuple):
+    method: str
+    on_job: bool  # its path ends in the job's id
+    writes: bool  # refused to the read-only key
+
+
+_JOB_OPS = {
+    "health": _Op("GET", False, False),
+    "run": _Op("POST", False, True),
+    "runsync": _Op("POST", False, True),
+    "status": _Op("GET", True, False),
+    "stream": _Op("GET", True, False),
+    "cancel": _Op("POST", True, True),
+    "retry": _Op("POST", True, True),
+    "purge-queue": _Op("POST", False, True),
+}
+_FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT")
+_HEALTH_KEYS = {
+    "IN_QUEUE": "inQueue",
+    "IN_PROGRESS": "inProgress",
+    "COMPLETED": "completed",
+    "FAILED": "failed",
+    "TIMED_OUT": "failed",
+}
+_RUNSYNC_WAIT = (1000, 300_000, 90_000)  # ms: RunPod's least, most and default ``?wait=``
+_NO_JOB = "request does not exist"
+_READ_ONLY = "This API key may not run jobs on this endpoint."
 
 # Checked in this order: "podResume" must not be taken for a `pod(` read.
 _OPERATIONS = [
@@ -126,7 +195,8 @@ _INPUT = re.compile(r"\binput\s*:\s*(?:\{(?P<fields>[^{}]*)\}|\$(?P<var>\w+))")
 _FIELD = re.compile(r'(\w+)\s*:\s*("(?:[^"\\]|\\.)*"|\[[^\]]*\]|\$\w+|[\w.+-]+)')
 _REST = re.compile(r"^/v2/(?P<kind>serverless|pods)/(?P<id>[^/]+)(?P<tail>/workers|/action)?/?$")
 _SERVERLESS = re.compile(
-    r"^/v2/(?P<id>[^/]+)/(?:health|openai/v1/(?P<route>chat/completions|completions|embeddings|models))/?$"
+    r"^/v2/(?P<id>[^/]+)/(?:openai/v1/(?P<route>chat/completions|completions|embeddings|models)"
+    rf"|(?P<op>{'|'.join(_JOB_OPS)})(?:/(?P<job>[^/]+))?)/?$"
 )
 
 _decode = msgspec.json.Decoder().decode
@@ -191,6 +261,36 @@ def _graphql_input(query: str, variables: dict[str, Any]) -> dict[str, Any]:
     return {key: _literal(raw, variables) for key, raw in _FIELD.findall(match["fields"])}
 
 
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
+def _wait_seconds(raw: str | None) -> float | None:
+    """runsync's ``?wait=`` (ms) in seconds; None when RunPod would refuse it."""
+    least, most, default = _RUNSYNC_WAIT
+    if raw is None:
+        return default / 1000
+    if not (raw.isascii() and raw.isdigit() and least <= int(raw) <= most):
+        return None
+    return int(raw) / 1000
+
+
+def _knob_problem(knobs: dict[str, Any]) -> str | None:
+    """What is wrong with a job input's handler knobs (module docstring), if anything."""
+    for key in ("seconds", "timeout"):
+        if key in knobs and not _seconds(knobs[key]):
+            return f"handler: {key} must be a number >= 0"
+    if "fail" in knobs and not isinstance(knobs["fail"], str):
+        return "handler: fail must be a string"
+    if "stream" in knobs and not isinstance(knobs["stream"], list):
+        return "handler: stream must be a list"
+    return None
+
+
+async def _sleep_until(moment: float) -> None:
+    await anyio.sleep(max(0.0, moment - time.monotonic()))
+
+
 def _bearer(request: Request, *, bare_ok: bool = False) -> str | None:
     header = request.headers.get("authorization", "").strip()
     scheme, _, token = header.partition(" ")
@@ -248,6 +348,44 @@ class _Worker:
 
 
 @dataclass(eq=False)
+class _Job:
+    id: str
+    input: dict[str, Any]
+    origin: str  # the id of the job it retries, or its own
+    submitted: float
+    status: str = "IN_QUEUE"
+    started: float | None = None
+    ended: float | None = None
+    worker_id: str | None = None
+    output: Any = None
+    error: str | None = None
+    chunks: list[Any] = field(default_factory=list)  # what its handler streamed so far
+    streamed: int = 0  # how many of them `stream` handed out
+    retries: int = 0  # of an original job: its -u{n} ids taken
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    finished: anyio.Event = field(default_factory=anyio.Event)  # its task ended: final, worker released
+
+    def finish(self, status: str, *, output: Any = None, error: str | None = None) -> None:
+        """Enter a final state, unless it is in one already."""
+        if self.status not in _FINAL:
+            self.status, self.ended, self.output, self.error = status, time.monotonic(), output, error
+
+    def answer(self) -> dict[str, Any]:
+        """Its status object, as ``status`` and ``runsync`` answer it."""
+        body: dict[str, Any] = {"id": self.id, "status": self.status}
+        if self.started is not None:
+            body["delayTime"] = _ms(self.started - self.submitted)
+            body["workerId"] = self.worker_id
+        if self.ended is not None:
+            body["executionTime"] = _ms(self.ended - self.started) if self.started is not None else 0
+        if self.status == "COMPLETED":
+            body["output"] = self.output
+        elif self.status == "FAILED":
+            body["error"] = self.error
+        return body
+
+
+@dataclass(eq=False)
 class _Endpoint:
     id: str
     name: str  # the fake's key for calls, sims and knobs; `label` is the wire name
@@ -263,7 +401,8 @@ class _Endpoint:
     scaler_value: int = 4
     created: int = field(default_factory=lambda: int(time.time()))
     workers: list[_Worker] = field(default_factory=list)
-    jobs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_JOB_KEYS, 0))
+    jobs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_JOB_KEYS, 0))  # OpenAI requests, retries
+    submitted: dict[str, _Job] = field(default_factory=dict)  # the job API's jobs by id
     changed: anyio.Event = field(default_factory=anyio.Event)
     billed: float = 0.0
     next_start: str | None = None  # "fail" or "hang"
@@ -286,6 +425,7 @@ class FakeRunPod(MachineCloud[_Pod]):
         self.api_key, self.read_only_key = api_key, read_only_key
         self.boot_seconds, self.stop_seconds, self.queue_timeout = boot_seconds, stop_seconds, queue_timeout
         self.calls: list[tuple[str, str]] = []
+        self.job_calls: list[tuple[str, str, str]] = []
         self.sims: dict[str, SimOllama] = {}
         self.upstream_headers: dict[str, dict[str, str]] = {}
         self._pods: dict[str, _Pod] = {}
@@ -317,6 +457,8 @@ class FakeRunPod(MachineCloud[_Pod]):
         self._close_machines(self._pods.values())
         for ep in self._endpoints.values():
             self._notify(ep)  # requests waiting for a worker see `_closing` and give up at once
+            for job in ep.submitted.values():
+                job.scope.cancel()
         # uvicorn's shutdown always sleeps 0.1 s: stop both servers side by side rather than in turn.
         with anyio.move_on_after(5, shield=True):
             async with anyio.create_task_group() as tg:
@@ -427,6 +569,10 @@ class FakeRunPod(MachineCloud[_Pod]):
         ep = self._endpoints[name]
         self._prune(ep, now)
         return ep.billed + sum(now - w.started for w in ep.workers if w.fault is None)
+
+    def jobs_of(self, name: str) -> list[dict[str, Any]]:
+        """The endpoint's job-API jobs in submission order: each one's status object plus its ``input``."""
+        return [job.answer() | {"input": job.input} for job in self._endpoints[name].submitted.values()]
 
     # -- failure knobs and the console --------------------------------------------------------
 
@@ -879,34 +1025,31 @@ class FakeRunPod(MachineCloud[_Pod]):
         states = Counter(w.state(now) for w in ep.workers)
         workers = {"idle": states["idle"], "running": states["running"]}
         workers |= {k: states[k] for k in ("initializing", "unhealthy", "throttled") if states[k]}
-        return {"jobs": dict(ep.jobs), "workers": workers}
+        jobs = Counter(_HEALTH_KEYS.get(job.status) for job in ep.submitted.values())
+        return {"jobs": {k: n + jobs[k] for k, n in ep.jobs.items()}, "workers": workers}
 
     async def _acquire(self, ep: _Endpoint) -> _Worker | None:
         """Hold a job until a worker can take it, starting a flex worker when there is none, like RunPod's
         queue; None when nothing could serve it for `queue_timeout` seconds and nothing is booting."""
         give_up = time.monotonic() + self.queue_timeout
-        ep.jobs["inQueue"] += 1
-        try:
-            while not self._closing.is_set():
-                now = time.monotonic()
-                self._prune(ep, now)
-                ready = [w for w in ep.workers if w.ready(now)]
-                if ready:
-                    worker = min(ready, key=lambda w: w.busy)
-                    worker.busy += 1
-                    return worker
-                if ep.workers_max > 0 and all(w.retired for w in ep.workers):
-                    self._new_worker(ep, now)
-                booting = [w.boot_end for w in ep.workers if w.fault is None and not w.retired and w.boot_end > now]
-                if not booting and now >= give_up:
-                    return None
-                wake = min([*(booting or [give_up]), *(w.gone_at(ep.idle_timeout) for w in ep.workers)])
-                changed = ep.changed
-                with anyio.move_on_after(wake - now):
-                    await changed.wait()
-            return None
-        finally:
-            ep.jobs["inQueue"] -= 1
+        while not self._closing.is_set():
+            now = time.monotonic()
+            self._prune(ep, now)
+            ready = [w for w in ep.workers if w.ready(now)]
+            if ready:
+                worker = min(ready, key=lambda w: w.busy)
+                worker.busy += 1
+                return worker
+            if ep.workers_max > 0 and all(w.retired for w in ep.workers):
+                self._new_worker(ep, now)
+            booting = [w.boot_end for w in ep.workers if w.fault is None and not w.retired and w.boot_end > now]
+            if not booting and now >= give_up:
+                return None
+            wake = min([*(booting or [give_up]), *(w.gone_at(ep.idle_timeout) for w in ep.workers)])
+            changed = ep.changed
+            with anyio.move_on_after(wake - now):
+                await changed.wait()
+        return None
 
     def _release(self, ep: _Endpoint, worker: _Worker) -> None:
         worker.busy -= 1
@@ -922,25 +1065,142 @@ class FakeRunPod(MachineCloud[_Pod]):
         match = _SERVERLESS.match(request.url.path)
         access = self._access(_bearer(request, bare_ok=True))
         ep = self._by_id.get(match["id"]) if match else None
+        op = _JOB_OPS.get(match["op"]) if match else None
         response: Response | None = None
         if access is None:
             response = JSONResponse({"error": "Unauthorized"}, 401)
-        elif match is None or not isinstance(ep, _Endpoint):
+        elif match is None or not isinstance(ep, _Endpoint) or (op is not None and op.on_job != bool(match["job"])):
             response = JSONResponse({"error": "not found"}, 404)
-        elif request.method != _OPENAI_METHODS.get(match["route"] or "", "GET"):
+        elif request.method != (op.method if op else _OPENAI_METHODS[match["route"]]):
             response = JSONResponse({"error": "method not allowed"}, 405)
-        elif match["route"] is None:
+        elif match["op"] == "health":
             response = JSONResponse(self._health(ep))
+        elif op is not None:
+            response = await self._job_api(ep, match["op"], match["job"] or "", request, access)
         elif access != "write":
-            response = JSONResponse({"error": "This API key may not run jobs on this endpoint."}, 403)
+            response = JSONResponse({"error": _READ_ONLY}, 403)
         if response is not None:
             return await response(scope, receive, send)
         assert isinstance(ep, _Endpoint) and match is not None
         await self._job(ep, match["route"], request, send)
 
+    # -- the job API ----------------------------------------------------------------------------
+
+    async def _job_api(self, ep: _Endpoint, op: str, job_id: str, request: Request, access: str) -> Response:
+        self.job_calls.append((op, ep.name, job_id))
+        if _JOB_OPS[op].writes and access != "write":
+            return JSONResponse({"error": _READ_ONLY}, 403)
+        self.upstream_headers[ep.name] = dict(request.headers)
+        if op in ("run", "runsync"):
+            return await self._submit(ep, request, sync=op == "runsync")
+        if op == "purge-queue":
+            queued = [job for job in ep.submitted.values() if job.status == "IN_QUEUE"]
+            for each in queued:
+                self._cancel(each)
+            return JSONResponse({"removed": len(queued), "status": "completed"})
+        job = ep.submitted.get(job_id)
+        if job is None:
+            return JSONResponse({"error": _NO_JOB}, 404)
+        if op == "status":
+            return JSONResponse(job.answer())
+        if op == "stream":
+            fresh, job.streamed = job.chunks[job.streamed :], len(job.chunks)
+            return JSONResponse({"id": job.id, "status": job.status, "stream": [{"output": c} for c in fresh]})
+        if op == "retry":
+            return self._retry(ep, job)
+        if self._cancel(job):
+            await job.finished.wait()  # at once: the cancelled task only releases its worker
+        return JSONResponse({"id": job.id, "status": job.status})
+
+    async def _submit(self, ep: _Endpoint, request: Request, *, sync: bool) -> Response:
+        wait = _wait_seconds(request.query_params.get("wait")) if sync else 0.0
+        if wait is None:
+            return JSONResponse({"error": "wait must be a whole number of milliseconds from 1000 to 300000"}, 400)
+        body = await self._json(request)
+        job_input = body.get("input") if isinstance(body, dict) else None
+        if not isinstance(job_input, dict):
+            return JSONResponse({"error": "the body must be a JSON object with an input object"}, 400)
+        job = self._queue(ep, f"{'sync-' if sync else ''}{uuid4()}-e1", job_input)
+        if not sync:
+            return JSONResponse({"id": job.id, "status": job.status})
+        with anyio.move_on_after(wait):
+            await job.finished.wait()
+        return JSONResponse(job.answer())
+
+    def _retry(self, ep: _Endpoint, job: _Job) -> Response:
+        if job.status not in ("FAILED", "TIMED_OUT"):
+            message = f"job {job.id} is {job.status}: only FAILED or TIMED_OUT jobs can be retried"
+            return JSONResponse({"error": message}, 400)
+        origin = ep.submitted[job.origin]
+        origin.retries += 1
+        ep.jobs["retried"] += 1
+        again = self._queue(ep, f"{origin.id}-u{origin.retries}", job.input, origin=origin.id)
+        return JSONResponse({"id": again.id, "status": again.status})
+
+    def _queue(self, ep: _Endpoint, job_id: str, job_input: dict[str, Any], *, origin: str | None = None) -> _Job:
+        assert self._tg is not None
+        job = ep.submitted[job_id] = _Job(job_id, job_input, origin or job_id, time.monotonic())
+        self._tg.start_soon(self._work, ep, job)
+        return job
+
+    @staticmethod
+    def _cancel(job: _Job) -> bool:
+        """Cancel a queued or running job; False when it is final already."""
+        if job.status in _FINAL:
+            return False
+        job.finish("CANCELLED")
+        job.scope.cancel()
+        return True
+
+    async def _work(self, ep: _Endpoint, job: _Job) -> None:
+        """A job's life: waiting for a worker, then running its handler there."""
+        try:
+            with job.scope:
+                worker = await self._acquire(ep)
+                if worker is None:
+                    job.finish("FAILED", error=_NO_WORKERS)
+                    return
+                try:
+                    if job.status == "IN_QUEUE":  # not cancelled as the worker came free
+                        job.status, job.started, job.worker_id = "IN_PROGRESS", time.monotonic(), worker.id
+                        await self._handle(job)
+                finally:
+                    self._release(ep, worker)
+        finally:
+            job.finished.set()
+
+    @staticmethod
+    async def _handle(job: _Job) -> None:
+        """The handler the job's input scripts (module docstring)."""
+        knobs = job.input
+        if (problem := _knob_problem(knobs)) is not None:
+            job.finish("FAILED", error=problem)
+            return
+        assert job.started is not None
+        seconds, chunks = knobs.get("seconds", 0.05), knobs.get("stream", [])
+        end = job.started + seconds
+        cut = job.started + knobs["timeout"] if seconds > knobs.get("timeout", math.inf) else math.inf
+        for i, chunk in enumerate(chunks):
+            at = job.started + (i + 1) * seconds / len(chunks)
+            if at > cut:
+                break
+            await _sleep_until(at)
+            job.chunks.append(chunk)
+        await _sleep_until(min(end, cut))
+        if cut < math.inf:
+            job.finish("TIMED_OUT")
+        elif "fail" in knobs:
+            job.finish("FAILED", error=knobs["fail"])
+        else:
+            job.finish("COMPLETED", output=list(job.chunks) if "stream" in knobs else {"echo": job.input})
+
     async def _job(self, ep: _Endpoint, route: str, request: Request, send: Send) -> None:
         body = await request.body()
-        worker = await self._acquire(ep)
+        ep.jobs["inQueue"] += 1
+        try:
+            worker = await self._acquire(ep)
+        finally:
+            ep.jobs["inQueue"] -= 1
         if worker is None:
             ep.jobs["failed"] += 1
             return await JSONResponse({"error": _NO_WORKERS}, 503)(request.scope, request.receive, send)
@@ -1017,3 +1277,20 @@ class FakeRunPod(MachineCloud[_Pod]):
 
         await ep.sim(scope, receive, watched)
         return status
+
+
+def runpod_sdk() -> ModuleType:
+    """The `runpod` SDK, imported on first use (it takes over a second) with its import's logging setup
+    undone: runpod/serverless/utils/rp_upload.py calls ``logging.basicConfig(level=INFO)``, a root handler
+    that would print every INFO record for the rest of the session, and the package sets the levels of
+    the uvicorn, urllib3, paramiko and backoff loggers."""
+    root, names = logging.getLogger(), ("uvicorn", "urllib3", "paramiko", "backoff")
+    handlers, level, levels = root.handlers[:], root.level, [logging.getLogger(n).level for n in names]
+    import runpod as module  # type: ignore[import-untyped]
+
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, old in zip(names, levels, strict=True):
+        logging.getLogger(name).setLevel(old)
+    sdk: ModuleType = module
+    return sdk

@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import msgspec
 
 from gpumanager.ledger.rows import MICRO
+from gpumanager.ledger.rows import JobRow as JobRecord
 from gpumanager.ledger.schema import SCHEMA_VERSION, LedgerError, version
 from gpumanager.models import model_names
 
@@ -29,6 +30,8 @@ BY: tuple[str, ...] = get_args(By)
 UNATTRIBUTED = "unattributed"  # the owner of intervals no key pays for (`key_id` NULL)
 NOT_SERVING = "(not serving)"  # by model: billed time of hosts serving no request
 NO_HOST = "(no host)"  # by host: requests refused before any host took them
+# RunPod jobs' rows (route /v2/...) are no model's service times and no replay's requests.
+NOT_JOBS = "route NOT LIKE '/v2/%'"
 
 _DAY_FORMAT = "%Y-%m-%d"
 _HOUR_FORMAT = "%Y-%m-%d %H:00"
@@ -429,7 +432,7 @@ def recent_timings(
         services = conn.execute(
             "SELECT model, max(0, duration_ms - wait_ms) / 1000.0 FROM requests "
             "WHERE status = 200 AND host != '' AND route NOT IN ('/api/pull', '/api/push', '/api/create', "
-            "'/api/copy', '/api/delete', '/api/show') ORDER BY ts DESC LIMIT 20000"
+            f"'/api/copy', '/api/delete', '/api/show') AND {NOT_JOBS} ORDER BY ts DESC LIMIT 20000"
         ).fetchall()
         wakes = conn.execute(
             "SELECT host, gpu_seconds FROM intervals WHERE reason = 'wake' ORDER BY \"start\" DESC LIMIT 5000"
@@ -459,7 +462,8 @@ def served(db_path: str | Path, since: float, until: float) -> list[tuple[float,
     rows = _rows(
         db_path,
         "SELECT ts - duration_ms / 1000.0, model, max(0, duration_ms - wait_ms) / 1000.0, key_id FROM requests "
-        "WHERE ts >= ? AND ts < ? AND ts - duration_ms / 1000.0 >= ? AND status = 200 AND host != '' ORDER BY 1",
+        "WHERE ts >= ? AND ts < ? AND ts - duration_ms / 1000.0 >= ? AND status = 200 AND host != '' "
+        f"AND {NOT_JOBS} ORDER BY 1",
         (since, until, since),
     )
     return [(float(a), str(m), float(d), str(k)) for a, m, d, k in rows]
@@ -469,13 +473,23 @@ def models_by_host(db_path: str | Path, since: float, until: float) -> dict[str,
     """The models each host answered in [since, until)."""
     rows = _rows(
         db_path,
-        "SELECT DISTINCT host, model FROM requests WHERE ts >= ? AND ts < ? AND status = 200 AND host != ''",
+        "SELECT DISTINCT host, model FROM requests WHERE ts >= ? AND ts < ? AND status = 200 AND host != '' "
+        f"AND {NOT_JOBS}",
         (since, until),
     )
     found: dict[str, set[str]] = {}
     for host, model in rows:
         found.setdefault(str(host), set()).update(model_names(str(model)))
     return found
+
+
+def jobs_since(db_path: str | Path, since: float) -> list[JobRecord]:
+    """The RunPod jobs submitted since `since`, and those never seen to end, oldest first: whose
+    each is, and which to watch again."""
+    fields = JobRecord.__struct_fields__
+    columns = ", ".join(fields)
+    rows = _rows(db_path, f"SELECT {columns} FROM jobs WHERE ts >= ? OR ended IS NULL ORDER BY ts", (since,))
+    return [JobRecord(**dict(zip(fields, row, strict=True))) for row in rows]
 
 
 def _rows(db_path: str | Path, sql: str, params: tuple[object, ...]) -> list[tuple[Any, ...]]:

@@ -1,5 +1,5 @@
-"""The ledger as a `Recorder`: each finished request and each billed interval becomes a row, written
-off the request path (an open interval's records are written over its one row)."""
+"""The ledger as a `Recorder`: each finished request, each billed interval and each RunPod job becomes
+a row, written off the request path (an open interval's or a job's records are written over its one row)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 from gpumanager.ledger.rows import IntervalRow, Reason, RequestRow
 from gpumanager.ledger.writer import LedgerWriter
-from gpumanager.recorder import IntervalRecord, NoopRecorder, RequestRecord
+from gpumanager.recorder import IntervalRecord, JobRecord, NoopRecorder, RequestRecord
 
 
 class LedgerRecorder(NoopRecorder):
@@ -34,6 +34,9 @@ class LedgerRecorder(NoopRecorder):
                 cost_micro=record.cost_micro,
             )
         )
+
+    def job(self, record: JobRecord) -> None:
+        self.writer.add(record)
 
     def interval(self, record: IntervalRecord) -> None:
         self.writer.add(

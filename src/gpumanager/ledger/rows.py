@@ -1,11 +1,16 @@
 """What the usage ledger stores (DESIGN.md §10): one row per request, one per non-serving billed
-interval of a host. Money is integer micro-dollars; times are Unix seconds (UTC)."""
+interval of a host, one per RunPod job (`JobRow`: who owns it, and what it used). Money is integer
+micro-dollars; times are Unix seconds (UTC)."""
 
 from __future__ import annotations
 
 from enum import StrEnum
 
 import msgspec
+
+from gpumanager.recorder import JobRecord as JobRow
+
+__all__ = ["MICRO", "IntervalRow", "JobRow", "Reason", "RequestRow"]
 
 MICRO = 1_000_000  # micro-dollars per dollar
 

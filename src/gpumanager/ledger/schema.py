@@ -72,6 +72,26 @@ MIGRATIONS: tuple[Migration, ...] = (
     # 3: an interval is recorded again as it grows (so a killed process loses at most its last
     # second): each record of it is written over the one row of its host and start.
     ('CREATE UNIQUE INDEX intervals_open ON intervals (host, "start")',),
+    # 4: RunPod jobs: who owns each (it survives a restart) and what it used; recorded when
+    # submitted and again when it ends, each record over the job's one row.
+    (
+        """CREATE TABLE jobs (
+            id TEXT PRIMARY KEY,
+            ts REAL NOT NULL,
+            key_id TEXT NOT NULL,
+            host TEXT NOT NULL,
+            endpoint TEXT NOT NULL,
+            route TEXT NOT NULL,
+            status TEXT NOT NULL,
+            ended REAL,
+            delay_ms INTEGER,
+            execution_ms INTEGER,
+            gpu_seconds REAL NOT NULL,
+            cost_micro INTEGER NOT NULL
+        )""",
+        "CREATE INDEX jobs_ts ON jobs (ts)",
+        "CREATE INDEX jobs_key ON jobs (key_id, ts)",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -138,11 +158,12 @@ def migrate(conn: sqlite3.Connection, migrations: tuple[Migration, ...] = MIGRAT
 
 
 def prune(conn: sqlite3.Connection, *, before: float) -> int:
-    """Delete the requests that finished, and the intervals that ended, before `before` (Unix
-    seconds). Returns how many rows went."""
+    """Delete the requests that finished, the intervals and the jobs that ended, before `before`
+    (Unix seconds). Returns how many rows went."""
     with transaction(conn):
         gone = conn.execute("DELETE FROM requests WHERE ts < ?", (before,)).rowcount
         gone += conn.execute('DELETE FROM intervals WHERE "end" < ?', (before,)).rowcount
+        gone += conn.execute("DELETE FROM jobs WHERE ts < ? AND ended IS NOT NULL", (before,)).rowcount
     return gone
 
 

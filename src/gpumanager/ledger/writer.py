@@ -14,10 +14,10 @@ import msgspec
 from anyio.abc import TaskStatus
 from loguru import logger
 
-from gpumanager.ledger.rows import IntervalRow, RequestRow
+from gpumanager.ledger.rows import IntervalRow, JobRow, RequestRow
 from gpumanager.ledger.schema import DAY, LedgerError, open_database, prune, transaction
 
-Row = RequestRow | IntervalRow
+Row = RequestRow | IntervalRow | JobRow
 
 MAX_BUFFERED = 100_000  # rows held while the database cannot take them; past it, new rows are dropped
 FLUSH_ROWS = 10_000  # a buffer this full is written at once rather than at the next tick
@@ -42,13 +42,23 @@ _INSERT_INTERVAL = (
     + " key_id = excluded.key_id, cost_micro = excluded.cost_micro, gpu_seconds = excluded.gpu_seconds"
 )
 
+# A job is recorded when submitted and again as it changes: the newest record is its row.
+_INSERT_JOB = (
+    _insert("jobs", JobRow.__struct_fields__)
+    + " WHERE true ON CONFLICT (id) DO UPDATE SET "
+    + ", ".join(f"{name} = excluded.{name}" for name in JobRow.__struct_fields__ if name != "id")
+)
+
 
 def _statements(batch: list[Row]) -> list[tuple[str, tuple[bytes]]]:
     """The inserts of `batch`: per table, one statement and the rows as one JSON array."""
     requests = [row for row in batch if isinstance(row, RequestRow)]
     intervals = [row for row in batch if isinstance(row, IntervalRow)]
+    jobs = [row for row in batch if isinstance(row, JobRow)]
     return [
-        (sql, (_encode(rows),)) for sql, rows in ((_INSERT_REQUEST, requests), (_INSERT_INTERVAL, intervals)) if rows
+        (sql, (_encode(rows),))
+        for sql, rows in ((_INSERT_REQUEST, requests), (_INSERT_INTERVAL, intervals), (_INSERT_JOB, jobs))
+        if rows
     ]
 
 
@@ -65,7 +75,7 @@ class WriterStatistics(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class LedgerWriter:
-    """Writes `RequestRow`s and `IntervalRow`s to the ledger in batches, off the request path.
+    """Writes `RequestRow`s, `IntervalRow`s and `JobRow`s to the ledger in batches, off the request path.
 
     Owns a bounded buffer of rows and the one SQLite connection that writes the ledger file.
 

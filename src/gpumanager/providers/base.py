@@ -60,6 +60,14 @@ class UpstreamAuth(Protocol):
 
 
 @runtime_checkable
+class JobApi(Protocol):
+    """A provider whose hosts may serve a job API (RunPod's serverless `/run`, `/status/{id}`...)."""
+
+    def job_url(self, host_id: str) -> str | None:
+        """The base URL of the host's job API (`.../v2/{endpoint_id}`), or None when it has none (a pod)."""
+
+
+@runtime_checkable
 class Polling(Protocol):
     """A provider with its own pace for reading a host in transition (a cloud's rate limits)."""
 

@@ -53,6 +53,12 @@ class RunpodProvider:
         """Endpoints take the RunPod key; pods run Ollama behind the fleet's own door (its token)."""
         return self._auth if self._kinds.get(host_id) == "endpoint" else None
 
+    def job_url(self, host_id: str) -> str | None:
+        """An endpoint's job API (`/run`, `/status/{id}`...); a pod has none."""
+        if self._kinds.get(host_id, "endpoint") != "endpoint":
+            return None
+        return f"{self.config.serverless_url.rstrip('/')}/{host_id}"
+
     # -- the Provider protocol ---------------------------------------------------------------------
 
     async def list(self) -> list[HostInfo]:

@@ -1,4 +1,4 @@
-"""The two dialects a client may speak: Ollama (`/api/*`) and OpenAI (`/v1/*`).
+"""The dialects a client may speak: Ollama (`/api/*`), OpenAI (`/v1/*`) and RunPod's job API (`/v2/*`).
 
 Parsing of the few fields routing needs, error bodies, in-band stream errors and wait heartbeats,
 each in the shape the client's own library understands.
@@ -20,10 +20,13 @@ from gpumanager.errors import BadRequest, ClientError
 class Dialect(StrEnum):
     OLLAMA = "ollama"
     OPENAI = "openai"
+    RUNPOD = "runpod"  # RunPod's job API (`/v2/...`): errors are `{"error": "..."}` as RunPod's are
 
 
 def dialect_for(path: str) -> Dialect:
-    return Dialect.OPENAI if path.startswith("/v1/") or path == "/v1" else Dialect.OLLAMA
+    if path.startswith("/v1/") or path == "/v1":
+        return Dialect.OPENAI
+    return Dialect.RUNPOD if path.startswith("/v2/") else Dialect.OLLAMA
 
 
 class Options(msgspec.Struct):

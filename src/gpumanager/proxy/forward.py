@@ -18,7 +18,7 @@ import httpx
 import msgspec
 from loguru import logger
 
-from gpumanager.errors import ClientError, ConnectFailed, UpstreamFailed
+from gpumanager.errors import ClientError, ClientGone, ConnectFailed, PayloadTooLarge, RequestTimeout, UpstreamFailed
 from gpumanager.fleet import Lease
 from gpumanager.hosts import Host
 from gpumanager.proxy.dialects import Dialect, error_body, error_headers, inband_error
@@ -26,6 +26,7 @@ from gpumanager.proxy.usage import Meter
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Scope = MutableMapping[str, Any]
 
 # Never forwarded upstream: hop-by-hop headers, and the client's own credentials.
 REQUEST_DROP = frozenset(
@@ -385,3 +386,43 @@ def _error_message(body: bytes) -> str:
     if isinstance(error, dict):
         return str(error.get("message", error))
     return str(error) if error else body[:200].decode("utf-8", "replace")
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int, stall: float) -> bytes:
+    """The whole request body, refused with 413 past `limit` (before reading, when the length is known),
+    and with 408 when the client sends nothing for `stall` seconds between two reads (uvicorn has no
+    such timer: a client that stops mid-body would hold its connection forever)."""
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise PayloadTooLarge(f"request body over {limit // 2**20} MB ([server] max_body_mb)")
+    body: bytes | None = None
+    with anyio.CancelScope() as stalled:
+        alarm = Alarm(stalled.cancel)  # re-armed with every message received
+        try:
+            body = await _read_body(receive, limit, stall, alarm)
+        finally:
+            alarm.stop()
+    if body is None:
+        raise RequestTimeout(f"the request body stalled for {stall:g}s ([server] client_timeout_seconds)")
+    return body
+
+
+async def _read_body(receive: Receive, limit: int, stall: float, alarm: Alarm) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        alarm.arm(stall)
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        if not message.get("more_body", False) and not chunks:
+            if len(chunk) > limit:
+                raise PayloadTooLarge(f"request body over {limit // 2**20} MB ([server] max_body_mb)")
+            return bytes(chunk)  # the usual case: one message
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body over {limit // 2**20} MB ([server] max_body_mb)")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)

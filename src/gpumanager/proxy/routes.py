@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qs
@@ -28,9 +28,7 @@ from gpumanager.errors import (
     ConnectFailed,
     InternalError,
     NotFound,
-    PayloadTooLarge,
     ProviderError,
-    RequestTimeout,
     UpstreamFailed,
     WakeTimeout,
 )
@@ -41,21 +39,20 @@ from gpumanager.logs import clean
 from gpumanager.proxy import translate, usage
 from gpumanager.proxy.dialects import STREAM_CONTENT_TYPE, Dialect, heartbeat, parse_fields
 from gpumanager.proxy.forward import (
-    Alarm,
     Exchange,
     Receive,
+    Scope,
     SilenceWatch,
     Upstream,
     UsageRefused,
     forward,
+    read_body,
     stop_asking_usage,
     upstream_headers,
 )
 from gpumanager.proxy.local import local_routes
 from gpumanager.recorder import Recorder, RequestRecord
 from gpumanager.scheduler import Ask, Waiter
-
-Scope = MutableMapping[str, Any]
 
 
 class Readier(Protocol):
@@ -83,46 +80,6 @@ class ProxyParts:
     refresh: Callable[[Host], Awaitable[None]]  # re-reads a host's models after model management
     recorder: Recorder  # told of every finished request
     budget: Budget  # each key's limits and budgets, checked at admission
-
-
-async def read_body(scope: Scope, receive: Receive, limit: int, stall: float) -> bytes:
-    """The whole request body, refused with 413 past `limit` (before reading, when the length is known),
-    and with 408 when the client sends nothing for `stall` seconds between two reads (uvicorn has no
-    such timer: a client that stops mid-body would hold its connection forever)."""
-    for name, value in scope["headers"]:
-        if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise PayloadTooLarge(f"request body over {limit // 2**20} MB ([server] max_body_mb)")
-    body: bytes | None = None
-    with anyio.CancelScope() as stalled:
-        alarm = Alarm(stalled.cancel)  # re-armed with every message received
-        try:
-            body = await _read_body(receive, limit, stall, alarm)
-        finally:
-            alarm.stop()
-    if body is None:
-        raise RequestTimeout(f"the request body stalled for {stall:g}s ([server] client_timeout_seconds)")
-    return body
-
-
-async def _read_body(receive: Receive, limit: int, stall: float, alarm: Alarm) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        alarm.arm(stall)
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        chunk = message.get("body", b"")
-        if not message.get("more_body", False) and not chunks:
-            if len(chunk) > limit:
-                raise PayloadTooLarge(f"request body over {limit // 2**20} MB ([server] max_body_mb)")
-            return bytes(chunk)  # the usual case: one message
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body over {limit // 2**20} MB ([server] max_body_mb)")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 def _target(scope: Scope) -> str:
