@@ -32,7 +32,7 @@ PRICE = 3600.0  # dollars an hour: a dollar a second, so costs are easy to read
 WINDOW = 0.6  # the reservation window, seconds
 
 
-def config_text(fake: FakeRunPod, *, window: float = WINDOW, per_host: bool = False) -> str:
+def config_text(fake: FakeRunPod, *, window: float = WINDOW, per_host: bool = False, extra: str = "") -> str:
     """With `per_host`, jobs are asked for on the endpoint's own `[[hosts]]` entry, else on the provider."""
     jobs = f'[[hosts]]\nname = "{ENDPOINT}"\njobs = true' if per_host else ""
     return f"""
@@ -45,6 +45,7 @@ reconcile_interval_seconds = 0.3
 probe_timeout_seconds = 1
 shutdown_grace_seconds = 1
 job_poll_seconds = 0.2
+{extra}
 
 [[providers]]
 type = "runpod"
@@ -127,11 +128,11 @@ def serving(portal: BlockingPortal, config_path: Path, environ: dict[str, str]) 
 
 
 @contextlib.contextmanager
-def running_jobs(tmp_path: Path, *, window: float = WINDOW) -> Iterator[Jobs]:
+def running_jobs(tmp_path: Path, *, window: float = WINDOW, extra: str = "") -> Iterator[Jobs]:
     with start_blocking_portal() as portal, running_fake(portal) as fake:
         endpoint_id = portal.call(_add, fake)
         config_path = tmp_path / "config.toml"
-        config_path.write_text(config_text(fake, window=window))
+        config_path.write_text(config_text(fake, window=window, extra=extra))
         keys = KeyStore(load(config_path).paths.api_keys_file)
         admin_key = keys.generate("admin", "admin@example.org", admin=True)[1]
         user_key = keys.generate("user", "user@example.org")[1]
@@ -281,6 +282,7 @@ def test_budgets_and_limits_answer_402_and_403_never_429(jobs: Jobs) -> None:
     spender = jobs.keys.generate("spender", "s@example.org", limits=Limits(dollars_per_day=0.5))[1]
     hasty = jobs.keys.generate("hasty", "h@example.org", limits=Limits(requests_per_minute=1))[1]
     elsewhere = jobs.keys.generate("elsewhere", "e@example.org", limits=Limits(models=["llama*"]))[1]
+    single = jobs.keys.generate("single", "o@example.org", limits=Limits(max_concurrent=1))[1]
     jobs.call(jobs.runtime.keys.reload)
     base = f"{jobs.url}/v2/{ENDPOINT}"
     with httpx.Client(timeout=30) as client:
@@ -294,12 +296,29 @@ def test_budgets_and_limits_answer_402_and_403_never_429(jobs: Jobs) -> None:
         limited = client.post(f"{base}/run", headers=jobs.headers(hasty), json={"input": {}})
         assert limited.status_code == 403 and "requests a minute" in limited.json()["error"]
 
+        assert (
+            client.post(f"{base}/run", headers=jobs.headers(single), json={"input": {"seconds": 5}}).status_code == 200
+        )
+        second = client.post(f"{base}/run", headers=jobs.headers(single), json={"input": {}})
+        assert second.status_code == 403 and "1 jobs queued or running" in second.json()["error"]
+
         excluded = client.post(f"{base}/run", headers=jobs.headers(elsewhere), json={"input": {}})
         assert excluded.status_code == 403 and "may not use the RunPod endpoint 'gpu-jobs'" in excluded.json()["error"]
     started = time.monotonic()
     with pytest.raises(Exception, match="402"):  # the SDK raises at once: nothing to retry
         jobs.endpoint(key=spender).run({"x": 1})
     assert time.monotonic() - started < 5
+
+
+def test_at_the_fleets_spend_cap_jobs_are_refused_with_402(tmp_path: Path) -> None:
+    with running_jobs(tmp_path, extra="\n[budget]\ndaily_dollars = 1") as jobs:
+        base = f"{jobs.url}/v2/{ENDPOINT}"
+        done = httpx.post(f"{base}/runsync", headers=jobs.headers(), json={"input": {"seconds": 1.2}}, timeout=30)
+        assert done.json()["status"] == "COMPLETED"  # a dollar a second: the day's dollar is spent
+        until(lambda: jobs.call(lambda: jobs.runtime.fleet.capped is not None), what="the cap")
+        refused = httpx.post(f"{base}/run", headers=jobs.headers(), json={"input": {}}, timeout=10)
+        assert refused.status_code == 402 and "daily GPU budget" in refused.json()["error"]
+        until(lambda: ("cold", ENDPOINT) in jobs.fake.calls, what="the endpoint to be cooled at the cap")
 
 
 # -- wake, idle, accounting --------------------------------------------------------------------------

@@ -167,6 +167,10 @@ class Jobs:
             return None
         raise NotFound(f"job {job_id} not found on {host.name}")
 
+    def running(self, key: str) -> int:
+        """The jobs of `key` queued or running."""
+        return sum(1 for job in self.jobs.values() if job.key == key and job.active)
+
     def submitted(self, host: Host, lease: Lease, route: str, answer: _Answer, wait: float) -> Job:
         """RunPod took a job: it is the lease holder's, and holds the lease until it ends."""
         now = self.clock()
@@ -488,12 +492,14 @@ class JobRoute:
             query = f"wait={wait}" if wait is not None else ""
             timeout = (wait or RUNSYNC_WAIT_MS) / 1000 + CALL_SECONDS
         terms = parts.budget.admit(who, host.name)
+        if parts.fleet.capped is not None:  # at the fleet's cap, cloud hosts take no new work
+            raise parts.fleet.capped
+        if terms.max_concurrent and parts.jobs.running(who.id) >= terms.max_concurrent:
+            raise Forbidden(f"this key already has {terms.max_concurrent} jobs queued or running (max_concurrent)")
         arrived = anyio.current_time()
         if host.state is not HostState.READY or host.draining:
             if parts.fleet.emergency:
                 raise NoCapacity("emergency-off is on: RunPod endpoints are not woken until an admin turns it off")
-            if parts.fleet.capped is not None:
-                raise parts.fleet.capped
             if terms.no_wake:
                 raise BudgetSpent(terms.no_wake)
             try:
