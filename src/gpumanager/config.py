@@ -186,6 +186,7 @@ class RunpodProviderConfig(_CloudBase, frozen=True, tag="runpod"):
 
 class MetricsConfig(_Section, frozen=True):
     public: bool = False  # /metrics without an admin key (only behind a network you trust)
+    gpu_scrape_seconds: Positive = 15  # awake hosts' GPU metrics (dcgm-exporter behind the node's door)
 
 
 class BudgetConfig(_Section, frozen=True):
