@@ -19,15 +19,19 @@ LISTEN := $(if $(PORT),--port $(PORT)) $(if $(filter command line,$(origin HOST)
 demo: $(STAMP)
 	$(BIN)/gpumanager demo $(LISTEN)
 
-# The GPU node's door is tested against a real nginx: installed here when missing (Debian, as root).
-NGINX_MISSING := $(shell command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || echo yes)
+# Tests run real servers where users have them: the GPU node's door is a real nginx, the dashboard
+# is driven in a real headless Chromium. Debian's packages, installed here when missing (as root).
+SYSTEM_MISSING := $(strip \
+	$(shell command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || echo nginx) \
+	$(shell [ -x /usr/bin/chromium ] || echo chromium) \
+	$(shell [ -x /usr/bin/chromedriver ] || echo chromium-driver))
 
 test: $(STAMP)
-ifeq ($(NGINX_MISSING),yes)
+ifneq ($(SYSTEM_MISSING),)
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx >/dev/null \
-		|| { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx >/dev/null; }; \
-	else echo "note: nginx is not installed; the GPU node door test needs it (sudo apt-get install nginx)"; fi
+		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(SYSTEM_MISSING) >/dev/null \
+		|| { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(SYSTEM_MISSING) >/dev/null; }; \
+	else echo "note: the tests need $(SYSTEM_MISSING) (sudo apt-get install $(SYSTEM_MISSING))"; fi
 endif
 	$(MAKE) --no-print-directory lint
 	$(BIN)/pytest -q -n 2

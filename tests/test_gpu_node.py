@@ -6,7 +6,8 @@ No Docker engine is needed: every part runs as a real process here.
   script that records each call's arguments;
 - the nginx door is a real nginx (it must be installed: Debian/Ubuntu
   `apt-get install -y --no-install-recommends nginx`) serving the rendered
-  template in front of a stand-in Ollama (uvicorn on loopback, in a thread);
+  template in front of a stand-in Ollama and a stand-in dcgm-exporter (uvicorn
+  on loopback, in threads);
 - docker-compose.yml and the Dockerfile are checked for their structure.
 """
 
@@ -26,7 +27,7 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -440,6 +441,11 @@ def test_compose_door_service(compose: dict) -> None:
     assert door["image"].split(":")[0] == "nginx"
     assert door["restart"] in ("unless-stopped", "always")
     assert door["depends_on"]["ollama"]["condition"] == "service_healthy"
+    # The exporter is started first, but neither waited for nor required: the door resolves it
+    # at each request, and must serve Ollama where the exporter cannot run.
+    exporter = door["depends_on"]["dcgm-exporter"]
+    assert exporter["condition"] == "service_started"
+    assert exporter["required"] is False
 
     env = environment(door)
     listen = interpolate(env["DOOR_LISTEN"], {})
@@ -450,6 +456,10 @@ def test_compose_door_service(compose: dict) -> None:
     # It forwards to the ollama service on the port Ollama listens on.
     upstream = interpolate(env["OLLAMA_UPSTREAM"], {})
     assert upstream == "ollama:" + interpolate(ollama_env["OLLAMA_HOST"], {}).rsplit(":", 1)[1]
+    # And /gpu-metrics to the exporter, by its service name, on the port it listens on.
+    exporter_env = environment(compose["services"]["dcgm-exporter"])
+    exporter_port = interpolate(exporter_env.get("DCGM_EXPORTER_LISTEN", ":9400"), {}).rsplit(":", 1)[1]
+    assert interpolate(env["DCGM_UPSTREAM"], {}) == f"dcgm-exporter:{exporter_port}"
     # No token, no door.
     with pytest.raises(ValueError, match="GPUMANAGER_UPSTREAM_TOKEN"):
         interpolate(env["GPUMANAGER_UPSTREAM_TOKEN"], {})
@@ -466,6 +476,34 @@ def test_compose_door_service(compose: dict) -> None:
 
     test = " ".join(door["healthcheck"]["test"])
     assert f"127.0.0.1:{listen}/door-health" in test
+
+
+def test_compose_dcgm_exporter_service(compose: dict) -> None:
+    exporter = compose["services"]["dcgm-exporter"]
+    image, _, tag = exporter["image"].partition(":")
+    assert image == "nvcr.io/nvidia/k8s/dcgm-exporter"
+    # Pinned: DCGM version, exporter version, image variant (a parser depends on its output).
+    assert re.fullmatch(r"\d+(\.\d+)+-\d+(\.\d+)+-[a-z0-9.]+", tag), tag
+    assert exporter["restart"] == "unless-stopped"
+
+    # Every GPU, reserved as Ollama's are.
+    (device,) = exporter["deploy"]["resources"]["reservations"]["devices"]
+    (ollama_device,) = compose["services"]["ollama"]["deploy"]["resources"]["reservations"]["devices"]
+    assert device == ollama_device
+    assert device["count"] == "all" and "gpu" in device["capabilities"]
+
+    # Reachable only through the door: no port of its own, no host network, no extra privilege
+    # (SYS_ADMIN only serves the profiling series, which gpumanager does not read).
+    assert "ports" not in exporter
+    assert exporter.get("network_mode") != "host"
+    assert not exporter.get("privileged")
+    assert "SYS_ADMIN" not in exporter.get("cap_add", [])
+    published = sorted(name for name, service in compose["services"].items() if "ports" in service)
+    assert published == ["door"]
+
+    # It reads the GPUs as often as gpumanager's default scrape asks (ms; its own default is 30000).
+    env = environment(exporter)
+    assert interpolate(env["DCGM_EXPORTER_INTERVAL"], {}) == "15000"
 
 
 def test_env_example() -> None:
@@ -490,33 +528,86 @@ TAGS = {"models": [{"name": "llama3.2:latest", "model": "llama3.2:latest", "size
 CHAT_CHUNKS = 4
 CHUNK_GAP = 0.06
 
+# What dcgm-exporter 4.x serves at /metrics with its default counters, on a machine with two
+# A100s (one busy): HELP and TYPE lines, its labels in its own order, the driver version as a
+# label, series gpumanager does not read, and a counter.
+DCGM_GPUS = (  # gpu index, UUID, PCI bus id
+    ("0", "GPU-5bd3a1e2-7c0f-4b8e-9a41-0d6c3f2e1a77", "00000000:07:00.0"),
+    ("1", "GPU-e08a44c1-2b93-4d5f-8c07-91f2ab6d3c05", "00000000:0F:00.0"),
+)
+DCGM_MODEL = "NVIDIA A100-SXM4-40GB"
+DCGM_SERIES = (  # field, type, help, the value of each GPU (as the exporter writes it)
+    ("DCGM_FI_DEV_SM_CLOCK", "gauge", "SM clock frequency (in MHz).", ("1410", "210")),
+    ("DCGM_FI_DEV_GPU_TEMP", "gauge", "GPU temperature (in C).", ("61", "33")),
+    ("DCGM_FI_DEV_POWER_USAGE", "gauge", "Power draw (in W).", ("312.250000", "55.500000")),
+    (
+        "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
+        "counter",
+        "Total energy consumption since boot (in mJ).",
+        ("913374610", "201877543"),
+    ),
+    ("DCGM_FI_DEV_GPU_UTIL", "gauge", "GPU utilization (in %).", ("87", "0")),
+    ("DCGM_FI_DEV_MEM_COPY_UTIL", "gauge", "Memory utilization (in %).", ("41", "0")),
+    ("DCGM_FI_DEV_FB_FREE", "gauge", "Framebuffer memory free (in MiB).", ("9812", "40333")),
+    ("DCGM_FI_DEV_FB_USED", "gauge", "Framebuffer memory used (in MiB).", ("30512", "3")),
+    ("DCGM_FI_DEV_XID_ERRORS", "gauge", "Value of the last XID error encountered.", ("0", "0")),
+)
+
+
+def dcgm_text(
+    series: Iterable[tuple[str, str, str, tuple[str, ...]]] = DCGM_SERIES,
+    gpus: Iterable[tuple[str, str, str]] = DCGM_GPUS,
+    model: str = DCGM_MODEL,
+) -> str:
+    """Prometheus text as dcgm-exporter writes it: per field its HELP and TYPE, then one line per
+    GPU with the labels gpu, UUID, pci_bus_id, device, modelName, Hostname, then the driver
+    version (a field of type `label` in its counters file)."""
+    gpus = list(gpus)
+    lines = []
+    for name, kind, help_text, values in series:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        for (gpu, uuid, bus), value in zip(gpus, values, strict=True):
+            labels = (
+                f'gpu="{gpu}",UUID="{uuid}",pci_bus_id="{bus}",device="nvidia{gpu}",modelName="{model}",'
+                'Hostname="3f9c2a1b7d4e",DCGM_FI_DRIVER_VERSION="550.127.05"'
+            )
+            lines.append(f"{name}{{{labels}}} {value}")
+    return "\n".join(lines) + "\n"
+
+
+DCGM_TEXT = dcgm_text()
+DCGM_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
 
 @dataclass
-class StandInOllama:
+class StandIn:
+    """A stand-in upstream (Ollama or dcgm-exporter) on loopback, and the requests it saw."""
+
     port: int
     seen: list[dict] = field(default_factory=list)
 
 
-def stand_in_app(seen: list[dict]) -> Starlette:
-    async def record(request: Request) -> bytes:
-        body = await request.body()
-        seen.append(
-            {
-                "path": request.url.path,
-                "host": request.headers.get("host"),
-                "authorization": request.headers.get("authorization"),
-                "body": body,
-                "peer_port": request.client.port if request.client else None,
-            }
-        )
-        return body
+async def record(request: Request, seen: list[dict]) -> bytes:
+    body = await request.body()
+    seen.append(
+        {
+            "path": request.url.path,
+            "host": request.headers.get("host"),
+            "authorization": request.headers.get("authorization"),
+            "body": body,
+            "peer_port": request.client.port if request.client else None,
+        }
+    )
+    return body
 
+
+def stand_in_app(seen: list[dict]) -> Starlette:
     async def tags(request: Request) -> Response:
-        await record(request)
+        await record(request, seen)
         return JSONResponse(TAGS)
 
     async def chat(request: Request) -> Response:
-        await record(request)
+        await record(request, seen)
 
         async def chunks() -> AsyncIterator[str]:
             for i in range(CHAT_CHUNKS):
@@ -536,25 +627,53 @@ def stand_in_app(seen: list[dict]) -> Starlette:
     )
 
 
-@pytest.fixture(scope="module")
-def stand_in_ollama() -> Iterator[StandInOllama]:
+def exporter_app(seen: list[dict], text: Callable[[], str] = lambda: DCGM_TEXT) -> Starlette:
+    """A stand-in dcgm-exporter: `text()` at /metrics, as Prometheus text."""
+
+    async def metrics(request: Request) -> Response:
+        await record(request, seen)
+        return Response(text(), headers={"content-type": DCGM_CONTENT_TYPE})
+
+    return Starlette(routes=[Route("/metrics", metrics)])
+
+
+@contextlib.contextmanager
+def serving(app: Starlette, what: str) -> Iterator[int]:
+    """Serve `app` with uvicorn on a free loopback port, in a thread; yield the port."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    stand_in = StandInOllama(port=sock.getsockname()[1])
-    config = uvicorn.Config(
-        stand_in_app(stand_in.seen), lifespan="off", ws="none", http="h11", log_level="warning", access_log=False
-    )
+    config = uvicorn.Config(app, lifespan="off", ws="none", http="h11", log_level="warning", access_log=False)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
-        wait_until(lambda: server.started or not thread.is_alive(), 10, "the stand-in Ollama")
-        assert server.started, "the stand-in Ollama did not start"
-        yield stand_in
+        wait_until(lambda: server.started or not thread.is_alive(), 10, what)
+        assert server.started, f"{what} did not start"
+        yield sock.getsockname()[1]
     finally:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+@contextlib.contextmanager
+def stand_in_exporter_running(text: Callable[[], str] = lambda: DCGM_TEXT) -> Iterator[StandIn]:
+    seen: list[dict] = []
+    with serving(exporter_app(seen, text), "the stand-in dcgm-exporter") as port:
+        yield StandIn(port, seen)
+
+
+@pytest.fixture(scope="module")
+def stand_in_ollama() -> Iterator[StandIn]:
+    seen: list[dict] = []
+    with serving(stand_in_app(seen), "the stand-in Ollama") as port:
+        yield StandIn(port, seen)
+
+
+@pytest.fixture(scope="module")
+def stand_in_exporter() -> Iterator[StandIn]:
+    with stand_in_exporter_running() as stand_in:
+        yield stand_in
 
 
 NGINX_INSTALL_HINT = (
@@ -601,28 +720,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@dataclass
-class Door:
-    url: str
-    upstream: StandInOllama
+def door_env(ollama_port: int, exporter_port: int | None) -> dict[str, str]:
+    """The door's environment, as docker-compose.yml gives it, with loopback upstreams.
+    `exporter_port` None: DCGM_UPSTREAM not set at all (an older compose file)."""
+    env = {"GPUMANAGER_UPSTREAM_TOKEN": TOKEN, "OLLAMA_UPSTREAM": f"127.0.0.1:{ollama_port}"}
+    if exporter_port is not None:
+        env["DCGM_UPSTREAM"] = f"127.0.0.1:{exporter_port}"
+    return env
 
 
-@pytest.fixture(scope="module")
-def door(stand_in_ollama: StandInOllama, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Door]:
+@contextlib.contextmanager
+def nginx_door(prefix: Path, env: dict[str, str]) -> Iterator[str]:
+    """A real nginx serving the template rendered with `env` (plus DOOR_LISTEN), its files under
+    `prefix`; yield its URL. Fails if nginx logged an [emerg] or [alert]."""
     nginx = find_nginx()
-    prefix = tmp_path_factory.mktemp("nginx")
     port = free_port()
     conf_d = prefix / "conf.d"
     conf_d.mkdir()
-    rendered = render_template(
-        TEMPLATE.read_text(),
-        {
-            "GPUMANAGER_UPSTREAM_TOKEN": TOKEN,
-            "OLLAMA_UPSTREAM": f"127.0.0.1:{stand_in_ollama.port}",
-            "DOOR_LISTEN": f"127.0.0.1:{port}",
-        },
-    )
-    assert "${" not in rendered
+    rendered = render_template(TEMPLATE.read_text(), {**env, "DOOR_LISTEN": f"127.0.0.1:{port}"})
     (conf_d / "default.conf").write_text(rendered)
     # Around it, the parts of the image's /etc/nginx/nginx.conf that matter, in the temp dir.
     user = "user root root;" if os.geteuid() == 0 else ""  # workers must reach the temp dir
@@ -664,7 +779,7 @@ http {{
 
     try:
         wait_until(listening, 10, f"nginx on port {port} ({shlex.join(command)})")
-        yield Door(f"http://127.0.0.1:{port}", stand_in_ollama)
+        yield f"http://127.0.0.1:{port}"
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)  # nginx: fast shutdown
@@ -676,9 +791,27 @@ http {{
     assert "[emerg]" not in error_log() and "[alert]" not in error_log(), error_log()
 
 
+@dataclass
+class Door:
+    url: str
+    upstream: StandIn
+    exporter: StandIn
+
+
+@pytest.fixture(scope="module")
+def door(
+    stand_in_ollama: StandIn, stand_in_exporter: StandIn, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Door]:
+    env = door_env(stand_in_ollama.port, stand_in_exporter.port)
+    assert "${" not in render_template(TEMPLATE.read_text(), {**env, "DOOR_LISTEN": "8080"})
+    with nginx_door(tmp_path_factory.mktemp("nginx"), env) as url:
+        yield Door(url, stand_in_ollama, stand_in_exporter)
+
+
 @pytest.fixture
 def client(door: Door) -> Iterator[httpx.Client]:
     door.upstream.seen.clear()
+    door.exporter.seen.clear()
     with httpx.Client(base_url=door.url, timeout=5) as c:
         yield c
 
@@ -699,13 +832,14 @@ def client(door: Door) -> Iterator[httpx.Client]:
 )
 def test_door_refuses_without_the_token(client: httpx.Client, door: Door, authorization: str | None) -> None:
     headers = {"Authorization": authorization} if authorization is not None else {}
-    for method, path in (("GET", "/api/tags"), ("POST", "/api/chat")):
+    for method, path in (("GET", "/api/tags"), ("POST", "/api/chat"), ("GET", "/gpu-metrics")):
         response = client.request(method, path, headers=headers, content=b"{}" if method == "POST" else None)
         assert response.status_code == 401
         assert response.headers["content-type"] == "application/json"
         assert response.json() == {"error": "unauthorized"}
         assert response.headers["www-authenticate"].startswith("Bearer")
     assert door.upstream.seen == []  # nothing reached Ollama
+    assert door.exporter.seen == []  # nor the exporter
 
 
 def test_door_passes_the_token_holder_through_without_the_token(client: httpx.Client, door: Door) -> None:
@@ -718,6 +852,48 @@ def test_door_passes_the_token_holder_through_without_the_token(client: httpx.Cl
     assert seen["path"] == "/api/tags"
     assert seen["authorization"] is None  # the token stops at the door
     assert seen["host"] == "localhost:11434"
+
+
+def test_door_serves_the_exporters_metrics_at_gpu_metrics(client: httpx.Client, door: Door) -> None:
+    response = client.get("/gpu-metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+
+    assert response.status_code == 200
+    assert response.text == DCGM_TEXT  # passed through as it is
+    assert response.headers["content-type"] == DCGM_CONTENT_TYPE
+    (seen,) = door.exporter.seen
+    assert seen["path"] == "/metrics"
+    assert seen["authorization"] is None  # the token stops at the door here too
+    assert door.upstream.seen == []  # Ollama is not involved
+    # Only that exact path: anything below it is Ollama's (which has no such route).
+    assert client.get("/gpu-metrics/x", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 404
+    assert len(door.exporter.seen) == 1
+
+
+def test_door_without_a_dcgm_upstream_starts_and_answers_404(stand_in_ollama: StandIn, tmp_path: Path) -> None:
+    """An older compose file sets no DCGM_UPSTREAM: envsubst leaves the template's reference to it
+    as written. nginx must start all the same, serve Ollama, and answer /gpu-metrics with 404."""
+    env = door_env(stand_in_ollama.port, None)
+    assert "${DCGM_UPSTREAM}" in render_template(TEMPLATE.read_text(), env)
+    stand_in_ollama.seen.clear()
+    with nginx_door(tmp_path, env) as url, httpx.Client(base_url=url, timeout=5) as c:
+        token = {"Authorization": f"Bearer {TOKEN}"}
+        assert c.get("/api/tags", headers=token).json() == TAGS
+        response = c.get("/gpu-metrics", headers=token)
+        assert response.status_code == 404
+        assert response.json() == {"error": "no GPU metrics on this node"}
+        assert c.get("/gpu-metrics").status_code == 401  # the token is checked first
+        assert c.get("/door-health").text == "ok\n"
+    assert [seen["path"] for seen in stand_in_ollama.seen] == ["/api/tags"]
+
+
+def test_door_with_its_exporter_down_answers_502_at_once(stand_in_ollama: StandIn, tmp_path: Path) -> None:
+    env = door_env(stand_in_ollama.port, free_port())  # nothing listens there
+    with nginx_door(tmp_path, env) as url, httpx.Client(base_url=url, timeout=5) as c:
+        token = {"Authorization": f"Bearer {TOKEN}"}
+        start = time.monotonic()
+        assert c.get("/gpu-metrics", headers=token).status_code == 502
+        assert time.monotonic() - start < 3
+        assert c.get("/api/tags", headers=token).json() == TAGS  # Ollama is served all the same
 
 
 def test_door_streams_chunk_by_chunk(client: httpx.Client, door: Door) -> None:
@@ -768,6 +944,7 @@ def test_door_health_needs_no_token_and_leaves_ollama_alone(client: httpx.Client
     assert response.status_code == 200
     assert response.text == "ok\n"
     assert door.upstream.seen == []
+    assert door.exporter.seen == []
 
 
 # --------------------------------------------------------------------------------------------

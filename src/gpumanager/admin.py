@@ -50,20 +50,25 @@ def describe(host: Host, now: float) -> dict[str, Any]:
     }
 
 
+def host_view(fleet: Fleet, host: Host) -> dict[str, Any]:
+    """A host as the management API and the dashboard show it: `describe()` and what may be done now."""
+    info = describe(host, fleet.clock())
+    info.setdefault("ip_address", host.url)
+    info.setdefault("flavor", "static" if host.always_on else "")
+    info["can_resume"] = not host.always_on and host.state in RESUMABLE and not fleet.emergency
+    info["can_pause"] = not host.always_on and host.state not in (HostState.PAUSED, HostState.PAUSING)
+    if host.jobs_url:  # a RunPod endpoint serving jobs: those queued or running now
+        info["jobs"] = sum(1 for lease in fleet.leases_of(host) if lease.job)
+    return info
+
+
 def admin_routes(
     fleet: Fleet, lifecycle: Lifecycle, reconcile: Callable[[], Awaitable[None]], budget: Budget
 ) -> list[BaseRoute]:
     """The `/gpu/...` routes; `reconcile` asks the clouds for the truth before a discover answers."""
 
     def gpu(host: Host) -> dict[str, Any]:
-        info = describe(host, fleet.clock())
-        info.setdefault("ip_address", host.url)
-        info.setdefault("flavor", "static" if host.always_on else "")
-        info["can_resume"] = not host.always_on and host.state in RESUMABLE and not fleet.emergency
-        info["can_pause"] = not host.always_on and host.state not in (HostState.PAUSED, HostState.PAUSING)
-        if host.jobs_url:  # a RunPod endpoint serving jobs: those queued or running now
-            info["jobs"] = sum(1 for lease in fleet.leases_of(host) if lease.job)
-        return info
+        return host_view(fleet, host)
 
     def find(request: Request) -> tuple[Host, str]:
         """The host the path names, and the calling admin's key id."""

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gpumanager.admin import admin_routes
 from gpumanager.auth import PUBLIC_PATHS, AuthMiddleware
 from gpumanager.config import Config
+from gpumanager.dashboard import dashboard_routes
 from gpumanager.errors import ClientError, InternalError, MethodNotAllowed, NoCapacity, NotFound
 from gpumanager.events_api import events_route
 from gpumanager.hosts import HostState
@@ -177,6 +178,7 @@ def build_app(config: Config, *, environ: Mapping[str, str] | None = None) -> St
             closing=lambda: runtime.draining,
         ),
         *usage_routes(config, runtime.keys, runtime.ledger.path, runtime.budget),
+        *dashboard_routes(runtime.dashboard_parts()),
     ]
     public = PUBLIC_PATHS | ({"/metrics"} if config.metrics.public else set())
     app = Starlette(
@@ -185,7 +187,13 @@ def build_app(config: Config, *, environ: Mapping[str, str] | None = None) -> St
         middleware=[
             Middleware(Guard, runtime=runtime),
             cors(config.server.cors_origins),  # before the key check: a preflight carries no key
-            Middleware(AuthMiddleware, keys=runtime.keys, public=public),
+            Middleware(
+                AuthMiddleware,
+                keys=runtime.keys,
+                public=public,
+                sessions=runtime.sessions,
+                public_url=config.server.public_url,
+            ),
         ],
         exception_handlers={ClientError: _client_error, HTTPException: _http_error},
     )

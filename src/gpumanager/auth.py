@@ -21,11 +21,18 @@ from gpumanager.errors import Forbidden, KeyStoreError, Unauthorized
 from gpumanager.keys import Identity, KeyStore, hash_key
 from gpumanager.logs import clean
 from gpumanager.proxy.dialects import dialect_for, error_body, error_headers
+from gpumanager.sessions import Sessions, cookie_value, same_origin
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]
 
-PUBLIC_PATHS = frozenset({"/health", "/"})
+PUBLIC_PATHS = frozenset({"/health", "/", "/dashboard"})
+# The dashboard's page, its files and its login and logout, which check what they need themselves.
+PUBLIC_PREFIXES = ("/dashboard/static/", "/dashboard/login", "/dashboard/logout")
+# Where a dashboard session (its cookie) stands in for a key: the page's own API, and the admin
+# routes, the event stream and the usage the page calls. Never the model routes.
+SESSION_PREFIXES = ("/dashboard/api/", "/gpu/", "/events", "/usage")
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def key_from_headers(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -111,17 +118,26 @@ class AuthMiddleware:
         keys: KeyStore,
         public: frozenset[str] = PUBLIC_PATHS,
         *,
+        sessions: Sessions | None = None,
+        public_url: str = "",
         clock: Callable[[], float] = time.monotonic,
         failures: FailedLogins | None = None,
     ) -> None:
         self.app, self.keys, self.public = app, keys, public
+        self.sessions, self.public_url = sessions, public_url
         self.failures = FailedLogins(clock=clock) if failures is None else failures
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] in self.public:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in self.public or path.startswith(PUBLIC_PREFIXES):
             await self.app(scope, receive, send)
             return
         key = key_from_headers(scope["headers"])
+        if key is None and self.sessions is not None and path.startswith(SESSION_PREFIXES):
+            cookie = cookie_value(scope["headers"])
+            if cookie is not None:
+                await self._with_session(scope, receive, send, self.sessions, cookie)
+                return
         identity = self.keys.authenticate(key) if key else None
         if identity is None:
             self._log_refusal(scope, key)
@@ -132,6 +148,23 @@ class AuthMiddleware:
             address = _client_address(scope)
             self._log_suppressed(address, self.failures.allowed(address))
         scope["auth"] = identity
+        await self.app(scope, receive, send)
+
+    async def _with_session(self, scope: Scope, receive: Any, send: Any, sessions: Sessions, cookie: str) -> None:
+        """A dashboard's request: its session stands in for the key. A state-changing request must
+        come from the dashboard's own origin; a stream ends once the session does (`still_valid`)."""
+        identity = sessions.identity(cookie)
+        if identity is None:
+            await deny(send, scope["path"], Unauthorized("the dashboard session has ended: log in again"))
+            return
+        if scope.get("method") not in SAFE_METHODS and not same_origin(scope, self.public_url):
+            logger.warning(
+                "403 cross-origin {} {} refused (key {})", clean(scope["method"], 16), clean(scope["path"]), identity.id
+            )
+            await deny(send, scope["path"], Forbidden("cross-origin request refused: use the dashboard itself"))
+            return
+        scope["auth"] = identity
+        scope["still_valid"] = lambda: sessions.identity(cookie) is not None
         await self.app(scope, receive, send)
 
     def _log_refusal(self, scope: Scope, key: str | None) -> None:

@@ -59,6 +59,7 @@ class ServerConfig(_Section, frozen=True):
     cors_origins: list[str] = msgspec.field(default_factory=lambda: list(OLLAMA_CORS_ORIGINS))
     client_timeout_seconds: Positive = 30  # a request body that stalls longer between two reads: 408
     max_connections: Annotated[int, msgspec.Meta(ge=1)] = 10_000  # uvicorn's limit_concurrency
+    public_url: str = ""  # how browsers reach gpumanager (https://gpu.example.org behind a TLS proxy)
 
 
 class CloudApiConfig(_Section, frozen=True):
@@ -155,6 +156,7 @@ class SimulatedHostConfig(_Section, frozen=True):
     running: bool = False
     fail_resume: bool = False
     answer: str = ""  # what its model answers, word by word (default: "tok0 tok1 ...")
+    gpu: str = "NVIDIA A100 80GB (simulated)"  # its GPU at /gpu-metrics, as a GPU node's door serves it; "" = none
 
 
 class SimulatedProviderConfig(_ProviderBase, frozen=True, tag="simulated"):
@@ -346,6 +348,9 @@ def _check(config: Config, path: str) -> None:
             "budget.timezone",
             f"unknown time zone {config.budget.timezone!r} (an IANA name: UTC, Europe/Amsterdam)",
         ) from None
+    public = config.server.public_url
+    if public and not re.match(r"^https?://[^/\s]+/?$", public):
+        raise ConfigError(path, "server.public_url", "must be an origin such as https://gpu.example.org (no path)")
     for i, hook in enumerate(config.webhooks):  # the URL may hold a token: never repeated in the error
         if not re.match(r"^https?://[^/\s]+", hook.url):
             raise ConfigError(path, f"webhooks[{i}].url", "must be an http:// or https:// URL with a host")

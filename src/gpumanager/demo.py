@@ -49,6 +49,9 @@ reconcile_interval_seconds = 5
 [paths]
 log_file = "gpumanager.log"
 
+[metrics]
+gpu_scrape_seconds = 2                # the simulated GPUs' metrics on the dashboard, every 2 s
+
 [[providers]]
 type = "simulated"
 name = "demo-cloud"
@@ -95,12 +98,12 @@ def run_demo(args: argparse.Namespace) -> int:
     config_path.write_text(CONFIG.format(host=args.host, port=args.port, answer=ANSWER))
     config = load(config_path)
     logs.setup("INFO", config.paths.log_file, console=False)
-    key = KeyStore(config.paths.api_keys_file).generate("demo", "demo@localhost", admin=True)[1]
+    record, key = KeyStore(config.paths.api_keys_file).generate("demo", "demo@localhost", admin=True)
     app = build_app(config, environ={})
     runtime: Runtime = app.state.runtime
     url = local_url(args.host, args.port)
     server = server_for(app, max_connections=config.server.max_connections)
-    _banner(url, key, folder)
+    _banner(url, key, folder, login=f"{url}/dashboard/login/{runtime.sessions.link(record.id)}")
 
     async def narrate() -> None:
         tg_watch = anyio.create_task_group()
@@ -184,7 +187,7 @@ def _response_text(line: str) -> str:
     return str(frame.get("response", "")) if isinstance(frame, dict) else ""
 
 
-def _banner(url: str, key: str, folder: Path) -> None:
+def _banner(url: str, key: str, folder: Path, *, login: str) -> None:
     python = sys.executable  # the interpreter that runs gpumanager has the openai and ollama clients
     script = Path(sys.executable).with_name("gpumanager")
     gpumanager = str(script) if script.exists() else f"{python} -m gpumanager"
@@ -194,6 +197,9 @@ def _banner(url: str, key: str, folder: Path) -> None:
         Its config, keys and log are in {folder} (log: {folder / "gpumanager.log"}).
 
         Admin API key (made for this demo):  {key}
+
+        Dashboard: {url}/dashboard
+          log in at once with this one-time link: {login}
 
         Try it yourself (in another terminal):
           curl {url}/api/chat -H "Authorization: Bearer {key}" \\

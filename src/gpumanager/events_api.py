@@ -33,45 +33,74 @@ def sse(envelope: Envelope) -> bytes:
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (envelope.id, envelope.type.encode(), envelope.data)
 
 
+def fleet_snapshot(fleet: Fleet) -> bytes:
+    """The `snapshot` event a stream begins with: every host as the admin API describes it."""
+    now = fleet.clock()
+    hosts = [describe(host, now) for host in fleet.hosts.values()]
+    data = _encode(Snapshot(hosts=hosts, emergency=fleet.emergency, queued=len(fleet.queue)))
+    return b"event: snapshot\ndata: %s\n\n" % data
+
+
 def events_route(fleet: Fleet, bus: Bus, *, heartbeat: float, closing: Callable[[], bool]) -> Route:
     def snapshot() -> bytes:
-        now = fleet.clock()
-        hosts = [describe(host, now) for host in fleet.hosts.values()]
-        data = _encode(Snapshot(hosts=hosts, emergency=fleet.emergency, queued=len(fleet.queue)))
-        return b"event: snapshot\ndata: %s\n\n" % data
+        return fleet_snapshot(fleet)
 
     async def stream(request: Request) -> Response:
         require_admin(request.scope)
-        types = _types(request.query_params.get("type"))
-        follow = request.query_params.get("follow", "true").lower() not in ("false", "0", "no")
-        after = _after(request.headers.get("last-event-id") or request.query_params.get("after"))
-        if after is not None and after > bus.last_id:
-            after = None  # an id from before a restart (they start again at 1): begin afresh
-        from_history = after if after is not None else (None if follow else bus.first_id - 1)
-
-        async def body() -> AsyncIterator[bytes]:
-            with bus.subscribe(types, after=from_history) as subscription:  # left by every way out
-                if after is None:
-                    yield snapshot()
-                quiet_since = time.monotonic()
-                while not closing():
-                    item = await subscription.get(patience=min(CHECK_SECONDS, heartbeat))
-                    if isinstance(item, Lost):
-                        yield b"event: lost\ndata: %s\n\n" % _encode({"lost": item.count})
-                    elif item is not None:
-                        yield sse(item)
-                    elif not follow:
-                        return
-                    elif time.monotonic() - quiet_since >= heartbeat:
-                        yield b": heartbeat\n\n"
-                    else:
-                        continue
-                    quiet_since = time.monotonic()
-
-        headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
-        return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+        return event_stream(request, bus, snapshot, heartbeat=heartbeat, closing=closing)
 
     return Route("/events", stream, methods=["GET"])
+
+
+def event_stream(
+    request: Request,
+    bus: Bus,
+    snapshot: Callable[[], bytes],
+    *,
+    heartbeat: float,
+    closing: Callable[[], bool],
+    keep: Callable[[Envelope], bool] | None = None,
+    types: list[str] | None = None,
+) -> Response:
+    """The bus as SSE for one client (see the module's docstring); `keep` drops the events it
+    refuses (a user's dashboard sees only what is its own to see), `types` narrows the stream
+    further than `?type=`. The stream also ends once the client's session does (a revoked key)."""
+    asked = _types(request.query_params.get("type"))
+    if types is not None:
+        asked = [t for t in (asked or types) if t in types]
+    follow = request.query_params.get("follow", "true").lower() not in ("false", "0", "no")
+    after = _after(request.headers.get("last-event-id") or request.query_params.get("after"))
+    if after is not None and after > bus.last_id:
+        after = None  # an id from before a restart (they start again at 1): begin afresh
+    from_history = after if after is not None else (None if follow else bus.first_id - 1)
+    still_valid: Callable[[], bool] = request.scope.get("still_valid") or (lambda: True)
+
+    async def body() -> AsyncIterator[bytes]:
+        with bus.subscribe(asked, after=from_history) as subscription:  # left by every way out
+            if after is None:
+                yield snapshot()
+            quiet_since = time.monotonic()
+            while not closing():
+                if not still_valid():  # the session ended (its key revoked): say so, the page asks why
+                    yield b"event: ended\ndata: {}\n\n"
+                    return
+                item = await subscription.get(patience=min(CHECK_SECONDS, heartbeat))
+                if isinstance(item, Lost):
+                    yield b"event: lost\ndata: %s\n\n" % _encode({"lost": item.count})
+                elif item is not None:
+                    if keep is not None and not keep(item):
+                        continue
+                    yield sse(item)
+                elif not follow:
+                    return
+                elif time.monotonic() - quiet_since >= heartbeat:
+                    yield b": heartbeat\n\n"
+                else:
+                    continue
+                quiet_since = time.monotonic()
+
+    headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
 
 def _types(text: str | None) -> list[str] | None:

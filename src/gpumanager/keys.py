@@ -99,6 +99,7 @@ class KeyStore:
         self.path = Path(path)
         self._clock = clock
         self._by_hash: dict[str, tuple[str, Identity]] = {}
+        self._by_id: dict[str, Identity] = {}  # the keys in use (not revoked)
         self._records: list[KeyRecord] = []
         self._stamp: tuple[int, int, int] | None = None
         self._next_check = 0.0
@@ -117,7 +118,7 @@ class KeyStore:
         records = self._read() if stamp is not None else []
         before = {r.id: r for r in self._records} if self._loaded else None
         self._records = records
-        self._by_hash = {}
+        self._by_hash, self._by_id = {}, {}
         for record in records:
             if record.revoked:
                 continue
@@ -129,7 +130,9 @@ class KeyStore:
             else:
                 digest = record.key_hash.removeprefix("sha256:")
             limits = NO_LIMITS if record.limits == NO_LIMITS else record.limits  # the admission's fast path
-            self._by_hash[digest] = (digest, Identity(record.id, record.name, record.admin, limits))
+            identity = Identity(record.id, record.name, record.admin, limits)
+            self._by_hash[digest] = (digest, identity)
+            self._by_id[record.id] = identity
         self._stamp, self._loaded = stamp, True
         if before is not None and self.on_change is not None:
             for record in records:
@@ -170,6 +173,14 @@ class KeyStore:
         if found is None or not hmac.compare_digest(found[0], digest):
             return None
         return found[1]
+
+    def identity(self, key_id: str) -> Identity | None:
+        """The identity of the key with this id while it is in use (None once revoked or deleted):
+        a dashboard session holds the id, never the key. Picks up changes within half a second."""
+        now = self._clock()
+        if now >= self._next_check:
+            self._reload_quietly(now)
+        return self._by_id.get(key_id)
 
     def _reload_quietly(self, now: float) -> None:
         self._next_check = now + RECHECK_SECONDS

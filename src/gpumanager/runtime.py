@@ -17,9 +17,11 @@ from loguru import logger
 
 from gpumanager.budget import Budget
 from gpumanager.config import Config
+from gpumanager.dashboard import DashboardParts
 from gpumanager.errors import KeyStoreError, NoCapacity
 from gpumanager.events import Bus, KeyChanged, Publisher, RequestDone, WakePhase
 from gpumanager.fleet import Fleet
+from gpumanager.gpu_metrics import GpuScraper
 from gpumanager.inventory import Inventory
 from gpumanager.keys import KeyRecord, KeyStore
 from gpumanager.ledger.reader import jobs_since
@@ -35,6 +37,7 @@ from gpumanager.proxy.jobs import REMEMBER_SECONDS, JobParts, Jobs
 from gpumanager.proxy.routes import ProxyParts
 from gpumanager.reconcile import Reconciler
 from gpumanager.recorder import NoopRecorder, Recorders, RequestRecord
+from gpumanager.sessions import Sessions, load_secret
 from gpumanager.tasks import forever
 from gpumanager.webhooks import Webhooks
 
@@ -72,6 +75,7 @@ class Runtime:
     def __init__(self, config: Config, environ: Mapping[str, str]) -> None:
         self.config = config
         self.keys = KeyStore(config.paths.api_keys_file)
+        self.sessions = Sessions(load_secret(environ, config.paths.state_dir), self.keys)  # the dashboard's
         token = environ.get(UPSTREAM_TOKEN_ENV, "")
         self.upstream_auth = [(b"authorization", b"Bearer " + token.encode())] if token else []
         self.upstream = Upstream(read_timeout=config.timing.upstream_read_timeout_seconds)
@@ -86,6 +90,13 @@ class Runtime:
         self.fleet = Fleet(config, events=self.events)
         self.ledger = LedgerWriter(database_path(config), retention_days=config.usage.retention_days)
         self.metrics = Metrics(self.fleet, ledger=self.ledger)
+        self.gpus = GpuScraper(
+            self.fleet,
+            self.upstream.client,
+            interval=config.metrics.gpu_scrape_seconds,
+            headers={"authorization": f"Bearer {token}"} if token else None,
+        )
+        self.metrics.registry.register(self.gpus.collector())
         self.webhooks = Webhooks(config.webhooks, self.events, environ, on_failure=self.metrics.webhook_failed)
         self.keys.on_change = self._key_changed
         self.budget = Budget(config, self.fleet)
@@ -158,6 +169,20 @@ class Runtime:
             budget=self.budget,
         )
 
+    def dashboard_parts(self) -> DashboardParts:
+        return DashboardParts(
+            config=self.config,
+            fleet=self.fleet,
+            keys=self.keys,
+            sessions=self.sessions,
+            bus=self.events,
+            budget=self.budget,
+            db_path=self.ledger.path,
+            gpus=self.gpus.readings,
+            heartbeat=self.config.events.heartbeat_seconds,
+            closing=lambda: self.draining,
+        )
+
     def job_parts(self) -> JobParts:
         return JobParts(
             fleet=self.fleet,
@@ -197,6 +222,7 @@ class Runtime:
             tg.start_soon(self.reconciler.run)
             await self._adopt_jobs()
             tg.start_soon(forever, self.jobs.run)
+            tg.start_soon(self.gpus.run)  # restarts itself if it fails
             if self.config.budget.daily_dollars is not None or self.config.budget.monthly_dollars is not None:
                 tg.start_soon(forever, functools.partial(self.budget.run, self.lifecycle))
             tg.start_soon(forever, self._reload_keys)

@@ -483,6 +483,38 @@ def models_by_host(db_path: str | Path, since: float, until: float) -> dict[str,
     return found
 
 
+def requests_per_minute(db_path: str | Path, since: float, until: float) -> list[tuple[float, int]]:
+    """Requests finished in each minute of [since, until) that had any: (the minute's start, count)."""
+    rows = _rows(
+        db_path,
+        "SELECT CAST((ts - ?) / 60 AS INTEGER), count(*) FROM requests WHERE ts >= ? AND ts < ? GROUP BY 1 ORDER BY 1",
+        (since, since, until),
+    )
+    return [(since + int(minute) * 60, int(count)) for minute, count in rows]
+
+
+def awake_periods(
+    db_path: str | Path, since: float, until: float, *, join: float = 60.0
+) -> dict[str, list[tuple[float, float]]]:
+    """When each host was billed in [since, until): its intervals and its requests' serving times,
+    merged where less than `join` seconds apart."""
+    spans = _rows(
+        db_path,
+        'SELECT host, max("start", ?), min("end", ?) FROM intervals WHERE "end" > ? AND "start" < ? '
+        "UNION ALL SELECT host, max(ts - (duration_ms - wait_ms) / 1000.0, ?), min(ts, ?) FROM requests "
+        "WHERE host != '' AND ts > ? AND ts - duration_ms / 1000.0 < ? ORDER BY 1, 2",
+        (since, until, since, until) * 2,
+    )
+    periods: dict[str, list[tuple[float, float]]] = {}
+    for host, start, end in spans:
+        merged = periods.setdefault(str(host), [])
+        if merged and start - merged[-1][1] < join:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], float(end)))
+        else:
+            merged.append((float(start), float(end)))
+    return periods
+
+
 def jobs_since(db_path: str | Path, since: float) -> list[JobRecord]:
     """The RunPod jobs submitted since `since`, and those never seen to end, oldest first: whose
     each is, and which to watch again."""

@@ -52,6 +52,7 @@ class SimulatedProvider:
         for host in config.hosts:
             sim = SimOllama(name=host.name, models=host.models, slots=host.slots, token_delay=host.token_delay_seconds)
             sim.words = tuple(host.answer.split())
+            sim.gpu = host.gpu
             self.machines[host.name] = Machine(host, sim, fail_resume=host.fail_resume)
         self._tg: TaskGroup | None = None
 

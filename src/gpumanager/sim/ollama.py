@@ -44,6 +44,7 @@ from gpumanager.sim.wire import (
     is_embedding_model,
     normalise_model,
     positive,
+    respond,
     respond_json,
     rfc3339,
     word_count,
@@ -151,6 +152,9 @@ class SimOllama(ManageRoutes, OpenAIRoutes):
         self.active = self.max_active = self.cancelled = 0
         self.last_headers: dict[str, str] = {}
         self.last_body = b""  # the bytes of the most recent request body, as received
+        # A GPU of its own at /gpu-metrics, as a GPU node's door serves dcgm-exporter's series
+        # (the demo's hosts show it on the dashboard); its load follows the slots in use.
+        self.gpu = ""  # the GPU's model name; "" = no /gpu-metrics
         self._routes = self._route_table()
 
     # -- public knobs -----------------------------------------------------------------
@@ -194,6 +198,8 @@ class SimOllama(ManageRoutes, OpenAIRoutes):
         methods = self._routes.get(path)
         if methods is None and path.startswith("/v1/models/"):
             methods = {"GET": self._oa_model}
+        if methods is None and path == "/gpu-metrics" and self.gpu:
+            methods = {"GET": self._gpu_metrics}
         if methods is None:
             return await respond_json(send, {"error": f"path {path} not found"}, 404)
         handler = methods.get(scope["method"])
@@ -229,6 +235,21 @@ class SimOllama(ManageRoutes, OpenAIRoutes):
             "/v1/embeddings": {"POST": self._oa_embeddings},
             "/v1/models": {"GET": self._oa_models},
         }
+
+    async def _gpu_metrics(self, req: Request) -> None:
+        """dcgm-exporter's text for one simulated GPU: busy as the share of slots in use."""
+        busy = self.active / self.slots if self.slots else 0.0
+        used = 512 + 5120 * len(self._loaded)  # MiB: the driver's own, and each loaded model
+        labels = f'gpu="0",UUID="GPU-sim-{self.name}",device="nvidia0",modelName="{self.gpu}",Hostname="{self.name}"'
+        values = {
+            "DCGM_FI_DEV_GPU_UTIL": round(100 * busy),
+            "DCGM_FI_DEV_FB_USED": used,
+            "DCGM_FI_DEV_FB_FREE": 40960 - used,
+            "DCGM_FI_DEV_GPU_TEMP": round(38 + 40 * busy),
+            "DCGM_FI_DEV_POWER_USAGE": round(55 + 250 * busy, 3),
+        }
+        text = "".join(f"# TYPE {name} gauge\n{name}{{{labels}}} {value}\n" for name, value in values.items())
+        await respond(req.send, 200, text.encode(), b"text/plain; version=0.0.4; charset=utf-8")
 
     # -- shared machinery ---------------------------------------------------------------
 

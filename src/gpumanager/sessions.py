@@ -1,0 +1,163 @@
+"""Dashboard sessions: a key, once, turned into a signed cookie that holds only the key's id.
+
+The cookie is `<payload>.<signature>`: the payload is base64url JSON `{"k": key id, "e": expiry,
+"n": nonce}`, signed with HMAC-SHA256 under the session secret (`GPUMANAGER_SESSION_SECRET`, else
+a random one generated once into `state_dir/session_secret`, mode 0600), so sessions survive a
+restart of gpumanager and a page reconnects on its own. A session ends:
+
+- after `LIFETIME` (12 h) from its login;
+- at logout (its nonce is remembered as ended until it would have expired anyway);
+- at once when its key is revoked: every request looks the key id up in the key store again.
+
+The key itself is never in the cookie, in JavaScript or in browser storage. A one-time login link
+(`gpumanager demo` prints one) is a random token good for one login within `LINK_SECONDS`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import msgspec
+
+from gpumanager.errors import ConfigError
+from gpumanager.keys import Identity, KeyStore
+
+COOKIE = "gm_session"
+LIFETIME = 12 * 3600.0
+LINK_SECONDS = 600.0
+SECRET_ENV = "GPUMANAGER_SESSION_SECRET"
+SECRET_FILE = "session_secret"
+
+
+class _Payload(msgspec.Struct, frozen=True):
+    k: str  # the key's id
+    e: float  # expiry (Unix seconds)
+    n: str  # nonce: what a logout ends
+
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(_Payload).decode
+
+
+def load_secret(environ: Mapping[str, str], state_dir: str | Path) -> bytes:
+    """The session secret: `GPUMANAGER_SESSION_SECRET`, else `state_dir/session_secret`, made once
+    (random, mode 0600) when missing."""
+    given = environ.get(SECRET_ENV, "")
+    if given:
+        if len(given) < 16:
+            raise ConfigError("", SECRET_ENV, "is too short: use at least 16 characters (openssl rand -hex 32)")
+        return given.encode()
+    path = Path(state_dir) / SECRET_FILE
+    try:
+        return path.read_bytes().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_hex(32).encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it meanwhile: use theirs
+        return path.read_bytes().strip()
+    with os.fdopen(fd, "wb") as out:
+        out.write(secret + b"\n")
+    return secret
+
+
+class Sessions:
+    def __init__(self, secret: bytes, keys: KeyStore, *, clock: Callable[[], float] = time.time) -> None:
+        self._secret = hashlib.sha256(b"gpumanager dashboard session\0" + secret).digest()
+        self.keys, self.clock = keys, clock
+        self._ended: dict[str, float] = {}  # nonce -> its expiry
+        self._links: dict[str, tuple[str, float]] = {}  # one-time token -> (key id, expiry)
+
+    def issue(self, key_id: str) -> str:
+        """A new session's cookie value for the key with this id."""
+        payload = _encode(_Payload(key_id, self.clock() + LIFETIME, secrets.token_urlsafe(12)))
+        body = base64.urlsafe_b64encode(payload).rstrip(b"=")
+        return (body + b"." + self._sign(body)).decode()
+
+    def identity(self, cookie: str) -> Identity | None:
+        """Who the session of this cookie is, or None: forged, expired, logged out, or its key revoked."""
+        payload = self._open(cookie)
+        if payload is None:
+            return None
+        return self.keys.identity(payload.k)
+
+    def end(self, cookie: str) -> None:
+        """Log out: the session ends here, whatever copies of the cookie exist."""
+        payload = self._open(cookie)
+        if payload is not None:
+            now = self.clock()
+            self._ended = {n: e for n, e in self._ended.items() if e > now}
+            self._ended[payload.n] = payload.e
+
+    def link(self, key_id: str) -> str:
+        """A one-time login token for the key with this id, good for `LINK_SECONDS`."""
+        now = self.clock()
+        self._links = {t: v for t, v in self._links.items() if v[1] > now}
+        token = secrets.token_urlsafe(24)
+        self._links[token] = (key_id, now + LINK_SECONDS)
+        return token
+
+    def redeem(self, token: str) -> str | None:
+        """The key id of a one-time token, which is spent by this; None when unknown or expired."""
+        found = self._links.pop(token, None)
+        if found is None or found[1] <= self.clock():
+            return None
+        return found[0]
+
+    def _sign(self, body: bytes) -> bytes:
+        mac = hmac.new(self._secret, body, hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(mac).rstrip(b"=")
+
+    def _open(self, cookie: str) -> _Payload | None:
+        body, _, signature = cookie.encode("latin-1", "replace").partition(b".")
+        if not body or not hmac.compare_digest(self._sign(body), signature):
+            return None
+        try:
+            payload = _decode(base64.urlsafe_b64decode(body + b"=" * (-len(body) % 4)))
+        except (ValueError, msgspec.DecodeError, msgspec.ValidationError):
+            return None
+        if payload.e <= self.clock() or payload.n in self._ended:
+            return None
+        return payload
+
+
+def cookie_value(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The session cookie of a request's raw headers, if it sent one."""
+    for name, value in headers:
+        if name == b"cookie":
+            for part in value.decode("latin-1").split(";"):
+                key, _, found = part.strip().partition("=")
+                if key == COOKIE and found:
+                    return found
+    return None
+
+
+def origin_of(url: str) -> str:
+    """The origin (`scheme://host[:port]`) of a URL such as `[server] public_url`."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme.lower()}://{rest.split('/', 1)[0].lower()}" if rest else ""
+
+
+def same_origin(scope: Mapping[str, object], public_url: str) -> bool:
+    """Whether a request's `Origin` is exactly the dashboard's own: `[server] public_url`'s origin
+    when set (behind a TLS proxy), else this server's as the request reached it. Cookies ignore
+    ports, so a page on another local port is "same-site" to the cookie: this check is what stops it."""
+    headers: list[tuple[bytes, bytes]] = scope.get("headers", [])  # type: ignore[assignment]
+    origin = next((v.decode("latin-1") for k, v in headers if k == b"origin"), "")
+    if not origin:
+        return False
+    if public_url:
+        own = origin_of(public_url)
+    else:
+        host = next((v.decode("latin-1") for k, v in headers if k == b"host"), "")
+        own = f"{scope.get('scheme', 'http')}://{host.lower()}"
+    return origin.lower() == own
