@@ -57,6 +57,14 @@ LAST_REQUESTS = 50
 LAST_WAKES = 10
 USER_TYPES = ["host_state", "request"]  # what a user's page is told, of its own requests only
 _encode = msgspec.json.Encoder().encode
+# The page loads nothing but its own files, and no other site may frame it (a click on its buttons
+# from inside another page is refused by the browser).
+PAGE_HEADERS = {
+    "content-security-policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; "
+    "base-uri 'none'; form-action 'self'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "same-origin",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,13 +94,17 @@ class Dashboard:
     # -- the page and the session --------------------------------------------------------------
 
     async def page(self, request: Request) -> Response:
-        return Response(_file("index.html"), media_type="text/html", headers=_no_store())
+        return Response(_file("index.html"), media_type="text/html", headers={**_no_store(), **PAGE_HEADERS})
 
     async def static(self, request: Request) -> Response:
         name = request.path_params["name"]
         if name not in FILES:
             raise NotFound(f"no file {clean(name, 64)!r}")
-        return Response(_file(name), media_type=FILES[name], headers={"cache-control": "no-cache"})
+        return Response(
+            _file(name),
+            media_type=FILES[name],
+            headers={"cache-control": "no-cache", "x-content-type-options": "nosniff"},
+        )
 
     async def login(self, request: Request) -> Response:
         self._same_origin(request)

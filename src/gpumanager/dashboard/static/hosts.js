@@ -52,7 +52,9 @@ function slots(host) {
   const used = host.in_use ?? host.leases;
   const share = host.slots ? Math.min(1, host.leases / host.slots) : 0;
   const cell = el("td", { title: `${host.leases} of ${host.slots} slots in use` });
-  cell.append(el("span", { class: "slots" }, el("span", { style: `width:${(share * 100).toFixed(0)}%` })));
+  const filled = el("span");
+  filled.style.width = `${(share * 100).toFixed(0)}%`; // CSSOM, which the page's CSP allows (style attributes it does not)
+  cell.append(el("span", { class: "slots" }, filled));
   cell.append(` ${host.leases}/${host.slots}`);
   if (host.jobs) cell.append(el("div", { class: "muted", text: `${host.jobs} jobs` }));
   else if (used > host.leases) cell.append(el("div", { class: "muted", text: `${used - host.leases} held` }));

@@ -73,7 +73,13 @@ async function start() {
   connect({
     indicator: $("live"),
     onOpen: () => soon(0),
-    onClosed: async () => load(),
+    onClosed: async () => {
+      try {
+        return await load();
+      } catch {
+        return true; // gpumanager is down (a restart): try the stream again
+      }
+    },
     onEvent: (type, data) => {
       if (type === "host_state" && me?.admin) showState($("hosts").tBodies[0], data.host, data.new);
       if (type === "host_state" && !me?.admin) soon(0);
