@@ -22,8 +22,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpumanager.config import loads
+from gpumanager.errors import NoGpuMetrics
 from gpumanager.fleet import Fleet
-from gpumanager.gpu_metrics import MIB, RETRY_ROUNDS, GpuReading, GpuScraper, NoGpuMetrics, parse
+from gpumanager.gpu_metrics import MIB, RETRY_ROUNDS, GpuReading, GpuScraper, parse
 from gpumanager.hosts import Host, HostEvent
 from tests.harness import async_wait_until
 from tests.test_gpu_node import (

@@ -7,6 +7,7 @@
     │                               defined in ledger/schema.py, beside what raises it
     ├── InvalidTransition       a bug: a host state change that the transition table does not allow
     ├── ProbeFailed             a host's Ollama did not answer a probe as it should (not ready, not healthy)
+    ├── NoGpuMetrics            a host's door gave no GPU metrics (no exporter there): it is not shown
     ├── ConnectFailed           a host could not be reached; nothing went to the client, so another may be tried
     ├── ClientGone              the client disconnected before its request was read or answered
     ├── ClientError             a request is refused; carries the HTTP status the client gets
@@ -68,6 +69,11 @@ class InvalidTransition(GpuManagerError):
 
 class ProbeFailed(GpuManagerError):
     """A host's Ollama (or OpenAI-compatible server) did not answer a probe or answered wrongly."""
+
+
+class NoGpuMetrics(GpuManagerError):
+    """A host gave no GPU metrics: no answer, an answer other than 200, or text that is not
+    Prometheus text."""
 
 
 class ConnectFailed(GpuManagerError):

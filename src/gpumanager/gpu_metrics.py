@@ -32,7 +32,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from gpumanager.errors import GpuManagerError
+from gpumanager.errors import NoGpuMetrics
 from gpumanager.fleet import Fleet
 from gpumanager.hosts import Host, HostState
 from gpumanager.logs import clean
@@ -56,11 +56,6 @@ _UTIL, _FB_USED, _FB_FREE, _TEMP, _POWER = (
     "DCGM_FI_DEV_POWER_USAGE",  # W
 )
 _FIELDS = frozenset({_UTIL, _FB_USED, _FB_FREE, _TEMP, _POWER})
-
-
-class NoGpuMetrics(GpuManagerError):
-    """A host gave no GPU metrics: no answer, an answer other than 200, or text that is not
-    Prometheus text."""
 
 
 class GpuReading(msgspec.Struct, frozen=True):
