@@ -233,7 +233,7 @@ def test_the_admin_sees_a_wake_then_a_drain_and_a_pause(page: WebDriver, stack: 
 
     # A long stream holds the host; Pause drains it (the stream finishes), then pauses it.
     done: list[str] = []
-    stream = in_background(lambda: done.append(chat(stack, stack.user_key, tokens=150)))
+    stream = in_background(lambda: done.append(chat(stack, stack.user_key, tokens=300)))
     until(lambda: stack.call(lambda: stack.runtime.fleet.hosts["gpu-a"].leases) == 1, what="the stream's slot")
     page.find_element(By.CSS_SELECTOR, 'tr[data-host="gpu-a"] button[data-action="pause"]').click()
     alert = page.switch_to.alert
@@ -287,7 +287,9 @@ def test_emergency_off_asks_first_then_shows_every_host_pausing(page: WebDriver,
 
 
 def test_a_user_sees_only_their_own_usage_and_no_buttons(page: WebDriver, stack: Stack) -> None:
-    assert chat(stack, stack.user_key)  # wakes gpu-a: the user's own request
+    admin = stack.headers(stack.admin_key)
+    assert httpx.post(f"{stack.url}/gpu/gpu-a/protect", headers=admin, timeout=10).status_code == 200
+    assert chat(stack, stack.user_key)  # wakes gpu-a (protected: it stays awake): the user's own request
     other = stack.keys.generate("other", "other@example.org")[1]
     assert chat(stack, other)
     log_in(page, stack, stack.user_key)
@@ -299,7 +301,8 @@ def test_a_user_sees_only_their_own_usage_and_no_buttons(page: WebDriver, stack:
     models = text(page, "#models")
     assert "llama3.2:latest" in models and "qwen2.5:7b" in models
     assert "asleep" in text(page, 'tr[data-model="qwen2.5:7b"]')
-    # gpu-a sleeps again after its window, and the page says so.
+    # Unprotected, gpu-a sleeps again after its window, and the page says so.
+    assert httpx.delete(f"{stack.url}/gpu/gpu-a/protect", headers=admin, timeout=10).status_code == 200
     until(lambda: "asleep" in text(page, 'tr[data-model="llama3.2:latest"]'), what="llama3.2's host asleep again")
     until(lambda: _cell(page, "usage", "Requests today") == "1", what="the user's one request")  # not the other's
     # The session is a user's: the admin API refuses it, and the page's state has no fleet in it.

@@ -181,9 +181,9 @@ def test_the_runpod_sdk_runs_jobs_through_gpumanager(jobs: Jobs) -> None:
     assert seen["authorization"] == f"Bearer {jobs.fake.api_key}"  # RunPod's key, never the user's
     assert jobs.user_key not in str(seen)
 
-    job = endpoint.run({"seconds": 0.3, "n": 1})
+    job = endpoint.run({"seconds": 1.5, "n": 1})
     assert job.status() in ("IN_QUEUE", "IN_PROGRESS")
-    assert job.output(timeout=20) == {"echo": {"seconds": 0.3, "n": 1}}
+    assert job.output(timeout=20) == {"echo": {"seconds": 1.5, "n": 1}}
     assert job.status() == "COMPLETED"
 
     streamed = endpoint.run({"stream": ["a", "b", "c"], "seconds": 0.3})
@@ -217,6 +217,19 @@ def test_refusals_are_runpod_shaped_and_never_retried_for_hours(jobs: Jobs) -> N
     assert bad_wait.status_code == 400 and "wait" in bad_wait.json()["error"]
     wrong = httpx.get(f"{jobs.url}/v2/{ENDPOINT}/run", headers=jobs.headers(), timeout=10)
     assert wrong.status_code == 405
+    odd = httpx.get(f"{jobs.url}/v2/{ENDPOINT}/status/.x", headers=jobs.headers(jobs.admin_key), timeout=10)
+    assert odd.status_code == 404 and "not found on gpu-jobs" in odd.json()["error"]  # never sent to RunPod
+    assert not [call for call in jobs.fake.job_calls if call[2] == ".x"]
+    # A submission RunPod refuses is answered as RunPod answered it, and is a request row all the same.
+    refused = httpx.post(f"{jobs.url}/v2/{ENDPOINT}/run", headers=jobs.headers(), json={"nope": 1}, timeout=10)
+    assert refused.status_code == 400 and "input" in refused.json()["error"]
+    user = jobs.keys.authenticate(jobs.user_key)
+    assert user is not None
+    until(
+        lambda: ("/v2/run", 400) in jobs.ledger("SELECT route, status FROM requests WHERE key_id = ?", user.id),
+        what="the refused submission's row",
+    )
+    assert jobs.call(lambda: jobs.runtime.fleet.lease_count()) == 0  # its lease ended
 
 
 # -- plain HTTP, as the first users did it ---------------------------------------------------------
@@ -332,8 +345,11 @@ def test_warmed_by_the_first_job_kept_while_jobs_run_cooled_after_the_window(job
     assert ("warm", ENDPOINT) in jobs.fake.calls
     submitted = time.monotonic()
     # No client polls; the job runs four reservation windows long and the endpoint stays warm.
-    until(lambda: jobs.job(job["id"])["status"] == "COMPLETED", what="the job to run to its end")
-    assert ("cold", ENDPOINT) not in jobs.fake.calls
+    cold_before_the_end = until(
+        lambda: jobs.job(job["id"])["status"] == "COMPLETED" and [("cold", ENDPOINT) in jobs.fake.calls],
+        what="the job to run to its end",
+    )
+    assert cold_before_the_end == [False]
     until(lambda: ("cold", ENDPOINT) in jobs.fake.calls, what="the endpoint to be cooled")
     assert time.monotonic() - submitted >= 2.5 + WINDOW
     until(lambda: jobs.host.state is HostState.PAUSED, what="the pause to end")
@@ -396,23 +412,27 @@ def test_a_job_watched_across_a_restart(tmp_path: Path) -> None:
         headers = {"Authorization": f"Bearer {user_key}"}
         with serving(portal, config_path, environ) as (url, runtime):
             job = httpx.post(
-                f"{url}/v2/{ENDPOINT}/run", headers=headers, json={"input": {"seconds": 2}}, timeout=10
+                f"{url}/v2/{ENDPOINT}/run", headers=headers, json={"input": {"seconds": 4}}, timeout=10
             ).json()
             path = runtime.ledger.path
-            until(lambda: _rows(path, "SELECT id FROM jobs WHERE id = ?", job["id"]), what="the job's row")
+            sql = "SELECT gpu_seconds FROM jobs WHERE id = ? AND gpu_seconds > 0.5"
+            until(lambda: _rows(path, sql, job["id"]), what="the job's row with its GPU time so far")
         assert fake.jobs_of(ENDPOINT)[0]["status"] != "COMPLETED"  # it runs on while gpumanager restarts
+        (before,) = _rows(path, "SELECT gpu_seconds FROM jobs WHERE id = ?", job["id"])[0]
         with serving(portal, config_path, environ) as (url, runtime):
             other = httpx.get(f"{url}/v2/{ENDPOINT}/status/{job['id']}", headers={"Authorization": other_key})
             assert other.status_code == 404
             # Nobody polls: the restarted gpumanager watches the job to its end on its own.
             ended = until(
-                lambda: [r for r in _rows(path, "SELECT status, execution_ms FROM jobs WHERE id = ?", job["id"])
-                         if r[0] == "COMPLETED"],
+                lambda: [r for r in _rows(path, "SELECT status, execution_ms, gpu_seconds FROM jobs WHERE id = ?",
+                                          job["id"]) if r[0] == "COMPLETED"],
                 what="the job's end in the ledger",
             )  # fmt: skip
-            assert ended[0][1] >= 2000
+            _, execution_ms, gpu_seconds = ended[0]
+            assert execution_ms >= 4000
+            assert gpu_seconds > before + 0.5  # its time before the restart carried on, and more since
             mine = httpx.get(f"{url}/v2/{ENDPOINT}/status/{job['id']}", headers=headers, timeout=10)
-            assert mine.status_code == 200 and mine.json()["output"] == {"echo": {"seconds": 2}}
+            assert mine.status_code == 200 and mine.json()["output"] == {"echo": {"seconds": 4}}
 
 
 def _rows(path: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:

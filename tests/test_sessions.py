@@ -66,6 +66,25 @@ def test_logout_and_revocation_end_a_session(keys: KeyStore) -> None:
     assert sessions.identity(second) is None
 
 
+def test_a_logout_outlives_a_restart(keys: KeyStore, tmp_path: Path) -> None:
+    record, _ = keys.generate("ada", "ada@example.org")
+    secret = load_secret({}, tmp_path)
+    sessions = Sessions(secret, keys, state_dir=tmp_path)
+    gone, kept = sessions.issue(record.id), sessions.issue(record.id)
+    sessions.end(gone)
+    restarted = Sessions(load_secret({}, tmp_path), keys, state_dir=tmp_path)
+    assert restarted.identity(gone) is None and restarted.identity(kept) is not None
+
+
+def test_a_secret_file_too_short_is_made_again(tmp_path: Path) -> None:
+    path = tmp_path / "session_secret"
+    path.write_bytes(b"")  # a write cut short
+    secret = load_secret({}, tmp_path)
+    assert len(secret) == 64 and path.read_bytes().strip() == secret
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["session_secret"]  # no temporary file left
+
+
 def test_one_time_links(keys: KeyStore) -> None:
     record, _ = keys.generate("ada", "ada@example.org")
     clock = Clock()

@@ -164,7 +164,7 @@ class AuthMiddleware:
             await deny(send, scope["path"], Forbidden("cross-origin request refused: use the dashboard itself"))
             return
         scope["auth"] = identity
-        scope["still_valid"] = lambda: sessions.identity(cookie) is not None
+        scope["still_valid"] = lambda: sessions.identity(cookie) == identity  # not revoked, not demoted
         await self.app(scope, receive, send)
 
     def _log_refusal(self, scope: Scope, key: str | None) -> None:

@@ -87,13 +87,11 @@ def event_stream(
                 item = await subscription.get(patience=min(CHECK_SECONDS, heartbeat))
                 if isinstance(item, Lost):
                     yield b"event: lost\ndata: %s\n\n" % _encode({"lost": item.count})
-                elif item is not None:
-                    if keep is not None and not keep(item):
-                        continue
+                elif item is not None and (keep is None or keep(item)):
                     yield sse(item)
-                elif not follow:
+                elif item is None and not follow:
                     return
-                elif time.monotonic() - quiet_since >= heartbeat:
+                elif time.monotonic() - quiet_since >= heartbeat:  # quiet, or only others' events
                     yield b": heartbeat\n\n"
                 else:
                     continue

@@ -183,8 +183,9 @@ class Fleet:
 
     def lease_count(self) -> int:
         """Open leases of the whole fleet (admin holds included): the requests still running. Jobs
-        are not requests of this process: they run on at RunPod across a restart."""
-        return sum(1 for leases in self._leases.values() for lease in leases if not lease.job)
+        that RunPod took are not requests of this process (they run on across a restart); a job's
+        submission still waiting for RunPod's answer is."""
+        return sum(1 for leases in self._leases.values() for lease in leases if not lease.job or not lease.on_abort)
 
     # -- admission ---------------------------------------------------------------------------------
 

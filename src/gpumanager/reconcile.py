@@ -135,7 +135,8 @@ class Reconciler:
                 log.warning("{} was paused outside gpumanager", host.name)
             host.apply(EV.CLOUD_PAUSED)
             for lease in list(self.fleet.leases_of(host)):
-                lease.abort(f"host {host.name} was paused")
+                if not lease.job:  # RunPod runs an endpoint's queued jobs on flex workers even so
+                    lease.abort(f"host {host.name} was paused")
             self.fleet.dispatch()
 
     # -- inventory and health ----------------------------------------------------------------------

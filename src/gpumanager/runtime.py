@@ -75,7 +75,8 @@ class Runtime:
     def __init__(self, config: Config, environ: Mapping[str, str]) -> None:
         self.config = config
         self.keys = KeyStore(config.paths.api_keys_file)
-        self.sessions = Sessions(load_secret(environ, config.paths.state_dir), self.keys)  # the dashboard's
+        state_dir = config.paths.state_dir
+        self.sessions = Sessions(load_secret(environ, state_dir), self.keys, state_dir=state_dir)  # the dashboard's
         token = environ.get(UPSTREAM_TOKEN_ENV, "")
         self.upstream_auth = [(b"authorization", b"Bearer " + token.encode())] if token else []
         self.upstream = Upstream(read_timeout=config.timing.upstream_read_timeout_seconds)
@@ -105,7 +106,6 @@ class Runtime:
             self.metrics, LedgerRecorder(self.ledger), self.budget, self.fleet.pace, Announcer(self.events)
         )
         self.fleet.billing.recorder = self.recorder  # the metrics read the fleet: it is built first
-        self.ledger.before_flush = self.fleet.billing.checkpoint  # open intervals, every flush
         self.lifecycle = Lifecycle(config, self.fleet, self.providers, self.inventory, self.recorder)
         self.fleet.waker = self.lifecycle  # the fleet starts wakes through this seam alone
         self.reconciler = Reconciler(
@@ -119,7 +119,14 @@ class Runtime:
             poll_seconds=config.timing.job_poll_seconds,
             clock=self.fleet.clock,
         )
+        self.ledger.before_flush = self._checkpoint
         self.draining = False  # a shutdown has begun: new requests are refused with 503
+
+    def _checkpoint(self) -> None:
+        """Before every ledger flush, the last included: open intervals, and running jobs' GPU time
+        so far, so a killed process loses at most the last second of either."""
+        self.fleet.billing.checkpoint()
+        self.jobs.checkpoint()
 
     def _key_changed(self, record: KeyRecord, change: str) -> None:
         self.events.publish(KeyChanged(key=record.id, name=record.name, change=change))

@@ -16,6 +16,7 @@ The key itself is never in the cookie, in JavaScript or in browser storage. A on
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import os
@@ -25,6 +26,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import msgspec
+from loguru import logger
 
 from gpumanager.errors import ConfigError
 from gpumanager.keys import Identity, KeyStore
@@ -34,6 +36,8 @@ LIFETIME = 12 * 3600.0
 LINK_SECONDS = 600.0
 SECRET_ENV = "GPUMANAGER_SESSION_SECRET"
 SECRET_FILE = "session_secret"
+ENDED_FILE = "sessions_ended.json"  # logged-out sessions (their nonces) until they would have expired
+MIN_SECRET = 32
 
 
 class _Payload(msgspec.Struct, frozen=True):
@@ -44,37 +48,67 @@ class _Payload(msgspec.Struct, frozen=True):
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(_Payload).decode
+_ended_encode = msgspec.json.Encoder().encode
+_ended_decode = msgspec.json.Decoder(dict[str, float]).decode
 
 
 def load_secret(environ: Mapping[str, str], state_dir: str | Path) -> bytes:
     """The session secret: `GPUMANAGER_SESSION_SECRET`, else `state_dir/session_secret`, made once
-    (random, mode 0600) when missing."""
+    (random, mode 0600) when missing. A file too short to be one (an interrupted write) is made
+    again: a weak secret would let anyone sign a session."""
     given = environ.get(SECRET_ENV, "")
     if given:
         if len(given) < 16:
             raise ConfigError("", SECRET_ENV, "is too short: use at least 16 characters (openssl rand -hex 32)")
         return given.encode()
     path = Path(state_dir) / SECRET_FILE
-    try:
-        return path.read_bytes().strip()
-    except FileNotFoundError:
-        pass
+    for _ in range(3):
+        try:
+            secret = path.read_bytes().strip()
+        except FileNotFoundError:
+            secret = b""
+        if len(secret) >= MIN_SECRET:
+            return secret
+        _write_private(path, secrets.token_hex(32).encode() + b"\n", replace=path.exists())
+    raise ConfigError(str(path), "", "cannot make the dashboard's session secret")
+
+
+def _write_private(path: Path, data: bytes, *, replace: bool) -> None:
+    """Write `data` to `path` (mode 0600) whole or not at all: into a new file beside it, then moved
+    in place (`replace`) or linked (not over a file another process made meanwhile)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_hex(32).encode()
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process made it meanwhile: use theirs
-        return path.read_bytes().strip()
-    with os.fdopen(fd, "wb") as out:
-        out.write(secret + b"\n")
-    return secret
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        if replace:
+            os.replace(temporary, path)
+        else:
+            with contextlib.suppress(FileExistsError):
+                os.link(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
 
 
 class Sessions:
-    def __init__(self, secret: bytes, keys: KeyStore, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        secret: bytes,
+        keys: KeyStore,
+        *,
+        state_dir: str | Path | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._secret = hashlib.sha256(b"gpumanager dashboard session\0" + secret).digest()
         self.keys, self.clock = keys, clock
-        self._ended: dict[str, float] = {}  # nonce -> its expiry
+        # Logged-out sessions' nonces -> their expiry; kept in `state_dir` too, since the secret
+        # (and so the cookie) outlives a restart.
+        self._ended_path = Path(state_dir) / ENDED_FILE if state_dir is not None else None
+        self._ended: dict[str, float] = self._load_ended()
         self._links: dict[str, tuple[str, float]] = {}  # one-time token -> (key id, expiry)
 
     def issue(self, key_id: str) -> str:
@@ -97,6 +131,26 @@ class Sessions:
             now = self.clock()
             self._ended = {n: e for n, e in self._ended.items() if e > now}
             self._ended[payload.n] = payload.e
+            if self._ended_path is not None:
+                try:
+                    _write_private(self._ended_path, _ended_encode(self._ended), replace=True)
+                except OSError as exc:
+                    logger.error(
+                        "cannot keep the ended session in {}: {} (it ends until a restart)", self._ended_path, exc
+                    )
+
+    def _load_ended(self) -> dict[str, float]:
+        if self._ended_path is None:
+            return {}
+        try:
+            ended = _ended_decode(self._ended_path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            logger.error("cannot read the ended sessions in {}: {}", self._ended_path, exc)
+            return {}
+        now = self.clock()
+        return {n: e for n, e in ended.items() if e > now}
 
     def link(self, key_id: str) -> str:
         """A one-time login token for the key with this id, good for `LINK_SECONDS`."""

@@ -34,7 +34,7 @@ from gpumanager.admin import host_view
 from gpumanager.auth import require_admin
 from gpumanager.budget import Budget
 from gpumanager.config import Config
-from gpumanager.errors import Forbidden, NotFound
+from gpumanager.errors import ClientGone, Forbidden, NotFound
 from gpumanager.events import Bus, Envelope
 from gpumanager.events_api import event_stream, fleet_snapshot
 from gpumanager.fleet import Fleet
@@ -44,6 +44,7 @@ from gpumanager.ledger import reader, report
 from gpumanager.ledger.schema import LedgerError
 from gpumanager.logs import clean
 from gpumanager.models import model_names
+from gpumanager.proxy.forward import read_body
 from gpumanager.sessions import COOKIE, LIFETIME, Sessions, cookie_value, same_origin
 
 FILES = {
@@ -55,6 +56,7 @@ DAY = 86_400.0
 HISTORY_CACHE_SECONDS = 5.0  # the charts' ledger reads, at most this often
 LAST_REQUESTS = 50
 LAST_WAKES = 10
+LOGIN_BYTES = 4096  # a login form holds one key
 USER_TYPES = ["host_state", "request"]  # what a user's page is told, of its own requests only
 _encode = msgspec.json.Encoder().encode
 # The page loads nothing but its own files, and no other site may frame it (a click on its buttons
@@ -108,8 +110,12 @@ class Dashboard:
 
     async def login(self, request: Request) -> Response:
         self._same_origin(request)
-        body = await request.body()
-        key = parse_qs(body[:4096].decode("utf-8", "replace")).get("key", [""])[0].strip()
+        stall = self.parts.config.server.client_timeout_seconds
+        try:
+            body = await read_body(request.scope, request.receive, LOGIN_BYTES, stall)
+        except ClientGone:
+            return Response(status_code=499)
+        key = parse_qs(body.decode("utf-8", "replace")).get("key", [""])[0].strip()
         identity = self.parts.keys.authenticate(key) if key else None
         if identity is None:
             logger.warning("dashboard login refused from {}: unknown or revoked key", _client(request))

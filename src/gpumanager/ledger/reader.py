@@ -516,11 +516,13 @@ def awake_periods(
 
 
 def jobs_since(db_path: str | Path, since: float) -> list[JobRecord]:
-    """The RunPod jobs submitted since `since`, and those never seen to end, oldest first: whose
-    each is, and which to watch again."""
+    """The RunPod jobs submitted or ended since `since`, and those never seen to end, oldest first:
+    whose each is, and which to watch again."""
     fields = JobRecord.__struct_fields__
     columns = ", ".join(fields)
-    rows = _rows(db_path, f"SELECT {columns} FROM jobs WHERE ts >= ? OR ended IS NULL ORDER BY ts", (since,))
+    rows = _rows(
+        db_path, f"SELECT {columns} FROM jobs WHERE ts >= ? OR ended IS NULL OR ended >= ? ORDER BY ts", (since, since)
+    )
     return [JobRecord(**dict(zip(fields, row, strict=True))) for row in rows]
 
 

@@ -27,6 +27,7 @@ A user of the `runpod` SDK changes only the endpoint URL base and the key.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -113,6 +114,7 @@ class Job:
     execution_ms: int | None = None
     ended: float | None = None  # Unix seconds
     cancelling: bool = False
+    cancel_asked: float = -math.inf  # clock time of the last cancel call (emergency-off)
 
     @property
     def active(self) -> bool:
@@ -153,6 +155,7 @@ class Jobs:
         self.fleet, self.lifecycle, self.client, self.recorder = fleet, lifecycle, client, recorder
         self.poll_seconds, self.clock, self.wall = poll_seconds, clock, wall
         self.jobs: dict[str, Job] = {}
+        self._pending: list[JobRecord] = []  # jobs of the ledger whose endpoint is not known yet
         self._kick = anyio.Event()
 
     # -- what the routes tell -------------------------------------------------------------------
@@ -173,6 +176,11 @@ class Jobs:
 
     def submitted(self, host: Host, lease: Lease, route: str, answer: _Answer, wait: float) -> Job:
         """RunPod took a job: it is the lease holder's, and holds the lease until it ends."""
+        known = self.jobs.get(answer.id)
+        if known is not None and known.active:  # RunPod requeued a job gpumanager watches already
+            lease.release()
+            self.observe(known, answer)
+            return known
         now = self.clock()
         job = Job(
             answer.id,
@@ -246,6 +254,28 @@ class Jobs:
             record.gpu_seconds,
         )
 
+    def not_taken(self, lease: Lease, route: str, status: int, wait: float) -> None:
+        """A submission RunPod refused or did not answer: its lease ends, and its request row keeps
+        the endpoint's time it held meanwhile."""
+        lease.release()
+        self.recorder.request(
+            RequestRecord(
+                route=f"/v2/{route}",
+                model=lease.host.name,
+                status=status,
+                key=lease.key,
+                host=lease.host.name,
+                wait_seconds=wait,
+                first_byte_seconds=None,
+                duration_seconds=wait,
+                overhead_seconds=None,
+                prompt_tokens=None,
+                completion_tokens=None,
+                gpu_seconds=lease.gpu_seconds,
+                cost_micro=lease.cost_micro,
+            )
+        )
+
     def purged(self, host: Host) -> None:
         """The endpoint's queue was purged: read its queued jobs' states at once."""
         for job in self.jobs.values():
@@ -260,11 +290,27 @@ class Jobs:
     # -- after a restart ------------------------------------------------------------------------
 
     def adopt(self, records: list[JobRecord]) -> None:
-        """Jobs of the ledger: whose each is, and those not seen to end are watched again."""
-        now = self.clock()
-        for record in records:
+        """Jobs of the ledger: whose each is, and those not seen to end are watched again, their
+        GPU time so far carried on. A job whose endpoint is not (yet) known waits for it: discovery
+        may be slow at start-up; one still unknown after `REMEMBER_SECONDS` is recorded as lost."""
+        self._pending.extend(records)
+        self._adopt_pending()
+        watched = sum(1 for j in self.jobs.values() if j.active)
+        if watched:
+            logger.info("watching {} RunPod jobs submitted before the restart", watched)
+
+    def _adopt_pending(self) -> None:
+        now, wall, waiting = self.clock(), self.wall(), []
+        for record in self._pending:
             host = self.fleet.find(record.host)
-            if host is None or record.id in self.jobs:
+            if record.id in self.jobs:
+                continue
+            if host is None or (record.ended is None and not host.jobs_url):
+                if wall - record.ts < REMEMBER_SECONDS:
+                    waiting.append(record)
+                elif record.ended is None:
+                    logger.warning("job {} of the gone endpoint {} is recorded as {}", record.id, record.host, LOST)
+                    self.recorder.job(msgspec.structs.replace(record, status=LOST, ended=wall))
                 continue
             job = Job(
                 record.id,
@@ -273,21 +319,27 @@ class Jobs:
                 record.route,
                 submitted=record.ts,
                 status=record.status,
-                since=now - max(0.0, self.wall() - record.ts),
+                since=now - max(0.0, wall - record.ts),
                 seen=-math.inf,
                 delay_ms=record.delay_ms,
                 execution_ms=record.execution_ms,
                 ended=record.ended,
             )
             if job.active:
-                if not host.jobs_url:
-                    continue
                 job.lease = self.fleet.hold(host, record.key_id, job=True)
+                job.lease.gpu_seconds = record.gpu_seconds  # its share before the restart
                 job.lease.on_abort = self._aborted
             self.jobs[job.id] = job
-        watched = sum(1 for j in self.jobs.values() if j.active)
-        if watched:
-            logger.info("watching {} RunPod jobs submitted before the restart", watched)
+        self._pending = waiting
+
+    def checkpoint(self) -> None:
+        """Record each running job as it stands, its GPU time so far (before each ledger flush): a
+        shutdown leaves it running, and the next start carries its time on."""
+        for host in {job.host for job in self.jobs.values() if job.active}:
+            self.fleet.billing.settle(host)
+        for job in self.jobs.values():
+            if job.active:
+                self.recorder.job(job.record())
 
     # -- gpumanager's own calls -----------------------------------------------------------------
 
@@ -299,14 +351,20 @@ class Jobs:
             due = now + self.poll_seconds
             async with anyio.create_task_group() as tg:
                 for job in [j for j in self.jobs.values() if j.active]:
-                    if job.lease is not None and job.lease.aborted and not job.cancelling:
+                    aborted = job.lease is not None and job.lease.aborted
+                    if aborted and not job.cancelling and now - job.cancel_asked >= self.poll_seconds:
+                        job.cancel_asked = now
                         tg.start_soon(self._cancel, job, limiter)
+                    elif aborted:
+                        due = min(due, job.cancel_asked + self.poll_seconds)
                     elif now - job.seen >= self.poll_seconds:
                         job.seen = now  # one check at a time
                         tg.start_soon(self._check, job, limiter)
                     else:
                         due = min(due, job.seen + self.poll_seconds)
             self._forget(self.wall() - REMEMBER_SECONDS)
+            if self._pending:
+                self._adopt_pending()
             with anyio.move_on_after(max(0.0, due - self.clock())):
                 await self._kick.wait()
             self._kick = anyio.Event()
@@ -314,6 +372,10 @@ class Jobs:
     async def _check(self, job: Job, limiter: anyio.CapacityLimiter) -> None:
         async with limiter:
             status, content = await self._quietly(job, "GET", f"status/{quote(job.id, safe='')}")
+        self._answered(job, status, content)
+
+    def _answered(self, job: Job, status: int, content: bytes) -> None:
+        """What RunPod answered gpumanager's own call about `job`: its state, or that it forgot it."""
         if status == 200 and (answer := _read(content)) is not None:
             self.observe(job, answer)
         elif status == 404 and job.active:
@@ -324,14 +386,15 @@ class Jobs:
             self._finish(job)
 
     async def _cancel(self, job: Job, limiter: anyio.CapacityLimiter) -> None:
+        """Emergency-off: cancel the job at RunPod. When the cancel is not taken, its state is read
+        instead (it may have ended meanwhile); the cancel is asked again each `poll_seconds`."""
         job.cancelling = True
         try:
             async with limiter:
                 status, content = await self._quietly(job, "POST", f"cancel/{quote(job.id, safe='')}")
-            if status == 200 and (answer := _read(content)) is not None:
-                self.observe(job, answer)
-                if job.active and job.status not in FINAL:
-                    job.seen = -math.inf  # RunPod took the cancel: read its end soon
+                if status not in (200, 404):
+                    status, content = await self._quietly(job, "GET", f"status/{quote(job.id, safe='')}")
+            self._answered(job, status, content)
         finally:
             job.cancelling = False
 
@@ -386,6 +449,7 @@ class JobParts:
 
 
 SUBMIT = ("run", "runsync")
+JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,199}$")  # RunPod's ids: "<uuid>-e1", "sync-...", "...-u1"
 ON_A_JOB = ("status", "stream", "cancel", "retry")
 METHODS = {"run": "POST", "runsync": "POST", "health": "GET", "purge-queue": "POST"} | {
     "status": "GET",
@@ -464,6 +528,8 @@ class JobRoute:
             if op == "purge-queue" and response.status_code == 200:
                 parts.jobs.purged(host)
             return await _relay(send, response, host)
+        if not JOB_ID.match(job_id):
+            raise NotFound(f"job {clean(job_id, 100)} not found on {host.name}")
         job = parts.jobs.owned(job_id, who, host)
         if op == "retry":
             return await self._submit(scope, send, host, op, body, who, job_id=job_id, owner=job)
@@ -508,17 +574,18 @@ class JobRoute:
                 raise WakeTimeout(f"the RunPod endpoint {host.name} could not be woken: {exc.message or exc}") from None
         wait_seconds = anyio.current_time() - arrived
         path = op if job_id is None else f"retry/{quote(job_id, safe='')}"
+        route = "retry" if job_id is not None else op
         lease = parts.fleet.hold(host, who.id if owner is None else owner.key, job=True)
         try:
             response = await call(parts.client, host, "POST", path, body, timeout, query)
         except BaseException:
-            lease.release()
+            parts.jobs.not_taken(lease, route, 502, wait_seconds)
             raise
         answer = _read(response.content) if response.status_code == 200 else None
         if answer is not None and answer.id:
-            parts.jobs.submitted(host, lease, "retry" if job_id is not None else op, answer, wait_seconds)
+            parts.jobs.submitted(host, lease, route, answer, wait_seconds)
         else:
-            lease.release()
+            parts.jobs.not_taken(lease, route, response.status_code, wait_seconds)
         return await _relay(send, response, host)
 
 
