@@ -24,7 +24,8 @@ demo: $(STAMP)
 SYSTEM_MISSING := $(strip \
 	$(shell command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || echo nginx) \
 	$(shell [ -x /usr/bin/chromium ] || echo chromium) \
-	$(shell [ -x /usr/bin/chromedriver ] || echo chromium-driver))
+	$(shell [ -x /usr/bin/chromedriver ] || echo chromium-driver) \
+	$(shell [ -n "$$(ls /usr/lib/postgresql/*/bin/postgres 2>/dev/null)" ] || echo postgresql))
 
 test: $(STAMP)
 ifneq ($(SYSTEM_MISSING),)

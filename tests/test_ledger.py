@@ -29,6 +29,7 @@ from gpumanager.ledger.schema import (
     LedgerError,
     migrate,
     open_database,
+    shown,
     sqlite_path,
     version,
 )
@@ -178,8 +179,11 @@ def test_a_file_of_a_newer_version_is_refused(tmp_path: Path) -> None:
 def test_database_urls() -> None:
     assert sqlite_path("", "/srv/state") == Path("/srv/state/usage.db")
     assert sqlite_path("sqlite:////var/lib/gm/u.db", "/srv/state") == Path("/var/lib/gm/u.db")
-    with pytest.raises(LedgerError, match="only sqlite") as caught:
-        sqlite_path("postgresql://user:secret@db/gm", "/srv/state")
+    url = "postgresql://gm:secret@db.example.org/gm"
+    assert sqlite_path(url, "/srv/state") == url  # PostgreSQL: the URL itself
+    assert shown(url) == "postgresql://gm:***@db.example.org/gm" and "secret" not in shown(url)
+    with pytest.raises(LedgerError, match="sqlite:///PATH or postgresql://") as caught:
+        sqlite_path("mysql://user:secret@db/gm", "/srv/state")
     assert "secret" not in str(caught.value)
 
 

@@ -22,7 +22,6 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, tzinfo
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import anyio
@@ -36,7 +35,7 @@ from gpumanager.hosts import AWAKE, WAKEABLE
 from gpumanager.keys import NO_LIMITS, Identity, Limits
 from gpumanager.ledger import reader
 from gpumanager.ledger.rows import MICRO
-from gpumanager.ledger.schema import LedgerError
+from gpumanager.ledger.schema import LedgerError, Location
 from gpumanager.lifecycle import Lifecycle
 from gpumanager.models import model_names
 from gpumanager.recorder import IntervalRecord, NoopRecorder, RequestRecord
@@ -155,7 +154,7 @@ class Budget(NoopRecorder):
 
     # -- seeding -----------------------------------------------------------------------------------
 
-    def seed(self, database: Path) -> None:
+    def seed(self, database: Location) -> None:
         """Start from what the ledger says of the current day and month (nothing if there is none
         yet), and the fleet's pace from its recent service and wake times."""
         now = self.wall()
@@ -181,7 +180,7 @@ class Budget(NoopRecorder):
                 else:
                     self._fleet_day_before = cloud
         except LedgerError as exc:
-            if database.exists():
+            if isinstance(database, str) or database.exists():
                 logger.warning("budgets start from nothing: {}", exc)
 
     # -- admission ---------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from gpumanager.errors import GpuManagerError
 from gpumanager.hosts import WAKING, HostState
 from gpumanager.ledger import reader
 from gpumanager.ledger.report import host_prices
+from gpumanager.ledger.schema import Location
 from gpumanager.models import model_names
 from gpumanager.pace import Pace, model_key
 from gpumanager.scheduler import (
@@ -408,7 +409,7 @@ def _seconds(text: str, path: str | Path, line: int) -> float:
     return value
 
 
-def ledger_requests(database: Path, since: float, until: float) -> list[Request]:
+def ledger_requests(database: Location, since: float, until: float) -> list[Request]:
     """The ledger's answered requests of the period: arrival, model, time holding a slot, key."""
     return [
         Request(arrival, model, duration, key)
@@ -416,7 +417,7 @@ def ledger_requests(database: Path, since: float, until: float) -> list[Request]
     ]
 
 
-def ledger_hosts(config: Config, database: Path, since: float, until: float) -> list[HostSpec]:
+def ledger_hosts(config: Config, database: Location, since: float, until: float) -> list[HostSpec]:
     """The hosts that served in the period, with their prices (the config), slots (the config) and
     cold starts (the median of their recent wakes in the ledger; a quarter of the startup timeout
     before any), and the models each served."""

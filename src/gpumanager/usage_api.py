@@ -9,7 +9,6 @@ the key's limits and its use of them today and this month (from the budget's cou
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import get_args
 
 import anyio.to_thread
@@ -24,12 +23,12 @@ from gpumanager.config import Config
 from gpumanager.errors import BadRequest
 from gpumanager.keys import KeyStore
 from gpumanager.ledger import reader, report
-from gpumanager.ledger.schema import LedgerError
+from gpumanager.ledger.schema import LedgerError, Location
 
 _encode = msgspec.json.Encoder().encode
 
 
-def usage_routes(config: Config, keys: KeyStore, db_path: Path, budget: Budget) -> list[Route]:
+def usage_routes(config: Config, keys: KeyStore, db_path: Location, budget: Budget) -> list[Route]:
     def when(request: Request, name: str, default: str, now: float) -> float:
         text = request.query_params.get(name, default)
         try:

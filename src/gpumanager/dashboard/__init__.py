@@ -19,7 +19,6 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -41,7 +40,7 @@ from gpumanager.fleet import Fleet
 from gpumanager.hosts import HostState
 from gpumanager.keys import Identity, KeyStore
 from gpumanager.ledger import reader, report
-from gpumanager.ledger.schema import LedgerError
+from gpumanager.ledger.schema import LedgerError, Location
 from gpumanager.logs import clean
 from gpumanager.models import model_names
 from gpumanager.proxy.forward import read_body
@@ -77,7 +76,7 @@ class DashboardParts:
     sessions: Sessions
     bus: Bus
     budget: Budget
-    db_path: Path
+    db_path: Location
     gpus: Callable[[], Mapping[str, list[Any]]]  # host name -> its GPUs' latest readings
     heartbeat: float
     closing: Callable[[], bool]

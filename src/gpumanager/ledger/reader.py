@@ -20,9 +20,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
+from gpumanager.ledger.postgres import database_errors, is_url
 from gpumanager.ledger.rows import MICRO
 from gpumanager.ledger.rows import JobRow as JobRecord
-from gpumanager.ledger.schema import SCHEMA_VERSION, LedgerError, version
+from gpumanager.ledger.schema import SCHEMA_VERSION, Connection, LedgerError, Location, connect_postgres, shown, version
 from gpumanager.models import model_names
 
 By = Literal["key", "model", "host", "day", "hour"]
@@ -168,28 +169,32 @@ class _Sum:
         )
 
 
-def connect(db_path: str | Path) -> sqlite3.Connection:
+def connect(db_path: Location) -> Connection:
     """The ledger opened read-only. Raises `LedgerError` when there is none yet, or it is not one
     this gpumanager can read."""
-    path = Path(db_path)
-    if not path.is_file():
-        raise LedgerError(f"no usage recorded yet at {path}: the server writes it")
+    where = shown(db_path)
     try:
-        conn = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True)
+        if isinstance(db_path, str) and is_url(db_path):
+            conn: Connection = connect_postgres(db_path, read_only=True)
+        else:
+            path = Path(db_path)
+            if not path.is_file():
+                raise LedgerError(f"no usage recorded yet at {path}: the server writes it")
+            conn = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True)
         found = version(conn)
-    except sqlite3.Error as exc:
-        raise LedgerError(f"{path}: cannot read the usage ledger: {exc}") from None
+    except database_errors() as exc:
+        raise LedgerError(f"{where}: cannot read the usage ledger: {exc}") from None
     if found == 0:
         conn.close()
-        raise LedgerError(f"no usage recorded yet at {path}: the server writes it")
+        raise LedgerError(f"no usage recorded yet at {where}: the server writes it")
     if found > SCHEMA_VERSION:
         conn.close()
-        raise LedgerError(f"{path}: written by a newer gpumanager (schema {found}, this one reads {SCHEMA_VERSION})")
+        raise LedgerError(f"{where}: written by a newer gpumanager (schema {found}, this one reads {SCHEMA_VERSION})")
     return conn
 
 
 def usage(
-    db_path: str | Path,
+    db_path: Location,
     since: float,
     until: float,
     by: By,
@@ -210,8 +215,8 @@ def usage(
             billed[interval.host] = billed.get(interval.host, 0.0) + interval.cost
             for label, part in _split(interval, by):
                 sums.setdefault(label, _Sum()).add_interval(interval.reason, part.gpu, part.cost)
-    except sqlite3.Error as exc:
-        raise LedgerError(f"{db_path}: cannot read the usage ledger: {exc}") from None
+    except database_errors() as exc:
+        raise LedgerError(f"{shown(db_path)}: cannot read the usage ledger: {exc}") from None
     finally:
         conn.close()
     total = _Sum()
@@ -233,7 +238,7 @@ def usage(
     )
 
 
-def hosts(db_path: str | Path, since: float, until: float) -> list[str]:
+def hosts(db_path: Location, since: float, until: float) -> list[str]:
     """The hosts that served a request or were billed in [since, until)."""
     conn = connect(db_path)
     try:
@@ -242,14 +247,14 @@ def hosts(db_path: str | Path, since: float, until: float) -> list[str]:
             UNION SELECT host FROM intervals WHERE "end" > ? AND "start" < ? ORDER BY 1""",
             (since, until, since, until),
         ).fetchall()
-    except sqlite3.Error as exc:
-        raise LedgerError(f"{db_path}: cannot read the usage ledger: {exc}") from None
+    except database_errors() as exc:
+        raise LedgerError(f"{shown(db_path)}: cannot read the usage ledger: {exc}") from None
     finally:
         conn.close()
     return [str(host) for (host,) in found]
 
 
-def me(db_path: str | Path, key_id: str, now: float, tz: str = "UTC", since: float | None = None) -> MyUsage:
+def me(db_path: Location, key_id: str, now: float, tz: str = "UTC", since: float | None = None) -> MyUsage:
     """`key_id`'s own requests, tokens, GPU-seconds and dollars: today and this month (midnight and
     the first of the month in `tz`, an IANA name), and since `since` when given, all up to `now`."""
     zone = _zone(tz)
@@ -278,14 +283,15 @@ def _zone(tz: str) -> tzinfo:
         raise LedgerError(f"unknown time zone {tz!r} (an IANA name such as Europe/Amsterdam)") from None
 
 
-def _request_sums(conn: sqlite3.Connection, since: float, until: float, by: str, key: str | None) -> dict[str, _Sum]:
+def _request_sums(conn: Connection, since: float, until: float, by: str, key: str | None) -> dict[str, _Sum]:
     params: list[float | str] = [since, until]
     where = "ts >= ? AND ts < ?"
     if key is not None:
         where += " AND key_id = ?"
         params.append(key)
     query = f"""SELECT {_SQL_GROUP[by]}, COUNT(*), TOTAL(prompt_tokens), TOTAL(completion_tokens),
-        SUM(prompt_tokens IS NULL OR completion_tokens IS NULL), TOTAL(gpu_seconds), TOTAL(cost_micro)
+        SUM(CASE WHEN prompt_tokens IS NULL OR completion_tokens IS NULL THEN 1 ELSE 0 END), TOTAL(gpu_seconds),
+        TOTAL(cost_micro)
         FROM requests WHERE {where} GROUP BY 1"""
     sums: dict[str, _Sum] = {}
     for label, count, prompt, completion, unknown, gpu, cost in conn.execute(query, params):
@@ -306,7 +312,7 @@ class _Interval(msgspec.Struct, frozen=True):
     cost: float
 
 
-def _intervals(conn: sqlite3.Connection, since: float, until: float, key: str | None) -> Iterator[_Interval]:
+def _intervals(conn: Connection, since: float, until: float, key: str | None) -> Iterator[_Interval]:
     params: list[float | str] = [since, until]
     where = '"end" > ? AND "start" < ?'
     if key is not None:
@@ -378,7 +384,7 @@ def _savings(
     return rows
 
 
-def _oracles(db_path: str | Path, since: float, until: float, prices: Mapping[str, float]) -> dict[str, float]:
+def _oracles(db_path: Location, since: float, until: float, prices: Mapping[str, float]) -> dict[str, float]:
     """Each priced host's oracle seconds for its answered requests of the period (see `oracle_seconds`),
     where a wake of it was recorded to price a cold start."""
     _, wakes = recent_timings(db_path)
@@ -395,8 +401,8 @@ def _oracles(db_path: str | Path, since: float, until: float, prices: Mapping[st
                 (host, since, until),
             ).fetchall()
             found[host] = oracle_seconds([(float(a), float(b)) for a, b in busy], statistics.median(cold[host]))
-    except sqlite3.Error as exc:
-        raise LedgerError(f"{db_path}: cannot read the usage ledger: {exc}") from None
+    except database_errors() as exc:
+        raise LedgerError(f"{shown(db_path)}: cannot read the usage ledger: {exc}") from None
     finally:
         conn.close()
     return found
@@ -422,7 +428,7 @@ def oracle_seconds(busy: Sequence[tuple[float, float]], cold_start: float) -> fl
 
 
 def recent_timings(
-    db_path: str | Path, *, per_model: int = 50, per_host: int = 20
+    db_path: Location, *, per_model: int = 50, per_host: int = 20
 ) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
     """The newest service times by model (a successful request's duration less its wait) and wake
     times by host (its `wake` intervals: resume asked to ready), oldest first, at most `per_model`
@@ -437,8 +443,8 @@ def recent_timings(
         wakes = conn.execute(
             "SELECT host, gpu_seconds FROM intervals WHERE reason = 'wake' ORDER BY \"start\" DESC LIMIT 5000"
         ).fetchall()
-    except sqlite3.Error as exc:
-        raise LedgerError(f"{db_path}: cannot read the usage ledger: {exc}") from None
+    except database_errors() as exc:
+        raise LedgerError(f"{shown(db_path)}: cannot read the usage ledger: {exc}") from None
     finally:
         conn.close()
     return _newest(services, per_model), _newest(wakes, per_host)
@@ -455,7 +461,7 @@ def _newest(rows: list[tuple[str, float]], keep: int) -> list[tuple[str, float]]
     return kept[::-1]
 
 
-def served(db_path: str | Path, since: float, until: float) -> list[tuple[float, str, float, str]]:
+def served(db_path: Location, since: float, until: float) -> list[tuple[float, str, float, str]]:
     """The answered requests that arrived in [since, until) and finished by `until`: (arrival,
     model, seconds holding a slot, key id), by arrival. Arrival is the finish less the whole
     duration; the slot was held for the duration less the wait."""
@@ -469,7 +475,7 @@ def served(db_path: str | Path, since: float, until: float) -> list[tuple[float,
     return [(float(a), str(m), float(d), str(k)) for a, m, d, k in rows]
 
 
-def models_by_host(db_path: str | Path, since: float, until: float) -> dict[str, set[str]]:
+def models_by_host(db_path: Location, since: float, until: float) -> dict[str, set[str]]:
     """The models each host answered in [since, until)."""
     rows = _rows(
         db_path,
@@ -483,7 +489,7 @@ def models_by_host(db_path: str | Path, since: float, until: float) -> dict[str,
     return found
 
 
-def requests_per_minute(db_path: str | Path, since: float, until: float) -> list[tuple[float, int]]:
+def requests_per_minute(db_path: Location, since: float, until: float) -> list[tuple[float, int]]:
     """Requests finished in each minute of [since, until) that had any: (the minute's start, count)."""
     rows = _rows(
         db_path,
@@ -494,7 +500,7 @@ def requests_per_minute(db_path: str | Path, since: float, until: float) -> list
 
 
 def awake_periods(
-    db_path: str | Path, since: float, until: float, *, join: float = 60.0
+    db_path: Location, since: float, until: float, *, join: float = 60.0
 ) -> dict[str, list[tuple[float, float]]]:
     """When each host was billed in [since, until): its intervals and its requests' serving times,
     merged where less than `join` seconds apart."""
@@ -515,7 +521,7 @@ def awake_periods(
     return periods
 
 
-def jobs_since(db_path: str | Path, since: float) -> list[JobRecord]:
+def jobs_since(db_path: Location, since: float) -> list[JobRecord]:
     """The RunPod jobs submitted or ended since `since`, and those never seen to end, oldest first:
     whose each is, and which to watch again."""
     fields = JobRecord.__struct_fields__
@@ -526,12 +532,12 @@ def jobs_since(db_path: str | Path, since: float) -> list[JobRecord]:
     return [JobRecord(**dict(zip(fields, row, strict=True))) for row in rows]
 
 
-def _rows(db_path: str | Path, sql: str, params: tuple[object, ...]) -> list[tuple[Any, ...]]:
+def _rows(db_path: Location, sql: str, params: tuple[object, ...]) -> list[tuple[Any, ...]]:
     """Every row of one query of the ledger, read-only."""
     conn = connect(db_path)
     try:
         return conn.execute(sql, params).fetchall()
-    except sqlite3.Error as exc:
-        raise LedgerError(f"{db_path}: cannot read the usage ledger: {exc}") from None
+    except database_errors() as exc:
+        raise LedgerError(f"{shown(db_path)}: cannot read the usage ledger: {exc}") from None
     finally:
         conn.close()

@@ -1,4 +1,5 @@
-"""The ledger's SQLite file: where it is, its tables, their migrations, and pruning.
+"""The ledger's database: where it is (a SQLite file, or PostgreSQL: `postgres.py`), its tables,
+their migrations, and pruning.
 
 The schema's version is `PRAGMA user_version`: 0 for an empty file, else the number of entries of
 `MIGRATIONS` applied. Opening for writing applies the missing ones in order, each in its own
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gpumanager.errors import GpuManagerError
+from gpumanager.ledger.postgres import PgConnection, ddl, is_url
+from gpumanager.ledger.postgres import shown as pg_shown
 
 if TYPE_CHECKING:
     from gpumanager.config import Config
@@ -100,26 +103,49 @@ class LedgerError(GpuManagerError):
     """The usage ledger cannot be read: none yet, a newer schema, a database that is not one."""
 
 
-def database_path(config: Config) -> Path:
-    """The ledger file of `config` (`[usage] database_url`, resolved by `config.load`)."""
+# Where the ledger is: a SQLite file, or a PostgreSQL URL (`postgres.is_url`).
+Location = Path | str
+Connection = sqlite3.Connection | PgConnection
+
+
+def database_path(config: Config) -> Location:
+    """The ledger of `config` (`[usage] database_url`, resolved by `config.load`): its SQLite file,
+    or its PostgreSQL URL."""
     return sqlite_path(config.usage.database_url, config.paths.state_dir)
 
 
-def sqlite_path(database_url: str, state_dir: str) -> Path:
-    """The file a `sqlite:///path` URL names; "" is `<state_dir>/usage.db`."""
+def sqlite_path(database_url: str, state_dir: str) -> Location:
+    """The file a `sqlite:///path` URL names ("" is `<state_dir>/usage.db`), or a PostgreSQL URL as it is."""
     if not database_url:
         return Path(state_dir) / "usage.db"
     if database_url.startswith(SQLITE_PREFIX) and len(database_url) > len(SQLITE_PREFIX):
         return Path(database_url.removeprefix(SQLITE_PREFIX))
+    if is_url(database_url):
+        return database_url
     scheme = database_url.partition(":")[0]  # never the rest: it may hold a password
-    raise LedgerError(f"[usage] database_url: only sqlite:///PATH is supported, got a {scheme!r} URL")
+    raise LedgerError(f"[usage] database_url: sqlite:///PATH or postgresql://USER@HOST/DATABASE, not a {scheme!r} URL")
 
 
-def open_database(path: str | Path, *, retention_days: float, now: float) -> sqlite3.Connection:
+def shown(location: Location) -> str:
+    """The ledger's location for messages and logs: never a password."""
+    return pg_shown(location) if isinstance(location, str) and is_url(location) else str(location)
+
+
+def open_database(path: Location, *, retention_days: float, now: float) -> Connection:
     """Open (creating it and its folder if need be) the ledger for writing, migrated to
-    `SCHEMA_VERSION` and pruned of rows older than `retention_days` before `now`. Raises
-    `sqlite3.Error` or `OSError` when it cannot. The connection is in autocommit mode (callers
-    write their own transactions) and may be used from any one thread at a time."""
+    `SCHEMA_VERSION` and pruned of rows older than `retention_days` before `now`. Raises a database
+    error (`postgres.database_errors()`), `OSError` or `LedgerError` when it cannot. The
+    connection is in autocommit mode (callers write their own transactions) and may be used from
+    any one thread at a time."""
+    if isinstance(path, str) and is_url(path):
+        pg = connect_postgres(path, read_only=False)
+        try:
+            migrate(pg)
+            prune(pg, before=now - retention_days * DAY)
+        except BaseException:
+            pg.close()
+            raise
+        return pg
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, timeout=BUSY_SECONDS, isolation_level=None, check_same_thread=False)
@@ -136,13 +162,23 @@ def open_database(path: str | Path, *, retention_days: float, now: float) -> sql
     return conn
 
 
-def version(conn: sqlite3.Connection) -> int:
+def connect_postgres(url: str, *, read_only: bool) -> PgConnection:
+    """A connection to the ledger in PostgreSQL; `LedgerError` when psycopg is missing."""
+    try:
+        return PgConnection(url, read_only=read_only)
+    except ModuleNotFoundError as exc:
+        raise LedgerError(str(exc)) from None
+
+
+def version(conn: Connection) -> int:
+    if isinstance(conn, PgConnection):
+        return conn.version()
     row = conn.execute("PRAGMA user_version").fetchone()
     return int(row[0])
 
 
-def migrate(conn: sqlite3.Connection, migrations: tuple[Migration, ...] = MIGRATIONS) -> int:
-    """Apply the migrations `conn`'s file lacks, in order; return the version it is at now."""
+def migrate(conn: Connection, migrations: tuple[Migration, ...] = MIGRATIONS) -> int:
+    """Apply the migrations `conn`'s database lacks, in order; return the version it is at now."""
     current = version(conn)
     if current > len(migrations):
         raise LedgerError(
@@ -151,13 +187,18 @@ def migrate(conn: sqlite3.Connection, migrations: tuple[Migration, ...] = MIGRAT
         )
     for number, statements in enumerate(migrations[current:], start=current + 1):
         with transaction(conn):
-            for statement in statements:
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {number:d}")
+            if isinstance(conn, PgConnection):
+                for statement in statements:
+                    conn.conn.execute(ddl(statement))
+                conn.set_version(number)
+            else:
+                for statement in statements:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {number:d}")
     return version(conn)
 
 
-def prune(conn: sqlite3.Connection, *, before: float) -> int:
+def prune(conn: Connection, *, before: float) -> int:
     """Delete the requests that finished, the intervals and the jobs that ended, before `before`
     (Unix seconds). Returns how many rows went."""
     with transaction(conn):
@@ -168,8 +209,12 @@ def prune(conn: sqlite3.Connection, *, before: float) -> int:
 
 
 @contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+def transaction(conn: Connection) -> Iterator[None]:
     """One write transaction on an autocommit connection: committed, or rolled back on any error."""
+    if isinstance(conn, PgConnection):
+        with conn.transaction():
+            yield
+        return
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield

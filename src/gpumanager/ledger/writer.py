@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable
@@ -14,8 +13,9 @@ import msgspec
 from anyio.abc import TaskStatus
 from loguru import logger
 
+from gpumanager.ledger.postgres import PgConnection, database_errors, integrity_errors, is_url
 from gpumanager.ledger.rows import IntervalRow, JobRow, RequestRow
-from gpumanager.ledger.schema import DAY, LedgerError, open_database, prune, transaction
+from gpumanager.ledger.schema import DAY, Connection, LedgerError, Location, open_database, prune, shown, transaction
 
 Row = RequestRow | IntervalRow | JobRow
 
@@ -65,6 +65,19 @@ def _statements(batch: list[Row]) -> list[tuple[str, tuple[bytes]]]:
 _encode = msgspec.json.Encoder().encode
 
 
+# What makes a flush fail and its rows wait for the next: the database, the disk, or the schema.
+_FAILURES: tuple[type[BaseException], ...] = (*database_errors(), OSError, LedgerError)
+
+
+def _write(conn: Connection, rows: list[Row]) -> None:
+    """Insert rows inside the caller's transaction: SQLite's batch statements, or PostgreSQL's."""
+    if isinstance(conn, PgConnection):
+        conn.write(rows)
+        return
+    for statement, params in _statements(rows):
+        conn.execute(statement, params)
+
+
 class WriterStatistics(msgspec.Struct, frozen=True, kw_only=True):
     """A snapshot of a `LedgerWriter` (for metrics and the admin API)."""
 
@@ -99,7 +112,7 @@ class LedgerWriter:
 
     def __init__(
         self,
-        path: str | Path,
+        path: Location,
         *,
         retention_days: float = 400,
         flush_seconds: float = 1.0,
@@ -107,7 +120,7 @@ class LedgerWriter:
         final_flush_seconds: float = 5.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.path = Path(path)
+        self.path: Location = path if isinstance(path, str) and is_url(path) else Path(path)
         self.dropped = 0
         self._retention = retention_days * DAY
         self._flush_seconds = flush_seconds
@@ -115,7 +128,7 @@ class LedgerWriter:
         self._final_flush_seconds = final_flush_seconds
         self._clock = clock
         self._buffer: deque[Row] = deque()
-        self._conn: sqlite3.Connection | None = None
+        self._conn: Connection | None = None
         self._next_prune = 0.0
         self._written = 0
         self._transactions = 0
@@ -165,7 +178,9 @@ class LedgerWriter:
             with anyio.move_on_after(self._final_flush_seconds, shield=True):
                 await self._flush(final=True)
             if self._buffer:
-                logger.warning("usage ledger: {} rows not written to {} at shutdown", len(self._buffer), self.path)
+                logger.warning(
+                    "usage ledger: {} rows not written to {} at shutdown", len(self._buffer), shown(self.path)
+                )
 
     async def _flush(self, *, final: bool = False) -> None:
         if self.before_flush is not None:
@@ -202,49 +217,50 @@ class LedgerWriter:
                 prune(conn, before=self._clock() - self._retention)
                 self._next_prune = self._clock() + DAY
             self._error = None
-        except (sqlite3.Error, OSError, LedgerError) as exc:
+        except _FAILURES as exc:
             self._error = str(exc) or type(exc).__name__
             self._close()
         finally:
             if final:
                 self._close()
 
-    def _connection(self) -> sqlite3.Connection:
+    def _connection(self) -> Connection:
         if self._conn is None:
             now = self._clock()
             self._conn = open_database(self.path, retention_days=self._retention / DAY, now=now)
             self._next_prune = now + DAY
         return self._conn
 
-    def _commit(self, conn: sqlite3.Connection, batch: list[Row]) -> None:
+    def _commit(self, conn: Connection, batch: list[Row]) -> None:
         try:
             with transaction(conn):
-                for statement, params in _statements(batch):
-                    conn.execute(statement, params)
-        except (sqlite3.IntegrityError, sqlite3.InterfaceError):
+                _write(conn, batch)
+        except integrity_errors():
             self._commit_each(conn, batch)
         else:
             self._committed = len(batch)
         self._transactions += 1
 
-    def _commit_each(self, conn: sqlite3.Connection, batch: list[Row]) -> None:
+    def _commit_each(self, conn: Connection, batch: list[Row]) -> None:
         """A batch with a row the database refuses: write the others, drop that one, and say so,
         rather than retry the same batch forever."""
         rejected = 0
         with transaction(conn):
             for row in batch:
-                for statement, params in _statements([row]):
-                    try:
-                        conn.execute(statement, params)
-                    except (sqlite3.IntegrityError, sqlite3.InterfaceError) as exc:
-                        rejected += 1
-                        logger.error("usage ledger: dropped a row the database refused ({}): {!r}", exc, row)
+                try:
+                    with contextlib.ExitStack() as one:
+                        if isinstance(conn, PgConnection):  # a savepoint: a refused row spoils nothing else
+                            one.enter_context(conn.transaction())
+                        _write(conn, [row])
+                except integrity_errors() as exc:
+                    rejected += 1
+                    logger.error("usage ledger: dropped a row the database refused ({}): {!r}", exc, row)
         self._committed, self._rejected = len(batch), rejected
 
     def _close(self) -> None:
         if self._conn is not None:
             conn, self._conn = self._conn, None
-            with contextlib.suppress(sqlite3.Error):
+            with contextlib.suppress(*database_errors()):
                 conn.close()
 
     # -- back on the loop --------------------------------------------------------------------------
@@ -256,13 +272,13 @@ class LedgerWriter:
             self._failure_warned = now
             logger.warning(
                 "usage ledger: cannot write {}: {}; {} rows buffered, retrying every {:g} s",
-                self.path,
+                shown(self.path),
                 self._error,
                 len(self._buffer),
                 self._flush_seconds,
             )
         elif self._healthy and not was_healthy:
-            logger.info("usage ledger: writing {} again", self.path)
+            logger.info("usage ledger: writing {} again", shown(self.path))
         new_drops = self._overflowed - self._overflow_reported
         if new_drops and now - self._drops_warned >= WARN_SECONDS:
             self._drops_warned, self._overflow_reported = now, self._overflowed
