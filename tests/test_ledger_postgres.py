@@ -3,6 +3,7 @@ the same answers as in SQLite, and the server writes and reads it end to end."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import subprocess
 import sys
@@ -171,6 +172,22 @@ def test_migrations_and_pruning(database: str) -> None:
         assert conn.execute("SELECT count(*) FROM jobs WHERE ended IS NULL").fetchone()[0] == 1  # running: kept
     finally:
         conn.close()
+
+
+def test_replicas_starting_together_migrate_once(database: str) -> None:
+    """Several processes opening a new database at once: one migrates, the others wait and find it done."""
+
+    def start() -> int:
+        conn = open_database(database, retention_days=400, now=T0)
+        try:
+            return version(conn)
+        finally:
+            conn.close()
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(lambda _: start(), range(4))) == [SCHEMA_VERSION] * 4
+    with psycopg.connect(database) as conn:
+        assert conn.execute("SELECT count(*) FROM gm_schema").fetchone() == (1,)
 
 
 def test_sql_in_postgresqls_words() -> None:

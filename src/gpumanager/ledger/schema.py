@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 DAY = 86_400.0
 SQLITE_PREFIX = "sqlite:///"
 BUSY_SECONDS = 5.0  # how long a statement waits for another connection's lock
+MIGRATION_LOCK = 0x676D6C6564676572  # PostgreSQL's advisory lock of the ledger's migrations ("gmledger")
 
 Migration = tuple[str, ...]
 
@@ -178,24 +179,34 @@ def version(conn: Connection) -> int:
 
 
 def migrate(conn: Connection, migrations: tuple[Migration, ...] = MIGRATIONS) -> int:
-    """Apply the migrations `conn`'s database lacks, in order; return the version it is at now."""
+    """Apply the migrations `conn`'s database lacks, in order; return the version it is at now.
+    On PostgreSQL, replicas starting together take turns (an advisory lock): one migrates, the
+    others find it done."""
+    if isinstance(conn, PgConnection):
+        with transaction(conn):
+            conn.conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            _check_version(version(conn), migrations)
+            for number, statements in enumerate(migrations[version(conn) :], start=version(conn) + 1):
+                for statement in statements:
+                    conn.conn.execute(ddl(statement))
+                conn.set_version(number)
+        return version(conn)
     current = version(conn)
+    _check_version(current, migrations)
+    for number, statements in enumerate(migrations[current:], start=current + 1):
+        with transaction(conn):
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number:d}")
+    return version(conn)
+
+
+def _check_version(current: int, migrations: tuple[Migration, ...]) -> None:
     if current > len(migrations):
         raise LedgerError(
             f"the usage ledger has schema version {current}, newer than this gpumanager's {len(migrations)}: "
             "upgrade gpumanager"
         )
-    for number, statements in enumerate(migrations[current:], start=current + 1):
-        with transaction(conn):
-            if isinstance(conn, PgConnection):
-                for statement in statements:
-                    conn.conn.execute(ddl(statement))
-                conn.set_version(number)
-            else:
-                for statement in statements:
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {number:d}")
-    return version(conn)
 
 
 def prune(conn: Connection, *, before: float) -> int:
