@@ -21,7 +21,7 @@ from gpumanager.errors import Forbidden, KeyStoreError, Unauthorized
 from gpumanager.keys import Identity, KeyStore, hash_key
 from gpumanager.logs import clean
 from gpumanager.proxy.dialects import dialect_for, error_body, error_headers
-from gpumanager.sessions import Sessions, cookie_value, same_origin
+from gpumanager.sessions import CROSS_ORIGIN, Sessions, cookie_value, same_origin
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]
@@ -161,7 +161,7 @@ class AuthMiddleware:
             logger.warning(
                 "403 cross-origin {} {} refused (key {})", clean(scope["method"], 16), clean(scope["path"]), identity.id
             )
-            await deny(send, scope["path"], Forbidden("cross-origin request refused: use the dashboard itself"))
+            await deny(send, scope["path"], Forbidden(CROSS_ORIGIN))
             return
         scope["auth"] = identity
         scope["still_valid"] = lambda: sessions.identity(cookie) == identity  # not revoked, not demoted

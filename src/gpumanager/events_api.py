@@ -42,12 +42,9 @@ def fleet_snapshot(fleet: Fleet) -> bytes:
 
 
 def events_route(fleet: Fleet, bus: Bus, *, heartbeat: float, closing: Callable[[], bool]) -> Route:
-    def snapshot() -> bytes:
-        return fleet_snapshot(fleet)
-
     async def stream(request: Request) -> Response:
         require_admin(request.scope)
-        return event_stream(request, bus, snapshot, heartbeat=heartbeat, closing=closing)
+        return event_stream(request, bus, lambda: fleet_snapshot(fleet), heartbeat=heartbeat, closing=closing)
 
     return Route("/events", stream, methods=["GET"])
 

@@ -211,7 +211,7 @@ class GpuScraper:
             logger.bind(host=host.name).info("GPU metrics of {}: {} GPUs", host.name, len(gpus))
 
     async def _fetch(self, host: Host) -> str:
-        headers = self.headers if host.auth is None else {k.decode(): v.decode() for k, v in host.auth}
+        headers = host.read_headers(self.headers)
         try:
             with anyio.fail_after(self.timeout):
                 async with self.client.stream("GET", host.url.rstrip("/") + PATH, headers=headers) as response:

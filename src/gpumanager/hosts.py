@@ -154,6 +154,11 @@ class Host:
     def awake(self) -> bool:
         return self.state in AWAKE
 
+    def read_headers(self, fleet: dict[str, str]) -> dict[str, str]:
+        """The headers of gpumanager's own reads of the host: its own credentials (a RunPod key),
+        else the fleet's (`fleet`: the upstream token, if one is set)."""
+        return fleet if self.auth is None else {k.decode(): v.decode() for k, v in self.auth}
+
 
 @dataclass(eq=False)
 class Wake:

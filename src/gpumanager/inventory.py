@@ -94,10 +94,9 @@ class Inventory:
     # -- reading hosts -----------------------------------------------------------------------------
 
     async def _get(self, host: Host, path: str) -> bytes:
-        headers = self.headers if host.auth is None else {k.decode(): v.decode() for k, v in host.auth}
         try:
             with anyio.fail_after(self.probe_timeout):
-                response = await self.http.get(host.url + path, headers=headers)
+                response = await self.http.get(host.url + path, headers=host.read_headers(self.headers))
         except (httpx.HTTPError, TimeoutError) as exc:
             raise ProbeFailed(f"{path}: {type(exc).__name__} {exc}".strip()) from None
         if response.status_code != 200:

@@ -95,7 +95,7 @@ class Runtime:
             self.fleet,
             self.upstream.client,
             interval=config.metrics.gpu_scrape_seconds,
-            headers={"authorization": f"Bearer {token}"} if token else None,
+            headers=self.inventory.headers,  # the fleet's token, as the inventory's reads send it
         )
         self.metrics.registry.register(self.gpus.collector())
         self.webhooks = Webhooks(config.webhooks, self.events, environ, on_failure=self.metrics.webhook_failed)

@@ -28,7 +28,7 @@ from pathlib import Path
 import msgspec
 from loguru import logger
 
-from gpumanager.errors import ConfigError
+from gpumanager.errors import ConfigError, Forbidden
 from gpumanager.keys import Identity, KeyStore
 
 COOKIE = "gm_session"
@@ -215,3 +215,12 @@ def same_origin(scope: Mapping[str, object], public_url: str) -> bool:
         host = next((v.decode("latin-1") for k, v in headers if k == b"host"), "")
         own = f"{scope.get('scheme', 'http')}://{host.lower()}"
     return origin.lower() == own
+
+
+CROSS_ORIGIN = "cross-origin request refused: use the dashboard itself"
+
+
+def require_same_origin(scope: Mapping[str, object], public_url: str) -> None:
+    """`Forbidden` unless the request comes from the dashboard's own origin (`same_origin`)."""
+    if not same_origin(scope, public_url):
+        raise Forbidden(CROSS_ORIGIN)

@@ -33,7 +33,7 @@ from gpumanager.admin import host_view
 from gpumanager.auth import require_admin
 from gpumanager.budget import Budget
 from gpumanager.config import Config
-from gpumanager.errors import ClientGone, Forbidden, NotFound
+from gpumanager.errors import ClientGone, NotFound
 from gpumanager.events import Bus, Envelope
 from gpumanager.events_api import event_stream, fleet_snapshot
 from gpumanager.fleet import Fleet
@@ -44,7 +44,7 @@ from gpumanager.ledger.schema import LedgerError, Location
 from gpumanager.logs import clean
 from gpumanager.models import model_names
 from gpumanager.proxy.forward import read_body
-from gpumanager.sessions import COOKIE, LIFETIME, Sessions, cookie_value, same_origin
+from gpumanager.sessions import COOKIE, LIFETIME, Sessions, cookie_value, require_same_origin
 
 FILES = {
     "index.html": "text/html",
@@ -108,7 +108,7 @@ class Dashboard:
         )
 
     async def login(self, request: Request) -> Response:
-        self._same_origin(request)
+        require_same_origin(request.scope, self.parts.config.server.public_url)
         stall = self.parts.config.server.client_timeout_seconds
         try:
             body = await read_body(request.scope, request.receive, LOGIN_BYTES, stall)
@@ -143,17 +143,13 @@ class Dashboard:
         return response
 
     async def logout(self, request: Request) -> Response:
-        self._same_origin(request)
+        require_same_origin(request.scope, self.parts.config.server.public_url)
         cookie = cookie_value(request.scope["headers"])
         if cookie:
             self.parts.sessions.end(cookie)
         response = RedirectResponse("/dashboard", status_code=303)
         response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict", secure=self._secure(request))
         return response
-
-    def _same_origin(self, request: Request) -> None:
-        if not same_origin(request.scope, self.parts.config.server.public_url):
-            raise Forbidden("cross-origin request refused: use the dashboard itself")
 
     def _secure(self, request: Request) -> bool:
         public = self.parts.config.server.public_url

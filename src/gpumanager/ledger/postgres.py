@@ -142,10 +142,6 @@ class PgConnection:
         with self.conn.transaction():
             yield
 
-    @property
-    def in_transaction(self) -> bool:
-        return bool(self.conn.info.transaction_status != 0)  # 0: idle
-
     def close(self) -> None:
         self.conn.close()
 

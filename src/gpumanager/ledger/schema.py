@@ -138,23 +138,19 @@ def open_database(path: Location, *, retention_days: float, now: float) -> Conne
     error (`postgres.database_errors()`), `OSError` or `LedgerError` when it cannot. The
     connection is in autocommit mode (callers write their own transactions) and may be used from
     any one thread at a time."""
+    conn: Connection
     if isinstance(path, str) and is_url(path):
-        pg = connect_postgres(path, read_only=False)
-        try:
-            migrate(pg)
-            prune(pg, before=now - retention_days * DAY)
-        except BaseException:
-            pg.close()
-            raise
-        return pg
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=BUSY_SECONDS, isolation_level=None, check_same_thread=False)
+        conn = connect_postgres(path, read_only=False)
+    else:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=BUSY_SECONDS, isolation_level=None, check_same_thread=False)
     try:
-        conn.execute("PRAGMA journal_mode = WAL")
-        # In WAL mode a commit survives a killed process without waiting for the disk; only a
-        # power cut can undo the last commits.
-        conn.execute("PRAGMA synchronous = NORMAL")
+        if isinstance(conn, sqlite3.Connection):
+            conn.execute("PRAGMA journal_mode = WAL")
+            # In WAL mode a commit survives a killed process without waiting for the disk; only a
+            # power cut can undo the last commits.
+            conn.execute("PRAGMA synchronous = NORMAL")
         migrate(conn)
         prune(conn, before=now - retention_days * DAY)
     except BaseException:

@@ -225,21 +225,11 @@ class Jobs:
             lease.release()  # settled by the fleet: its share of the endpoint's time is final
         record = job.record()
         self.recorder.job(record)
+        duration = max(0.0, self.clock() - job.since)
+        status = ROW_STATUS.get(job.status, 502)
         self.recorder.request(
-            RequestRecord(
-                route=f"/v2/{job.route}",
-                model=job.host.name,
-                status=ROW_STATUS.get(job.status, 502),
-                key=job.key,
-                host=job.host.name,
-                wait_seconds=job.wait_seconds,
-                first_byte_seconds=None,
-                duration_seconds=max(0.0, self.clock() - job.since),
-                overhead_seconds=None,
-                prompt_tokens=None,
-                completion_tokens=None,
-                gpu_seconds=record.gpu_seconds,
-                cost_micro=record.cost_micro,
+            _row(
+                job.route, job.host, job.key, status, job.wait_seconds, duration, record.gpu_seconds, record.cost_micro
             )
         )
         job.lease = None
@@ -259,21 +249,7 @@ class Jobs:
         the endpoint's time it held meanwhile."""
         lease.release()
         self.recorder.request(
-            RequestRecord(
-                route=f"/v2/{route}",
-                model=lease.host.name,
-                status=status,
-                key=lease.key,
-                host=lease.host.name,
-                wait_seconds=wait,
-                first_byte_seconds=None,
-                duration_seconds=wait,
-                overhead_seconds=None,
-                prompt_tokens=None,
-                completion_tokens=None,
-                gpu_seconds=lease.gpu_seconds,
-                cost_micro=lease.cost_micro,
-            )
+            _row(route, lease.host, lease.key, status, wait, wait, lease.gpu_seconds, lease.cost_micro)
         )
 
     def purged(self, host: Host) -> None:
@@ -410,6 +386,27 @@ class Jobs:
     def _forget(self, before: float) -> None:
         for job_id in [i for i, j in self.jobs.items() if j.ended is not None and j.ended < before]:
             del self.jobs[job_id]
+
+
+def _row(
+    route: str, host: Host, key: str, status: int, wait: float, duration: float, gpu_seconds: float, cost_micro: int
+) -> RequestRecord:
+    """A job's (or a refused submission's) request row: the endpoint's name is its model."""
+    return RequestRecord(
+        route=f"/v2/{route}",
+        model=host.name,
+        status=status,
+        key=key,
+        host=host.name,
+        wait_seconds=wait,
+        first_byte_seconds=None,
+        duration_seconds=duration,
+        overhead_seconds=None,
+        prompt_tokens=None,
+        completion_tokens=None,
+        gpu_seconds=gpu_seconds,
+        cost_micro=cost_micro,
+    )
 
 
 async def call(

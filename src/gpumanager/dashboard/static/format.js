@@ -21,6 +21,7 @@ export function fill(tbody, rows, empty) {
 
 export function dollars(value) {
   if (value === null || value === undefined) return "–";
+  if (value > 0 && value < 0.005) return "< $0.01"; // spent, if not yet a cent
   return "$" + (Math.abs(value) < 10 ? value.toFixed(2) : value.toFixed(0));
 }
 

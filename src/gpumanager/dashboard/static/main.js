@@ -7,7 +7,7 @@ import { connect } from "./stream.js";
 
 const $ = (id) => document.getElementById(id);
 const REFRESH_MS = 5000; // a full reload of the state even when no event came
-const HISTORY_MS = 30000;
+const HISTORY_MS = 10000; // the charts and the day's spend (the server reads its ledger at most every 5 s)
 let me = null;
 let pending = null;
 let historyAt = 0;
@@ -81,6 +81,7 @@ async function start() {
       }
     },
     onEvent: (type, data) => {
+      if (type === "host_state") historyAt = 0; // a wake or a pause: the timeline and spend move too
       if (type === "host_state" && me?.admin) showState($("hosts").tBodies[0], data.host, data.new);
       if (type === "host_state" && !me?.admin) soon(0);
       else if (type !== "snapshot") soon();

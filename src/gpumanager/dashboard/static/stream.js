@@ -15,6 +15,15 @@ export function connect({ onEvent, onOpen, onClosed, indicator }) {
     indicator.className = "live " + (on ? "on" : "off");
   }
 
+  // The stream ended for good (refused, or the session ended): ask the page why, then maybe again.
+  function closed() {
+    source.close();
+    onClosed().then((again) => {
+      if (again && retry === null) retry = setTimeout(open, delay);
+      delay = Math.min(delay * 2, 5000);
+    });
+  }
+
   function open() {
     retry = null;
     source = new EventSource("/dashboard/api/events");
@@ -25,23 +34,12 @@ export function connect({ onEvent, onOpen, onClosed, indicator }) {
     };
     source.onerror = () => {
       status("reconnecting…", false);
-      if (source.readyState === EventSource.CLOSED) {
-        // The server refused the stream (or is down for good): ask why before trying again.
-        source.close();
-        onClosed().then((again) => {
-          if (again && retry === null) retry = setTimeout(open, delay);
-          delay = Math.min(delay * 2, 5000);
-        });
-      }
+      if (source.readyState === EventSource.CLOSED) closed(); // refused, or down for good
     };
     for (const type of TYPES) {
       source.addEventListener(type, (message) => {
-        if (type === "ended") {
-          source.close(); // the session ended: no reconnect until the page knows why
-          onClosed().then((again) => again && retry === null && (retry = setTimeout(open, delay)));
-          return;
-        }
-        onEvent(type, JSON.parse(message.data));
+        if (type === "ended") closed(); // the session ended: no reconnect until the page knows why
+        else onEvent(type, JSON.parse(message.data));
       });
     }
   }
