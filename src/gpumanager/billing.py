@@ -57,6 +57,7 @@ class _Plan:
 
     billed: bool = False
     leases: tuple[Share, ...] = ()
+    others: int = 0  # requests through other replicas share the serving time (each meters its own)
     early: Owner | None = None
     deadline: float = 0.0
     late: Owner | None = None
@@ -108,6 +109,9 @@ class Billing:
         self.clock = clock
         self.wall = wall
         self._epoch: float | None = None  # wall time - clock time, fixed at the first use
+        # Whether this meter records the hosts' non-serving time: with several replicas, only the
+        # leader's does (each still charges its own requests their share of the serving time).
+        self.attributes: Callable[[], bool] = lambda: True
         self._bills: dict[Host, _Bill] = {}
 
     # -- hosts -------------------------------------------------------------------------------------
@@ -154,11 +158,13 @@ class Billing:
         if not plan.billed or now <= start:
             return
         bill.seconds += now - start
-        if plan.leases:
+        if plan.leases or plan.others:
             self._close(host, bill, before=start - MERGE_SECONDS)
-            share = (now - start) / len(plan.leases)
+            share = (now - start) / (len(plan.leases) + plan.others)
             for lease in plan.leases:
                 lease.gpu_seconds += share
+            return
+        if not self.attributes():
             return
         assert plan.early is not None and plan.late is not None
         if now <= plan.deadline or plan.early == plan.late:
@@ -214,8 +220,8 @@ class Billing:
         if not _billed(host, bill.plan.billed):
             return _Plan()
         leases = tuple(self.leases_of(host))
-        if leases:
-            return _Plan(billed=True, leases=leases)
+        if leases or host.others:
+            return _Plan(billed=True, leases=leases, others=host.others)
         if host.wake is not None and host.wake is not bill.wake:
             bill.wake, bill.previous = host.wake, bill.waker
             bill.waker = _waker(host.wake.by, admin=host.wake.admin)

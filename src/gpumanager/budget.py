@@ -126,6 +126,9 @@ class Budget(NoopRecorder):
         self._told: set[tuple[str, str, int, float]] = set()  # (key, limit, level, period start) announced
         self.override_until = 0.0
         self.override_by = ""
+        # With several replicas: this replica's use not yet added to the shared counters, key ->
+        # (tokens, micro-dollars); None in one process.
+        self.pending: dict[str, list[int]] | None = None
 
     # -- the calendar ------------------------------------------------------------------------------
 
@@ -283,9 +286,11 @@ class Budget(NoopRecorder):
             return
         self._roll(self.wall())
         spend = self._of(record.key)
-        spend.tokens_day += (record.prompt_tokens or 0) + (record.completion_tokens or 0)
+        tokens = (record.prompt_tokens or 0) + (record.completion_tokens or 0)
+        spend.tokens_day += tokens
         spend.micro_day += record.cost_micro
         spend.micro_month += record.cost_micro
+        self._add_pending(record.key, tokens, record.cost_micro)
         self._announce(record.key, spend)
 
     def interval(self, record: IntervalRecord) -> None:
@@ -295,7 +300,43 @@ class Budget(NoopRecorder):
         spend = self._of(record.key)
         spend.micro_day += record.added_micro
         spend.micro_month += record.added_micro
+        self._add_pending(record.key, 0, record.added_micro)
         self._announce(record.key, spend)
+
+    # -- several replicas --------------------------------------------------------------------------
+
+    def _add_pending(self, key: str, tokens: int, micro: int) -> None:
+        if self.pending is not None:
+            added = self.pending.setdefault(key, [0, 0])
+            added[0] += tokens
+            added[1] += micro
+
+    def periods(self) -> tuple[float, float]:
+        """The starts of the current day and month (the shared counters' names)."""
+        self._roll(self.wall())
+        return self._day.start, self._month.start
+
+    def seeded(self) -> dict[str, tuple[int, int, int]]:
+        """Each key's use this day and month as this replica knows it: key -> (tokens today,
+        micro-dollars today, micro-dollars this month); what the first replica of a day puts in
+        the shared counters."""
+        return {k: (s.tokens_day, s.micro_day, s.micro_month) for k, s in self._spend.items()}
+
+    def shared_totals(
+        self, periods: tuple[float, float], day: dict[str, tuple[int, int]], month: dict[str, int]
+    ) -> None:
+        """Every replica's use, as the shared counters said when `periods` were current (key ->
+        (tokens, micro) today, and micro this month); this replica's use added since is kept."""
+        if periods != self.periods():
+            return  # a day began meanwhile: the next reading is of the new one
+        pending = self.pending or {}
+        for key in day.keys() | month.keys() | self._spend.keys():
+            spend = self._of(key)
+            added = pending.get(key, (0, 0))
+            tokens, micro = day.get(key, (0, 0))
+            spend.tokens_day = tokens + added[0]
+            spend.micro_day = micro + added[1]
+            spend.micro_month = month.get(key, 0) + added[1]
 
     def _announce(self, key: str, spend: _Spend) -> None:
         """A `budget` event when a key's use reaches `warn_percent` or all of one of its budgets."""
@@ -381,7 +422,7 @@ class Budget(NoopRecorder):
         if was is None:
             logger.warning("{}: pausing the cloud hosts once their requests end", capped.message)
         spare = self.config.budget.spare_protected
-        for host in list(self.fleet.hosts.values()):
+        for host in list(self.fleet.hosts.values()) if self.fleet.shared.leader else ():
             awake = host.state in AWAKE or host.wake is not None
             if host.always_on or (spare and host.protected) or not awake or host.pausing is not None:
                 continue

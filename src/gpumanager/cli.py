@@ -21,7 +21,7 @@ from gpumanager.config import CONFIG_ENV, Config, HostConfig, config_path, load
 from gpumanager.errors import ConfigError, GpuManagerError
 
 if TYPE_CHECKING:
-    from gpumanager.keys import Limits
+    from gpumanager.keys import KeyStore, Limits
 
 COMMANDS = (
     "server",
@@ -36,6 +36,7 @@ COMMANDS = (
     "usage",
     "simulate",
     "events",
+    "keys",
 )
 PROBE_SECONDS = 2.0  # check-config's wait for a static host's /api/tags
 
@@ -259,6 +260,24 @@ is replayed instead, on the hosts the config names (or --hosts N identical ones)
     )
     sim.add_argument("--format", choices=["table", "json"], default="table")
 
+    keys = sub.add_parser(
+        "keys",
+        help="move keys between the key file and the cluster's Redis",
+        description="With [cluster] redis_url (or $GPUMANAGER_REDIS_URL) the replicas read their keys from "
+        "Redis, and generate-key, revoke-key, set-limits and list-keys work there.",
+    )
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    imp = keys_sub.add_parser(
+        "import",
+        help="copy the keys of an api_keys.json into the cluster's Redis",
+        description="Copy every key of FILE (hashes, limits, revoked ones too) into the cluster's Redis. "
+        "Keys already there stay; a key id in both is an error unless --replace. Every replica "
+        "accepts the imported keys within a second.",
+    )
+    _config_arg(imp)
+    imp.add_argument("file", metavar="FILE", help="an api_keys.json (as generate-key writes without a cluster)")
+    imp.add_argument("--replace", action="store_true", help="a key id already in Redis takes the file's record")
+
     ev = sub.add_parser(
         "events",
         help="print what the fleet does, one line per event (needs an admin key)",
@@ -388,17 +407,55 @@ def _server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _key_store(config: Config) -> KeyStore:
+    """The keys the server reads: the cluster's Redis when one is configured, else the key file."""
+    from gpumanager.config import redis_url
+    from gpumanager.keys import KeyStore
+
+    url = redis_url(config, os.environ)
+    if not url:
+        return KeyStore(config.paths.api_keys_file)
+    from gpumanager.cluster import redis_key_store
+
+    return redis_key_store(url, config.cluster.name)
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from gpumanager.config import redis_url
+    from gpumanager.errors import KeyStoreError
+    from gpumanager.keys import KeyFileSource
+
+    config, _ = load_config(args, required=False)
+    if not redis_url(config, os.environ):
+        raise GpuManagerError("no cluster: set [cluster] redis_url in the config, or $GPUMANAGER_REDIS_URL")
+    source = KeyFileSource(args.file)
+    if source.stamp() is None:
+        raise KeyStoreError(f"{args.file}: no such file")
+    incoming = source.read()
+    store = _key_store(config)
+    records = store.records()
+    ids = {r.id for r in records}
+    clash = [r.id for r in incoming if r.id in ids]
+    if clash and not args.replace:
+        raise KeyStoreError(f"{', '.join(clash)} already in {store.path}; give --replace to take the file's records")
+    kept = [r for r in records if r.id not in {i.id for i in incoming}]
+    store.replace_all([*kept, *incoming])
+    print(f"imported {len(incoming)} keys from {args.file} into {store.path} ({len(kept) + len(incoming)} there now)")
+    return 0
+
+
 def _generate_key(args: argparse.Namespace) -> int:
-    from gpumanager.keys import KeyStore, limits_from
+    from gpumanager.keys import limits_from
 
     config, _ = load_config(args, required=False)
     limits = limits_from(_limit_changes(args))
-    record, key = KeyStore(config.paths.api_keys_file).generate(args.name, args.email, admin=args.admin, limits=limits)
+    store = _key_store(config)
+    record, key = store.generate(args.name, args.email, admin=args.admin, limits=limits)
     if args.quiet:
         print(key)
         return 0
     role = "admin key" if record.admin else "key"
-    print(f"New {role} for {record.name} <{record.email}> (id {record.id}), stored in {config.paths.api_keys_file}:")
+    print(f"New {role} for {record.name} <{record.email}> (id {record.id}), stored in {store.path}:")
     print()
     print(f"    {key}")
     print()
@@ -410,14 +467,12 @@ def _generate_key(args: argparse.Namespace) -> int:
 
 
 def _set_limits(args: argparse.Namespace) -> int:
-    from gpumanager.keys import KeyStore
-
     config, _ = load_config(args, required=False)
     changes = _limit_changes(args)
     clear = [name.replace("-", "_") for name in args.clear]
     if not changes and not clear:
         raise GpuManagerError("nothing to change: give a limit (--dollars-per-day 5 ...) or --clear NAME")
-    record = KeyStore(config.paths.api_keys_file).set_limits(args.key_id, changes, clear)
+    record = _key_store(config).set_limits(args.key_id, changes, clear)
     print(f"limits of key {record.id} ({record.name}): {_describe_limits(record.limits, None) or 'none'}")
     return 0
 
@@ -443,12 +498,11 @@ def _describe_limits(limits: Limits, used: _TodaysUse | None) -> str:
 
 
 def _list_keys(args: argparse.Namespace) -> int:
-    from gpumanager.keys import KeyStore
-
     config, _ = load_config(args, required=False)
-    records = KeyStore(config.paths.api_keys_file).records()
+    store = _key_store(config)
+    records = store.records()
     if not records:
-        print(f"no keys in {config.paths.api_keys_file}; make one with `gpumanager generate-key`")
+        print(f"no keys in {store.path}; make one with `gpumanager generate-key`")
         return 0
     today = _todays_use(config)
     rows = [("ID", "PREFIX", "NAME", "EMAIL", "ADMIN", "STATUS", "CREATED", "TODAY", "LIMITS")]
@@ -497,10 +551,8 @@ def _todays_use(config: Config) -> dict[str, _TodaysUse]:
 
 
 def _revoke_key(args: argparse.Namespace) -> int:
-    from gpumanager.keys import KeyStore
-
     config, _ = load_config(args, required=False)
-    record = KeyStore(config.paths.api_keys_file).revoke(args.key_id)
+    record = _key_store(config).revoke(args.key_id)
     print(f"revoked key {record.id} ({record.name} <{record.email}>)")
     return 0
 
@@ -794,6 +846,7 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "usage": _usage,
     "simulate": _simulate,
     "events": _events,
+    "keys": _keys,
 }
 
 if __name__ == "__main__":

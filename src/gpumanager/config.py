@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -20,6 +21,7 @@ from gpumanager.errors import ConfigError
 
 DEFAULT_CONFIG = "config.toml"
 CONFIG_ENV = "GPUMANAGER_CONFIG"
+REDIS_ENV = "GPUMANAGER_REDIS_URL"
 
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 Positive = Annotated[float, msgspec.Meta(gt=0)]
@@ -228,6 +230,15 @@ class UsageConfig(_Section, frozen=True):
     retention_days: Annotated[int, msgspec.Meta(ge=1)] = 400  # older rows are pruned
 
 
+class ClusterConfig(_Section, frozen=True):
+    """`[cluster]`: several replicas sharing one fleet through Redis (DESIGN.md §12)."""
+
+    redis_url: str = ""  # "" = one process, state in memory; GPUMANAGER_REDIS_URL wins over it
+    name: str = "gpumanager"  # the fleet's namespace in Redis: replicas of one fleet share it
+    lease_ttl_seconds: Positive = 15  # a dead replica's slots, wake locks and leadership free themselves this soon
+    retry_seconds: Positive = 1  # waiters retry, and shared state is read again, this often
+
+
 ProviderConfig = SurfProviderConfig | SimulatedProviderConfig | Ec2ProviderConfig | RunpodProviderConfig
 
 
@@ -248,6 +259,7 @@ class Config(_Section, frozen=True):
     usage: UsageConfig = UsageConfig()
     budget: BudgetConfig = BudgetConfig()
     events: EventsConfig = EventsConfig()
+    cluster: ClusterConfig = ClusterConfig()
     webhooks: list[WebhookConfig] = []
     hosts: list[HostConfig] = []
     providers: list[ProviderConfig] = []
@@ -279,6 +291,11 @@ class Config(_Section, frozen=True):
                 readiness if readiness is not None else self.timing.ollama_readiness_wait_seconds
             ),
         )
+
+
+def redis_url(config: Config, environ: Mapping[str, str]) -> str:
+    """The cluster's Redis: `GPUMANAGER_REDIS_URL`, else `[cluster] redis_url`; "" for one process."""
+    return environ.get(REDIS_ENV) or config.cluster.redis_url
 
 
 def config_path(cli_value: str | None, environ: dict[str, str] | os._Environ[str]) -> Path:
@@ -348,6 +365,9 @@ def _check(config: Config, path: str) -> None:
             "budget.timezone",
             f"unknown time zone {config.budget.timezone!r} (an IANA name: UTC, Europe/Amsterdam)",
         ) from None
+    check_redis_url(config.cluster.redis_url, path, "cluster.redis_url")
+    if not re.match(r"^[A-Za-z0-9_.-]+$", config.cluster.name):
+        raise ConfigError(path, "cluster.name", "letters, digits, '.', '_' and '-' only (it names keys in Redis)")
     public = config.server.public_url
     if public and not re.match(r"^https?://[^/\s]+/?$", public):
         raise ConfigError(path, "server.public_url", "must be an origin such as https://gpu.example.org (no path)")
@@ -388,6 +408,11 @@ def _check(config: Config, path: str) -> None:
         if host.jobs and (not runpod or (host.provider is not None and host.provider not in runpod)):
             problem = 'only a RunPod serverless endpoint serves jobs: name a `type = "runpod"` provider'
             raise ConfigError(path, f"hosts[{i}].jobs", problem)
+
+
+def check_redis_url(url: str, path: str, key: str) -> None:
+    if url and not re.match(r"^(rediss?|unix)://", url):
+        raise ConfigError(path, key, "must be a Redis URL: redis://HOST:PORT/DB, rediss://... or unix:///path")
 
 
 def _check_scope(provider: ProviderConfig, where: str, path: str) -> None:

@@ -9,9 +9,10 @@ the one-line text of an event that the terminal and Slack show.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import anyio
@@ -110,6 +111,8 @@ AnyEvent = (
     | KeyChanged
     | Snapshot
 )
+# What every replica of a fleet may tell of the same change (DESIGN.md §12).
+FLEET_NEWS = frozenset({"host_state", "wake_started", "wake_failed", "paused", "emergency", "key", "budget"})
 TYPES = tuple(t.__struct_config__.tag for t in AnyEvent.__args__ if t is not Snapshot)
 
 
@@ -199,13 +202,37 @@ class Bus:
         self._subscribers: set[Subscription] = set()
         self._next = 1
         self.buffer = buffer
+        # Told of each event published here (not of those `receive`d): other replicas' buses get them.
+        self.relay: Callable[[Envelope], None] | None = None
+        # With several replicas, each one follows every host's changes and says so: a fleet event
+        # the same as one delivered less than `dedupe_seconds` ago is the same news, delivered once.
+        self.dedupe_seconds = 0.0
+        self._recent: dict[bytes, float] = {}
 
     def publish(self, event: Event) -> None:
-        envelope = Envelope(self._next, event.__struct_config__.tag, time.time(), _encode(event))  # type: ignore[arg-type]
+        envelope = self._deliver(event.__struct_config__.tag, time.time(), _encode(event))  # type: ignore[arg-type]
+        if envelope is not None and self.relay is not None:
+            self.relay(envelope)
+
+    def receive(self, type: str, when: float, data: bytes) -> bool:
+        """An event another replica published: delivered here as if published here (unless it is
+        news already), not relayed."""
+        return self._deliver(type, when, data) is not None
+
+    def _deliver(self, type: str, when: float, data: bytes) -> Envelope | None:
+        if self.dedupe_seconds and type in FLEET_NEWS:
+            now = time.monotonic()
+            if self._recent.get(data, -math.inf) > now - self.dedupe_seconds:
+                return None
+            if len(self._recent) > 1000:
+                self._recent = {k: t for k, t in self._recent.items() if t > now - self.dedupe_seconds}
+            self._recent[data] = now
+        envelope = Envelope(self._next, type, when, data)
         self._next += 1
         self._history.append(envelope)
         for subscriber in list(self._subscribers):
             subscriber.put(envelope)
+        return envelope
 
     def subscribe(self, types: Iterable[str] | None = None, *, after: int | None = None) -> Subscription:
         """A new subscription (use it as a context manager). With `after`, the history's events

@@ -50,6 +50,86 @@ class Waker(Protocol):
     def start_wake(self, host: Host, model: str | None = None, *, by: str | None = None) -> object: ...
 
 
+class Shared(Protocol):
+    """What several replicas of one fleet must agree on (DESIGN.md §12). One process has `Alone`;
+    with `[cluster] redis_url`, `cluster.RedisShared` keeps it in Redis. The fleet and the lifecycle
+    see only this, so their policy is the same either way."""
+
+    @property
+    def alone(self) -> bool:
+        """No other replica: nothing to coordinate."""
+        ...
+
+    @property
+    def leader(self) -> bool:
+        """This replica runs the idle pauses, reconcile's fixes and webhooks, and records the
+        hosts' non-serving time."""
+        ...
+
+    async def take(self, lease: Lease) -> bool:
+        """Count `lease` against its host's slots across replicas: False when another replica took
+        the last one meanwhile."""
+        ...
+
+    def released(self, lease: Lease) -> None: ...
+
+    def touched(self, host: Host, key: str | None, window: float) -> None:
+        """A request of `key` ended on `host`: it is kept `window` seconds more, for every replica."""
+        ...
+
+    async def claim_wake(self, host: Host) -> bool:
+        """True: this replica makes the wake's resume call; False: another one does (or did)."""
+        ...
+
+    def wake_over(self, host: Host) -> None: ...
+
+    async def drain(self, host: Host) -> None:
+        """No replica takes a new slot of `host` (it is about to pause) until `drained`."""
+        ...
+
+    def drained(self, host: Host) -> None: ...
+
+    def protected(self, host: Host, protected: bool) -> None: ...
+
+    def wakes_refused(self) -> str:
+        """Why no host may be woken now ("" when they may)."""
+        ...
+
+
+class Alone:
+    """One process: every slot, wake and pause is this process's own."""
+
+    alone = True
+    leader = True
+
+    async def take(self, lease: Lease) -> bool:
+        return True
+
+    def released(self, lease: Lease) -> None:
+        pass
+
+    def touched(self, host: Host, key: str | None, window: float) -> None:
+        pass
+
+    async def claim_wake(self, host: Host) -> bool:
+        return True
+
+    def wake_over(self, host: Host) -> None:
+        pass
+
+    async def drain(self, host: Host) -> None:
+        pass
+
+    def drained(self, host: Host) -> None:
+        pass
+
+    def protected(self, host: Host, protected: bool) -> None:
+        pass
+
+    def wakes_refused(self) -> str:
+        return ""
+
+
 class _NoWaker:
     """Until a waker is wired in, a wake the policy asks for is a bug: say so loudly."""
 
@@ -110,6 +190,7 @@ class Fleet:
         self.config = config
         self.clock = clock
         self.waker: Waker = waker or _NoWaker()
+        self.shared: Shared = Alone()  # the other replicas, if any (`cluster.py`)
         self.hosts: dict[str, Host] = {}
         self.overrides: dict[str, HostConfig] = {h.name: h for h in config.hosts if h.url is None}
         self._by_model: dict[str, list[Host]] = {}
@@ -181,6 +262,10 @@ class Fleet:
     def all_leases(self) -> list[Lease]:
         return [lease for leases in self._leases.values() for lease in leases]
 
+    def busy(self, host: Host) -> bool:
+        """Whether any request runs on `host`, through this replica or another."""
+        return bool(self._leases.get(host)) or host.others > 0
+
     def lease_count(self) -> int:
         """Open leases of the whole fleet (admin holds included): the requests still running. Jobs
         that RunPod took are not requests of this process (they run on across a restart); a job's
@@ -236,6 +321,16 @@ class Fleet:
             raise waiter.error
         assert isinstance(waiter.lease, Lease)
         return waiter.lease
+
+    async def take(self, lease: Lease) -> bool:
+        """Take `lease`'s slot across replicas (at once in one process). False: another replica took
+        the host's last slot meanwhile; the lease is given back (it reserves nothing), and the
+        request asks again."""
+        if await self.shared.take(lease):
+            return True
+        lease.aborted = "its slot was taken through another replica"
+        lease.release()
+        return False
 
     def fail_waiters(self, error: ClientError) -> None:
         """End every wait in the queue with `error` (a shutdown)."""
@@ -294,6 +389,7 @@ class Fleet:
         host = lease.host
         self._leases.get(host, set()).discard(lease)
         if lease.counted:
+            self.shared.released(lease)
             host.leases -= 1
             self._held[lease.key] -= 1
             if not self._held[lease.key]:
@@ -309,11 +405,12 @@ class Fleet:
 
     def touch(self, host: Host, key: str | None) -> None:
         """A request ended on `host`: its idle deadline moves to now + reservation, reserved for `key`."""
-        now = self.clock()
-        host.idle_deadline = reserve(host.idle_deadline, now, self.config.timing.reservation_minutes * 60)
+        now, window = self.clock(), self.config.timing.reservation_minutes * 60
+        host.idle_deadline = reserve(host.idle_deadline, now, window)
         if key is not None:
             host.reserved_key = key
             host.recent_keys[key] = now
+        self.shared.touched(host, key, window)
 
     def notify(self) -> None:
         """Wake whoever waits on `changed` (the idle loop, draining pauses); later waits use a fresh event."""
@@ -381,6 +478,7 @@ class Fleet:
             service_seconds=self.pace.service_seconds(ask.model) if sched.scale_up == "expected_wait" else None,
             emergency=self.emergency,
             capped=self.capped.message if self.capped is not None else "",
+            no_wakes=self.shared.wakes_refused(),
         )
 
     def reserved_until(self, host: Host) -> str | None:
@@ -406,9 +504,12 @@ class Fleet:
             startup = self._startup[host.provider] = self.config.host_timing(host.provider).startup_timeout_seconds
         return startup / 4
 
-    def protect(self, host: Host, protected: bool) -> None:
-        """A protected host is never paused for idleness (an admin's choice)."""
+    def protect(self, host: Host, protected: bool, *, share: bool = True) -> None:
+        """A protected host is never paused for idleness (an admin's choice, told to every replica
+        unless it came from one)."""
         host.protected = protected
+        if share:
+            self.shared.protected(host, protected)
         self.billing.settle(host)
         self.notify()
 
@@ -425,7 +526,7 @@ def _view(host: Host, names: Iterable[str], num_ctx: int | None, spare_protected
         host.state,
         host.healthy,
         host.draining,
-        host.leases,
+        host.leases + host.others,
         host.slots,
         host.cost_per_hour,
         loaded,

@@ -118,6 +118,7 @@ class Host:
     cloud_status: str = ""  # the provider's own word for the state
     healthy: bool = True
     leases: int = 0
+    others: int = 0  # slots that other replicas hold (several replicas, DESIGN.md §12)
     draining: bool = False
     idle_deadline: float = 0.0  # monotonic (anyio clock) time past which an idle host is paused
     reserved_key: str | None = None  # the key that used it last, preferred within the window

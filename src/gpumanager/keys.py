@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Protocol
 
 import msgspec
 from loguru import logger
@@ -92,16 +92,89 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-class KeyStore:
-    """The keys of one file. `authenticate()` is on the hot path: a dict lookup and one compare."""
+class KeySource(Protocol):
+    """Where the key records live: a file (one process), or Redis (several replicas)."""
 
-    def __init__(self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.monotonic) -> None:
+    where: str  # for messages: the file's path, or the Redis key
+
+    def stamp(self) -> object | None:
+        """Changes whenever the records do; None when there are none yet."""
+        ...
+
+    def read(self) -> list[KeyRecord]: ...
+
+    def write(self, records: list[KeyRecord], stamp: object | None) -> None:
+        """Store `records`, read when the source's stamp was `stamp`: `KeyStoreError` if another
+        writer came between (Redis), so no change is lost."""
+        ...
+
+
+class KeyFileSource:
+    """`api_keys.json`: written atomically with mode 0600."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        self.where = str(self.path)
+
+    def stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def read(self) -> list[KeyRecord]:
+        try:
+            return decode_keys(self.path.read_bytes(), self.where)
+        except OSError as exc:
+            raise KeyStoreError(f"{self.path}: cannot read: {exc.strerror}") from None
+
+    def write(self, records: list[KeyRecord], stamp: object | None) -> None:
+        """Atomic replace with mode 0600: a crash leaves the old file or the new one, never half."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".api_keys.", suffix=".tmp")
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(encode_keys(records))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def encode_keys(records: list[KeyRecord]) -> bytes:
+    """The key file's JSON (Redis holds the same)."""
+    return msgspec.json.format(_encoder.encode(KeyFile(records)), indent=2) + b"\n"
+
+
+def decode_keys(data: bytes, where: str) -> list[KeyRecord]:
+    try:
+        return _decoder.decode(data).keys
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise KeyStoreError(f"{where}: not a valid key file: {exc}") from None
+
+
+class KeyStore:
+    """The keys of one file (or of the replicas' Redis, through `source`). `authenticate()` is on
+    the hot path: a dict lookup and one compare."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        source: KeySource | None = None,
+    ) -> None:
+        self.source: KeySource = source or KeyFileSource(path)
+        self.path = self.source.where
         self._clock = clock
         self._by_hash: dict[str, tuple[str, Identity]] = {}
         self._by_id: dict[str, Identity] = {}  # the keys in use (not revoked)
         self._records: list[KeyRecord] = []
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: object | None = None
         self._next_check = 0.0
         # Told of each key created, revoked or given new limits since the previous load: (record, change).
         self.on_change: Callable[[KeyRecord, str], None] | None = None
@@ -112,10 +185,10 @@ class KeyStore:
 
     def reload(self) -> None:
         """Read the file if it changed. A broken file keeps the keys already loaded (and says why)."""
-        stamp = self._file_stamp()
+        stamp = self.source.stamp()
         if stamp == self._stamp:
             return
-        records = self._read() if stamp is not None else []
+        records = self.source.read() if stamp is not None else []
         before = {r.id: r for r in self._records} if self._loaded else None
         self._records = records
         self._by_hash, self._by_id = {}, {}
@@ -143,21 +216,6 @@ class KeyStore:
                     self.on_change(record, "revoked")
                 elif record.limits != old.limits:
                     self.on_change(record, "limits")
-
-    def _file_stamp(self) -> tuple[int, int, int] | None:
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-    def _read(self) -> list[KeyRecord]:
-        try:
-            return _decoder.decode(self.path.read_bytes()).keys
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise KeyStoreError(f"{self.path}: not a valid key file: {exc}") from None
-        except OSError as exc:
-            raise KeyStoreError(f"{self.path}: cannot read: {exc.strerror}") from None
 
     def authenticate(self, key: str) -> Identity | None:
         """The identity of `key`, or None. Picks up changes to the file within half a second."""
@@ -253,21 +311,13 @@ class KeyStore:
             raise KeyStoreError(f"{id_or_prefix!r} matches several keys ({ids}); give the id")
         return matches[0]
 
+    def replace_all(self, records: list[KeyRecord]) -> None:
+        """Store exactly `records` (`gpumanager keys import`)."""
+        self.records()
+        self._write(records)
+
     def _write(self, records: list[KeyRecord]) -> None:
-        """Atomic replace with mode 0600: a crash leaves the old file or the new one, never half."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = msgspec.json.format(_encoder.encode(KeyFile(records)), indent=2) + b"\n"
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".api_keys.", suffix=".tmp")
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        self.source.write(records, self._stamp)
         self._stamp = None
         self.reload()
 

@@ -173,7 +173,9 @@ class Lifecycle:
             self.recorder.wake_phase(host.name, "boot", answered - running)
             self.recorder.wake_phase(host.name, "model", now - answered)
             host.ready_since, host.healthy, host.last_error = now, True, ""
-            host.idle_deadline = reserve(host.idle_deadline, now, self.timing.fallback_reservation_minutes * 60)
+            fallback = self.timing.fallback_reservation_minutes * 60
+            host.idle_deadline = reserve(host.idle_deadline, now, fallback)
+            self.fleet.shared.touched(host, None, fallback)
             log.info(
                 "{} is ready after {:.1f}s (cloud {:.1f}s, Ollama {:.1f}s, model {:.1f}s)",
                 host.name,
@@ -184,6 +186,7 @@ class Lifecycle:
             )
         finally:
             host.wake = None
+            self.fleet.shared.wake_over(host)
             wake.done.set()
             self.fleet.wake_ended(host)
             self.fleet.reindex()  # models may have changed; hands the new slots to waiters
@@ -196,16 +199,52 @@ class Lifecycle:
         if host.pausing is not None:
             logger.bind(host=host.name).info("{} is pausing; it is resumed once the pause is done", host.name)
             await host.pausing.wait()
+        elif host.state is ST.PAUSING:  # paused through another replica: resumed once the cloud says paused
+            logger.bind(host=host.name).info("{} is pausing; it is resumed once the pause is done", host.name)
+            await self._until_paused(host, ask_again=False)
+            host.apply(EV.CLOUD_PAUSED)
         progress.asked = self.now()
         if host.state is ST.FAILED:  # only an admin's resume gets here: it ends the cooldown
             host.apply(EV.COOLDOWN_OVER)
         if host.state in (ST.PAUSED, ST.UNKNOWN):
             host.apply(EV.RESUME)
-            logger.bind(host=host.name).info(
-                "resuming {} for {}", host.name, ", ".join(sorted(wake.models)) or _for_whom(host, wake)
-            )
-            await provider.resume(host.id)
+            await self._resume_call(host, provider, wake)
         await self._until_ready(host, provider, wake, progress)
+
+    async def _resume_call(self, host: Host, provider: Provider, wake: Wake) -> None:
+        """Ask the cloud to resume `host`, once across replicas: the replica holding the wake's lock
+        asks (unless the cloud already reports it resuming or running); the others watch, and take
+        the wake over if its holder dies before the host is up."""
+        shared, log = self.fleet.shared, logger.bind(host=host.name)
+        if shared.alone or await shared.claim_wake(host):
+            log.info("resuming {} for {}", host.name, ", ".join(sorted(wake.models)) or _for_whom(host, wake))
+            if shared.alone:
+                await provider.resume(host.id)
+            else:
+                await self._resume_unless_started(host, provider)
+        else:
+            log.info("{} is being resumed through another replica", host.name)
+            self.spawn(self._take_over, host, provider, wake)
+
+    async def _resume_unless_started(self, host: Host, provider: Provider) -> None:
+        info = await provider.inspect(host.id)
+        while info.state is CloudState.PAUSING:  # another replica's pause ends first
+            await anyio.sleep(self._poll(host))
+            info = await provider.inspect(host.id)
+        if info.state in (CloudState.PAUSED, CloudState.UNKNOWN):
+            await provider.resume(host.id)
+        else:
+            logger.bind(host=host.name).info("{} is {} already: no resume call", host.name, info.cloud_status)
+
+    async def _take_over(self, host: Host, provider: Provider, wake: Wake) -> None:
+        """Watch another replica's wake of `host`; once its lock expires (its holder died), hold it
+        and resume the host if the cloud does not report it resuming already."""
+        while host.wake is wake and not wake.done.is_set():
+            await anyio.sleep(self.config.cluster.retry_seconds)
+            if host.wake is wake and not wake.done.is_set() and await self.fleet.shared.claim_wake(host):
+                logger.bind(host=host.name).warning("taking over the wake of {} from a replica gone", host.name)
+                await self._resume_unless_started(host, provider)
+                return
 
     def _wake_failed(self, host: Host, wake: Wake, error: str) -> None:
         wake.error = error
@@ -353,9 +392,10 @@ class Lifecycle:
         log = logger.bind(host=host.name)
         assert host.pausing is not None
         try:
-            while drain and self.fleet.leases_of(host):
+            await self.fleet.shared.drain(host)
+            while drain and self.fleet.busy(host):
                 changed = self.fleet.changed
-                if self.fleet.leases_of(host):
+                if self.fleet.busy(host):
                     await changed.wait()
             if stopped is not None:  # the wake this pause stopped unwinds first (a later one waits for us)
                 await stopped.done.wait()
@@ -371,6 +411,7 @@ class Lifecycle:
             log.info("{} is paused", host.name)
             self.fleet.events.publish(Paused(host=host.name, reason=kind))
         finally:
+            self.fleet.shared.drained(host)
             done, host.pausing, host.draining = host.pausing, None, False
             host.paused_by, host.pause_failing = None, False
             self.fleet.billing.settle(host)
@@ -399,8 +440,9 @@ class Lifecycle:
             await anyio.sleep(delay)
             delay = min(delay * 2, 60.0)
 
-    async def _until_paused(self, host: Host) -> None:
-        """Poll until the cloud says paused; ask again if it still runs after `startup_timeout_seconds`."""
+    async def _until_paused(self, host: Host, *, ask_again: bool = True) -> None:
+        """Poll until the cloud says paused; ask again if it still runs after `startup_timeout_seconds`
+        (unless not `ask_again`: another replica's pause, watched)."""
         provider = self.providers[host.provider]
         patience = self.host_timing(host).startup_timeout_seconds
         asked = self.now()
@@ -410,7 +452,7 @@ class Lifecycle:
                 host.adopt(info)
                 if info.state is CloudState.PAUSED:
                     return
-                if info.state is CloudState.RUNNING and self.now() - asked > patience:
+                if ask_again and info.state is CloudState.RUNNING and self.now() - asked > patience:
                     logger.bind(host=host.name).error(
                         "{} still runs {:g}s after the pause; asking again", host.name, patience
                     )
@@ -458,9 +500,11 @@ class Lifecycle:
                         self.fleet.dispatch()
                 else:
                     at = self._pause_at(host)
-                    if at is not None and now >= at:
+                    if at is None or not self.fleet.shared.leader:
+                        continue  # only the leader pauses idle hosts (one replica: always)
+                    if now >= at:
                         self.request_pause(host, f"idle {now - at + self._window(host):.1f}s")
-                    elif at is not None:
+                    else:
                         due = min(due, at, self._warn(host, at, now))
             with anyio.move_on_after(due - now):
                 await changed.wait()
@@ -485,7 +529,7 @@ class Lifecycle:
             always_on=host.always_on,
             protected=host.protected,
             pausing=host.pausing is not None,
-            leases=len(self.fleet.leases_of(host)),
+            leases=len(self.fleet.leases_of(host)) + host.others,
             deadline=host.idle_deadline,
         )
 

@@ -27,6 +27,7 @@ from gpumanager.providers.base import JobApi, Provider, UpstreamAuth
 from gpumanager.tasks import forever
 
 EV, ST = HostEvent, HostState
+FOLLOWER_EVERY = 5  # a replica that is not the leader reconciles this many times less often
 
 
 class Reconciler:
@@ -52,9 +53,14 @@ class Reconciler:
             tg.start_soon(forever, self.inventory_loop)
 
     async def reconcile_loop(self) -> None:
+        """Reconcile every `reconcile_interval_seconds` on the leader; another replica only looks
+        for new hosts, every `FOLLOWER_EVERY` intervals (the leader's fixes reach it as events)."""
+        rounds = 0
         while True:
             await anyio.sleep(self.timing.reconcile_interval_seconds)
-            await self.reconcile()
+            rounds += 1
+            if self.fleet.shared.leader or rounds % FOLLOWER_EVERY == 0:
+                await self.reconcile()
 
     async def reconcile(self) -> None:
         """Ask each provider for the truth and fix local state. One reconcile at a time, so a host

@@ -16,7 +16,8 @@ from anyio.abc import TaskStatus
 from loguru import logger
 
 from gpumanager.budget import Budget
-from gpumanager.config import Config
+from gpumanager.cluster import CachedKeys, RedisShared, prefix
+from gpumanager.config import Config, redis_url
 from gpumanager.dashboard import DashboardParts
 from gpumanager.errors import KeyStoreError, NoCapacity
 from gpumanager.events import Bus, KeyChanged, Publisher, RequestDone, WakePhase
@@ -74,7 +75,10 @@ class Runtime:
 
     def __init__(self, config: Config, environ: Mapping[str, str]) -> None:
         self.config = config
-        self.keys = KeyStore(config.paths.api_keys_file)
+        self.redis_url = redis_url(config, environ)
+        # Several replicas: the keys are Redis's (read by `cluster.RedisShared`), not the file's.
+        self.key_cache = CachedKeys(f"Redis ({prefix(config.cluster.name)}keys)") if self.redis_url else None
+        self.keys = KeyStore(config.paths.api_keys_file, source=self.key_cache)
         state_dir = config.paths.state_dir
         self.sessions = Sessions(load_secret(environ, state_dir), self.keys, state_dir=state_dir)  # the dashboard's
         token = environ.get(UPSTREAM_TOKEN_ENV, "")
@@ -120,6 +124,12 @@ class Runtime:
             clock=self.fleet.clock,
         )
         self.ledger.before_flush = self._checkpoint
+        self.shared: RedisShared | None = None
+        if self.key_cache is not None:
+            self.shared = RedisShared(
+                config, self.redis_url, self.fleet, self.lifecycle, self.events, self.budget, self.keys, self.key_cache
+            )
+            self.webhooks.sends = lambda: self.fleet.shared.leader  # the leader alone sends them
         self.draining = False  # a shutdown has begun: new requests are refused with 503
 
     def _checkpoint(self) -> None:
@@ -223,6 +233,8 @@ class Runtime:
                 if isinstance(provider, Service):
                     await tg.start(provider.run)
             await tg.start(self.lifecycle.run)  # wakes that discovery starts run in its task group
+            if self.shared is not None:
+                await tg.start(self.shared.run)  # the keys, emergency and counters of the other replicas
             await self.reconciler.reconcile()
             with anyio.move_on_after(self.config.timing.probe_timeout_seconds * 4):
                 await self.reconciler.refresh_all()

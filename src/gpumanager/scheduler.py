@@ -58,6 +58,7 @@ class Snapshot(msgspec.Struct, frozen=True):
     service_seconds: float | None = None  # the model's recent mean service time (None: none measured)
     emergency: bool = False
     capped: str = ""  # the fleet's spend cap is reached: why, for the 503
+    no_wakes: str = ""  # no host may be woken now (the replicas' Redis is unreachable): why, for the 503
 
 
 class Ask(msgspec.Struct, frozen=True):
@@ -107,7 +108,9 @@ def choose(snapshot: Snapshot, ask: Ask) -> Decision:
         (h for h in candidates if (h.state in WAKEABLE or h.draining) and not h.always_on),
         key=lambda h: (h.cost, h.draining or h.state is HostState.PAUSING, not h.loaded, h.name),
     )
-    may_wake = not snapshot.emergency and (snapshot.max_awake == 0 or snapshot.awake < snapshot.max_awake)
+    may_wake = not (snapshot.emergency or snapshot.no_wakes) and (
+        snapshot.max_awake == 0 or snapshot.awake < snapshot.max_awake
+    )
     if ready or any(h.state in WAKING for h in candidates):
         if asleep and may_wake and not ask.no_wake and scale_up_pays(snapshot, candidates, asleep[0]):
             return Wake(asleep[0].name)
@@ -115,6 +118,8 @@ def choose(snapshot: Snapshot, ask: Ask) -> Decision:
     if asleep:
         if snapshot.emergency:
             return Reject(503, "emergency-off is on: no host is woken until an admin turns it off")
+        if snapshot.no_wakes:
+            return Reject(503, snapshot.no_wakes)
         if ask.no_wake:
             return Reject(429, ask.no_wake)
         if not may_wake:

@@ -85,6 +85,8 @@ class Webhooks:
         config_path: str = "config.toml",
     ) -> None:
         self.bus, self.on_failure = bus, on_failure
+        # Whether this replica sends: with several, the leader alone does (every event reaches its bus).
+        self.sends: Callable[[], bool] = lambda: True
         self.hooks: list[Webhook] = []
         for i, hook in enumerate(configs):
             where = f"webhooks[{i}]"
@@ -125,5 +127,7 @@ class Webhooks:
                 if isinstance(item, Lost):
                     hook.lost += item.count
                     logger.warning("webhook {}: {} events dropped: the receiver is too slow", hook.name, item.count)
-                elif item is not None and not await hook.deliver(client, item) and self.on_failure is not None:
+                elif item is None or not self.sends():
+                    continue
+                elif not await hook.deliver(client, item) and self.on_failure is not None:
                     self.on_failure(hook.name)

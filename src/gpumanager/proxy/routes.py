@@ -277,10 +277,12 @@ class ModelRoute:
         await forward(parts.upstream, ex, lease, scope["method"], target, headers, body, on_body, meter=meter)
 
     async def _lease(self, ex: Exchange, ask: Ask) -> Lease:
-        got = self.parts.fleet.admit(ask)
-        if isinstance(got, Lease):
-            return got
-        return await self._wait(ex, got, ask)
+        fleet = self.parts.fleet
+        while True:  # again only when another replica took the slot meanwhile (the fleet then knows)
+            got = fleet.admit(ask)
+            lease = got if isinstance(got, Lease) else await self._wait(ex, got, ask)
+            if await fleet.take(lease):
+                return lease
 
     async def _wait(self, ex: Exchange, waiter: Waiter, ask: Ask) -> Lease:
         """Wait for a slot; a streaming client gets its headers early and a heartbeat now and then."""

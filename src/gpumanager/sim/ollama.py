@@ -106,13 +106,21 @@ class _Slot:
 
     async def __aenter__(self) -> None:
         sim = self.sim
-        await sim._slots.acquire()  # anyio's semaphore queues waiters FIFO, like Ollama's queue
+        sim.in_flight += 1  # given to it, queued or running: more than `slots` means the proxy overfilled it
+        if sim.in_flight > sim.max_in_flight:
+            sim.max_in_flight = sim.in_flight
+        try:
+            await sim._slots.acquire()  # anyio's semaphore queues waiters FIFO, like Ollama's queue
+        except BaseException:
+            sim.in_flight -= 1
+            raise
         sim.active += 1
         if sim.active > sim.max_active:
             sim.max_active = sim.active
 
     async def __aexit__(self, *exc_info: object) -> None:
         self.sim.active -= 1
+        self.sim.in_flight -= 1
         self.sim._slots.release()
 
 
@@ -150,6 +158,7 @@ class SimOllama(ManageRoutes, OpenAIRoutes):
         self.set_models(models)
         self.requests: Counter[str] = Counter()
         self.active = self.max_active = self.cancelled = 0
+        self.in_flight = self.max_in_flight = 0
         self.last_headers: dict[str, str] = {}
         self.last_body = b""  # the bytes of the most recent request body, as received
         # A GPU of its own at /gpu-metrics, as a GPU node's door serves dcgm-exporter's series
@@ -183,6 +192,7 @@ class SimOllama(ManageRoutes, OpenAIRoutes):
     def reset_stats(self) -> None:
         self.requests = Counter()
         self.max_active = self.active
+        self.max_in_flight = self.in_flight
         self.cancelled = 0
         self.last_headers = {}
 

@@ -1,0 +1,322 @@
+"""Several replicas, one fleet (DESIGN.md §12): three gpumanager processes sharing a real Redis and
+a real PostgreSQL, over one fake SURF cloud, driven at once by the real ollama and openai clients.
+
+The servers are shared by the module's tests; each test has a fleet (a Redis namespace, a cloud,
+three replicas) of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import ollama
+import openai
+import psycopg
+import pytest
+
+from tests.clouds import Machine
+from tests.harness import wait_until
+from tests.postgres import Postgres, running_postgres
+from tests.redis_server import Redis, running_redis
+from tests.replicas import Replica, Replicas, running_replicas
+
+MODEL = "llama3.2"
+PACE = 0.25  # seconds between one user's requests in the budget test
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[Redis]:
+    with running_redis() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[Postgres]:
+    with running_postgres() as server:
+        yield server
+
+
+def database(pg: Postgres, tmp_path: Path) -> str:
+    return pg.new_database(tmp_path.name[-40:].lower())
+
+
+def leader(fleet: Replicas) -> Replica:
+    """The replica that says it leads (the newest to say so)."""
+    wait_until(lambda: any(r.says("is now the leader") for r in fleet.replicas if r.proc), timeout=10)
+    leading = [r for r in fleet.replicas if r.proc and r.says("is now the leader")]
+    return max(leading, key=lambda r: r.tail(10**7).rfind("is now the leader"))
+
+
+def generate(url: str, key: str, model: str = MODEL) -> str:
+    with ollama.Client(host=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
+        return str(client.generate(model, "hi", options={"num_predict": 2})["response"])
+
+
+async def stream(url: str, key: str, prompt: str = "hi", tokens: int = 10) -> str:
+    async with ollama.AsyncClient(host=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as client:
+        parts = []
+        async for chunk in await client.generate(MODEL, prompt, stream=True, options={"num_predict": tokens}):
+            parts.append(chunk["response"])
+        return "".join(parts)
+
+
+def test_streams_over_three_replicas_never_exceed_a_host_slots(tmp_path: Path, redis: Redis, pg: Postgres) -> None:
+    machines = [Machine("gpu-1", slots=3, running=True, token_delay=0.01), Machine("gpu-2", slots=2, running=True)]
+    with running_replicas(tmp_path, machines, redis.url, database(pg, tmp_path)) as fleet:
+
+        async def drive() -> list[str]:
+            jobs = [stream(fleet.replicas[i % 3].url, fleet.key, tokens=8) for i in range(200)]
+            return await asyncio.gather(*jobs)
+
+        answers = asyncio.run(drive())
+        assert all(answer.strip() for answer in answers), fleet.logs()
+        sims = [fleet.cloud.sims["gpu-1"], fleet.cloud.sims["gpu-2"]]
+        assert sims[0].max_in_flight <= 3 and sims[1].max_in_flight <= 2, fleet.logs()
+        assert sims[0].max_in_flight == 3  # the slots were used, not just respected
+        assert sum(s.requests["/api/generate"] for s in sims) == 200
+        # Every replica served its share, and every request is in the shared ledger in PostgreSQL.
+        key_id = fleet.keys().authenticate(fleet.key).id
+
+        def rows() -> list[tuple[str, int]]:
+            with psycopg.connect(pg.url_for(database_name(fleet))) as conn:
+                found = conn.execute(
+                    "SELECT host, count(*) FROM requests WHERE key_id = %s AND status = 200 "
+                    "GROUP BY host ORDER BY host",
+                    (key_id,),
+                ).fetchall()
+            return [(str(h), int(n)) for h, n in found]
+
+        wait_until(lambda: sum(n for _, n in rows()) == 200, timeout=10)
+        served = dict(rows())
+        assert served["gpu-1"] == sims[0].requests["/api/generate"]
+        assert served["gpu-2"] == sims[1].requests["/api/generate"]
+
+
+def database_name(fleet: Replicas) -> str:
+    text = fleet.replicas[0].config.read_text()
+    url = text.split('database_url = "', 1)[1].split('"', 1)[0]
+    return url.rsplit("/", 1)[1]
+
+
+def test_fifty_requests_during_one_wake_make_one_resume(tmp_path: Path, redis: Redis, pg: Postgres) -> None:
+    with running_replicas(
+        tmp_path, [Machine("gpu-1", slots=4)], redis.url, database(pg, tmp_path), boot_seconds=1.0
+    ) as fleet:
+
+        async def drive() -> list[str]:
+            clients = [openai.AsyncOpenAI(base_url=r.url + "/v1", api_key=fleet.key) for r in fleet.replicas]
+
+            async def ask(i: int) -> str:
+                answer = await clients[i % 3].chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4
+                )
+                return answer.choices[0].message.content or ""
+
+            try:
+                return await asyncio.gather(*(ask(i) for i in range(50)))
+            finally:
+                for client in clients:
+                    await client.close()
+
+        answers = asyncio.run(drive())
+        assert len(answers) == 50 and all(answers)
+        assert fleet.resumes("gpu-1") == 1, fleet.logs()
+        assert sum(r.says("resuming gpu-1") for r in fleet.replicas) == 1  # the others watched it
+        assert fleet.cloud.sims["gpu-1"].max_in_flight <= 4
+
+
+def test_a_host_streaming_through_one_replica_is_not_paused_by_the_leader(
+    tmp_path: Path, redis: Redis, pg: Postgres
+) -> None:
+    machine = Machine("gpu-1", slots=2, running=True, token_delay=0.1)
+    with running_replicas(tmp_path, [machine], redis.url, database(pg, tmp_path), reservation_seconds=0.6) as fleet:
+        boss = leader(fleet)
+        other = next(r for r in fleet.replicas if r is not boss)
+        started = time.monotonic()
+        text = asyncio.run(stream(other.url, fleet.key, tokens=40))  # 4 s: more than six windows
+        took = time.monotonic() - started
+        assert took > 3.5 and len(text.split()) == 40
+        assert fleet.pauses("gpu-1") == 0, fleet.logs()  # never while it streamed
+        wait_until(lambda: fleet.pauses("gpu-1") == 1, timeout=5)  # once it ended and its window passed
+        assert boss.says("pausing gpu-1 (idle")
+
+
+def test_the_leader_killed_mid_stream(tmp_path: Path, redis: Redis, pg: Postgres) -> None:
+    """Its streams end; its leases expire within lease_ttl_seconds; the requests waiting on the other
+    replicas are served; another replica leads and pauses the host after its window."""
+    machine = Machine("gpu-1", slots=2, running=True, token_delay=0.2)
+    reservation, ttl = 1.0, 2.0
+    with running_replicas(
+        tmp_path, [machine], redis.url, database(pg, tmp_path), reservation_seconds=reservation, lease_ttl=ttl
+    ) as fleet:
+        boss = leader(fleet)
+        others = [r for r in fleet.replicas if r is not boss]
+
+        async def drive() -> tuple[list[BaseException | str], float, float]:
+            doomed = [asyncio.create_task(stream(boss.url, fleet.key, tokens=100)) for _ in range(2)]
+            sim = fleet.cloud.sims["gpu-1"]
+            while sim.active < 2:  # both slots held by the leader's streams
+                await asyncio.sleep(0.02)
+            waiting = [asyncio.create_task(stream(r.url, fleet.key, tokens=3)) for r in others]
+            await asyncio.sleep(0.3)
+            assert not any(t.done() for t in waiting)  # no slot for them yet
+            boss.kill()
+            killed = time.monotonic()
+            served = await asyncio.gather(*waiting, return_exceptions=True)
+            await asyncio.gather(*doomed, return_exceptions=True)
+            return served, killed, time.monotonic()
+
+        served, killed, done = asyncio.run(drive())
+        assert all(isinstance(s, str) and s for s in served), (served, fleet.logs())
+        assert done - killed < ttl + 3  # its leases expired
+        wait_until(lambda: any(r.says("is now the leader") for r in others), timeout=ttl + 2)
+        # The host is paused by the new leader: no later than its window after the last request,
+        # plus lease_ttl_seconds for the leadership to move (and the cloud's pause call).
+        wait_until(lambda: fleet.pauses("gpu-1") == 1, timeout=reservation + ttl + 3)
+        assert time.monotonic() - done < reservation + ttl + 3
+
+
+def test_emergency_off_through_one_replica_stops_wakes_on_all(tmp_path: Path, redis: Redis, pg: Postgres) -> None:
+    with running_replicas(tmp_path, [Machine("gpu-1")], redis.url, database(pg, tmp_path)) as fleet:
+        first, *rest = fleet.replicas
+        answer = httpx.post(first.url + "/gpu/emergency-off", headers=fleet.headers(fleet.admin_key), timeout=10)
+        assert answer.status_code == 202, answer.text
+        turned = time.monotonic()
+        for replica in rest:
+
+            def refused(url: str = replica.url) -> bool:
+                try:
+                    generate(url, fleet.key)
+                except ollama.ResponseError as exc:
+                    return exc.status_code == 503 and "emergency-off" in str(exc)
+                return False
+
+            wait_until(refused, timeout=1.0)
+        assert time.monotonic() - turned < 1.5
+        assert fleet.resumes("gpu-1") == 0
+        answer = httpx.post(rest[0].url + "/gpu/emergency-on", headers=fleet.headers(fleet.admin_key), timeout=10)
+        assert answer.status_code in (200, 202), answer.text
+
+        def served() -> bool:
+            try:
+                return bool(generate(rest[1].url, fleet.key))
+            except ollama.ResponseError:
+                return False
+
+        wait_until(served, timeout=5)  # emergency-on through another replica reached this one
+        assert fleet.resumes("gpu-1") == 1
+
+
+def test_a_key_revoked_through_one_is_refused_by_all_within_a_second(
+    tmp_path: Path, redis: Redis, pg: Postgres
+) -> None:
+    with running_replicas(tmp_path, [Machine("gpu-1", running=True)], redis.url, database(pg, tmp_path)) as fleet:
+        for replica in fleet.replicas:
+            assert httpx.get(replica.url + "/api/tags", headers=fleet.headers(), timeout=5).status_code == 200
+        key_id = fleet.keys().authenticate(fleet.key).id
+        env = {**os.environ, "GPUMANAGER_REDIS_URL": fleet.redis_url}
+        config = fleet.replicas[0].config
+        revoke = [sys.executable, "-m", "gpumanager", "revoke-key", key_id, "--config", str(config)]
+        done = subprocess.run(revoke, env=env, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        revoked = time.monotonic()
+        assert "revoked key" in done.stdout
+        for replica in fleet.replicas:
+            wait_until(
+                lambda r=replica: httpx.get(r.url + "/api/tags", headers=fleet.headers(), timeout=5).status_code == 401,
+                timeout=1.0,
+            )
+        assert time.monotonic() - revoked < 1.0
+
+
+def test_a_daily_budget_holds_across_replicas(tmp_path: Path, redis: Redis, pg: Postgres) -> None:
+    machine = Machine("gpu-1", slots=4, running=True, cost=3600.0, token_delay=0.02)  # $1 a second
+    with running_replicas(tmp_path, [machine], redis.url, database(pg, tmp_path)) as fleet:
+        store = fleet.keys()
+        record, key = store.generate("capped", "capped@example.org")
+        store.set_limits(record.id, {"dollars_per_day": 1.0})
+
+        def usage(replica: Replica) -> dict[str, object]:
+            """The key's limits and its use of them, as this replica counts them."""
+            answer = httpx.get(replica.url + "/usage/me", headers=fleet.headers(key), timeout=5)
+            return answer.json()["limits"] if answer.status_code == 200 else {}  # type: ignore[no-any-return]
+
+        for replica in fleet.replicas:  # every replica has the new key and its limit
+            wait_until(lambda r=replica: usage(r).get("limits") == {"dollars_per_day": 1.0}, timeout=2)
+        statuses: list[int] = []
+        for i in range(40):
+            replica = fleet.replicas[i % 3]
+            answer = httpx.post(
+                replica.url + "/api/generate",
+                json={"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 5}},
+                headers=fleet.headers(key),
+                timeout=30,
+            )
+            statuses.append(answer.status_code)
+            if answer.status_code == 429:
+                break
+            time.sleep(PACE)  # a user's pace: a few requests a second, spread over the replicas
+        assert statuses[-1] == 429, statuses
+        served = statuses.count(200)
+        assert 3 <= served < 39
+        for replica in fleet.replicas:  # refused by every replica, not just the one that saw it
+            assert float(usage(replica)["dollars_today"]) >= 1.0  # type: ignore[arg-type]
+            answer = httpx.post(
+                replica.url + "/api/generate",
+                json={"model": MODEL, "prompt": "hi", "stream": False},
+                headers=fleet.headers(key),
+                timeout=30,
+            )
+            assert answer.status_code == 429 and "budget" in answer.text, answer.text
+
+        # The replica that refused had itself served requests worth far less than the limit: it
+        # refused on the other replicas' spend, which one process alone would not have known.
+        def costs() -> list[int]:
+            with psycopg.connect(pg.url_for(database_name(fleet))) as conn:
+                found = conn.execute(
+                    "SELECT cost_micro FROM requests WHERE key_id = %s AND status = 200 ORDER BY ts", (record.id,)
+                )
+                return [int(c) for (c,) in found.fetchall()]
+
+        wait_until(lambda: len(costs()) == served, timeout=5)
+        refused_by = (len(statuses) - 1) % 3
+        own = sum(c for i, c in enumerate(costs()) if i % 3 == refused_by) / 1e6
+        assert own < 1.0, (own, costs())
+
+
+def test_redis_stopped_and_started_again(tmp_path: Path, pg: Postgres) -> None:
+    """Without Redis a replica serves awake hosts within its share of their slots, wakes nothing
+    (503, saying why), pauses nothing and says so; once Redis is back all is as before."""
+    machines = [
+        Machine("gpu-1", models=("llama3.2:latest",), slots=3, running=True),
+        Machine("gpu-2", models=("qwen2.5:7b",), slots=3),
+    ]
+    with (
+        running_redis() as redis,
+        running_replicas(tmp_path, machines, redis.url, database(pg, tmp_path), reservation_seconds=0.5) as fleet,
+    ):
+        url = fleet.replicas[1].url
+        assert generate(url, fleet.key)
+        redis.stop()
+        wait_until(lambda: all(r.says("is unreachable") for r in fleet.replicas), timeout=5)
+        paused_before = fleet.pauses("gpu-1")
+        for replica in fleet.replicas:  # the awake host serves, one slot per replica (3 slots / 3)
+            assert generate(replica.url, fleet.key)
+        with pytest.raises(ollama.ResponseError) as refused:
+            generate(url, fleet.key, "qwen2.5:7b")
+        assert refused.value.status_code == 503 and "Redis" in str(refused.value)
+        assert fleet.resumes("gpu-2") == 0
+        time.sleep(1.5)  # three windows of gpu-1 with no request: still nobody pauses it
+        assert fleet.pauses("gpu-1") == paused_before
+        redis.start()
+        wait_until(lambda: all(r.says("answers again") for r in fleet.replicas), timeout=10)
+        assert generate(url, fleet.key, "qwen2.5:7b")
+        assert fleet.resumes("gpu-2") == 1
+        wait_until(lambda: fleet.pauses("gpu-1") == paused_before + 1, timeout=10)  # idle pauses again
