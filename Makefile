@@ -20,12 +20,14 @@ demo: $(STAMP)
 	$(BIN)/gpumanager demo $(LISTEN)
 
 # Tests run real servers where users have them: the GPU node's door is a real nginx, the dashboard
-# is driven in a real headless Chromium. Debian's packages, installed here when missing (as root).
+# is driven in a real headless Chromium, the replicas share a real Redis and PostgreSQL. Debian's
+# packages, installed here when missing (as root).
 SYSTEM_MISSING := $(strip \
 	$(shell command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || echo nginx) \
 	$(shell [ -x /usr/bin/chromium ] || echo chromium) \
 	$(shell [ -x /usr/bin/chromedriver ] || echo chromium-driver) \
-	$(shell [ -n "$$(ls /usr/lib/postgresql/*/bin/postgres 2>/dev/null)" ] || echo postgresql))
+	$(shell [ -n "$$(ls /usr/lib/postgresql/*/bin/postgres 2>/dev/null)" ] || echo postgresql) \
+	$(shell command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || echo redis-server))
 
 test: $(STAMP)
 ifneq ($(SYSTEM_MISSING),)
@@ -47,6 +49,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py
 	$(BIN)/python bench/wake.py
+	$(BIN)/python bench/cluster.py
 
 server: $(STAMP)
 	@if [ -z "$$GPUMANAGER_CONFIG" ] && [ ! -e config.toml ]; then \
