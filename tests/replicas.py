@@ -29,6 +29,7 @@ import httpx
 from gpumanager.cluster import redis_key_store
 from gpumanager.sim.server import free_port_on
 from tests.clouds import Machine, overrides, provider_block
+from tests.fakes.runpod import FakeRunPod
 from tests.fakes.surf import FakeSurf
 
 START_TIMEOUT = 30.0
@@ -152,6 +153,7 @@ def timing(reservation_seconds: float) -> str:
         "wake_keepalive_seconds": 1,
         "queue_timeout_seconds": 30,
         "shutdown_grace_seconds": 1,
+        "job_poll_seconds": 0.2,
     }
     return "[timing]\n" + "".join(f"{key} = {value}\n" for key, value in lines.items())
 
@@ -170,12 +172,30 @@ def running_replicas(
     extra: str = "",
     cluster_name: str = "",
     boot_seconds: float = 0.3,
+    job_endpoint: str = "",
 ) -> Iterator[Replicas]:
-    """`count` replicas of one fleet over `machines` (SURF workspaces), started and ready."""
+    """`count` replicas of one fleet over `machines` (SURF workspaces), started and ready. With
+    `job_endpoint`, the fleet is instead that one RunPod serverless endpoint serving jobs
+    (`Replicas.cloud` is then the `FakeRunPod`)."""
     name = cluster_name or f"t{os.getpid()}-{tmp_path.name[-12:]}".replace("_", "-")
     with anyio.from_thread.start_blocking_portal() as portal:
-        cloud = FakeSurf(token="surf-test-token", transition_seconds=boot_seconds)
+        cloud: Any = (
+            FakeRunPod(boot_seconds=boot_seconds, stop_seconds=0.05, queue_timeout=2)
+            if job_endpoint
+            else FakeSurf(token="surf-test-token", transition_seconds=boot_seconds)
+        )
         with portal.wrap_async_context_manager(cloud):
+            if job_endpoint:
+                portal.call(lambda: cloud.add_endpoint(job_endpoint, workers_min=0, idle_timeout=0.1))
+                fleet_config = (
+                    provider_block(
+                        "runpod",
+                        "runpod",
+                        {"api_url": cloud.api_url, "serverless_url": cloud.serverless_url, "name_filter": "gpu-"},
+                    )
+                    + "jobs = true\n"
+                )
+                environ = {"RUNPOD_API_KEY": cloud.api_key}
             for m in machines:
                 portal.call(
                     lambda m=m: cloud.add_workspace(
@@ -186,7 +206,16 @@ def running_replicas(
                         token_delay=m.token_delay,
                     )
                 )
-            settings = {"base_url": cloud.base_url, "machine_name_filter": "gpu-", "ollama_port": cloud.ollama_port}
+            if not job_endpoint:
+                settings = {
+                    "base_url": cloud.base_url,
+                    "machine_name_filter": "gpu-",
+                    "ollama_port": cloud.ollama_port,
+                }
+                fleet_config = provider_block("surf", "surf", settings) + overrides(
+                    "surf", machines, lambda m: m.models
+                )
+                environ = {"CLOUD_API_TOKEN": cloud.token}
             store = redis_key_store(redis_url, name)
             key = store.generate("user", "user@example.org")[1]
             admin_key = store.generate("admin", "admin@example.org", admin=True)[1]
@@ -201,13 +230,9 @@ def running_replicas(
                     f'[paths]\napi_keys_file = "api_keys.json"\nstate_dir = "state"\n\n'
                     f'[cluster]\nredis_url = "{redis_url}"\nname = "{name}"\n'
                     f"lease_ttl_seconds = {lease_ttl}\nretry_seconds = {retry_seconds}\n\n"
-                    f'[usage]\ndatabase_url = "{database_url}"\n\n'
-                    + timing(reservation_seconds)
-                    + extra
-                    + provider_block("surf", "surf", settings)
-                    + overrides("surf", machines, lambda m: m.models)
+                    f'[usage]\ndatabase_url = "{database_url}"\n\n' + timing(reservation_seconds) + extra + fleet_config
                 )
-                env = {**os.environ, "CLOUD_API_TOKEN": cloud.token}
+                env = {**os.environ, **environ}
                 env.pop("GPUMANAGER_REDIS_URL", None)
                 replicas.append(Replica(f"replica-{i + 1}", port, config, folder / "server.log", env))
             try:

@@ -320,3 +320,51 @@ def test_redis_stopped_and_started_again(tmp_path: Path, pg: Postgres) -> None:
         assert generate(url, fleet.key, "qwen2.5:7b")
         assert fleet.resumes("gpu-2") == 1
         wait_until(lambda: fleet.pauses("gpu-1") == paused_before + 1, timeout=10)  # idle pauses again
+
+
+def test_a_job_submitted_through_one_replica_is_its_key_own_on_all(tmp_path: Path, redis: Redis, pg: Postgres) -> None:
+    """RunPod jobs behind a load balancer: status and cancel reach any replica; another key's is 404."""
+    with running_replicas(
+        tmp_path, [], redis.url, database(pg, tmp_path), count=2, job_endpoint="gpu-jobs", boot_seconds=0.1
+    ) as fleet:
+        first, second = fleet.replicas
+        store = fleet.keys()
+        other = store.generate("other", "other@example.org")[1]
+        with httpx.Client(timeout=30) as client:
+            submitted = client.post(
+                f"{first.url}/v2/gpu-jobs/run", headers=fleet.headers(), json={"input": {"seconds": 0.3}}
+            )
+            assert submitted.status_code == 200, submitted.text
+            job_id = submitted.json()["id"]
+
+            def status(url: str, key: str) -> httpx.Response:
+                return client.get(f"{url}/v2/gpu-jobs/status/{job_id}", headers=fleet.headers(key))
+
+            wait_until(lambda: status(second.url, fleet.key).status_code == 200, timeout=2)
+            assert status(second.url, other).status_code == 404  # another key's job, on any replica
+            wait_until(lambda: status(second.url, fleet.key).json()["status"] == "COMPLETED", timeout=10)
+        key_id = store.authenticate(fleet.key).id  # type: ignore[union-attr]
+
+        def recorded() -> list[tuple[str, str]]:
+            with psycopg.connect(pg.url_for(database_name(fleet))) as conn:
+                found = conn.execute("SELECT key_id, status FROM jobs WHERE id = %s", (job_id,)).fetchall()
+            return [(str(k), str(s)) for k, s in found]
+
+        wait_until(lambda: recorded() == [(key_id, "COMPLETED")], timeout=10)  # one row: its replica's
+
+
+def test_a_dashboard_session_holds_on_every_replica_and_its_logout_too(
+    tmp_path: Path, redis: Redis, pg: Postgres
+) -> None:
+    with running_replicas(
+        tmp_path, [Machine("gpu-1", running=True)], redis.url, database(pg, tmp_path), count=2
+    ) as fleet:
+        first, second = fleet.replicas
+        login = httpx.post(f"{first.url}/dashboard/login", headers={"origin": first.url}, data={"key": fleet.admin_key})
+        assert login.status_code == 303 and login.headers["location"] == "/dashboard"
+        cookies = {"gm_session": login.cookies["gm_session"]}
+        # Signed with the fleet's one secret: the other replica takes it (a balancer may send it there).
+        assert httpx.get(f"{second.url}/dashboard/api/state", cookies=cookies).status_code == 200
+        out = httpx.post(f"{second.url}/dashboard/logout", headers={"origin": second.url}, cookies=cookies)
+        assert out.status_code == 303
+        wait_until(lambda: httpx.get(f"{first.url}/dashboard/api/state", cookies=cookies).status_code == 401, 1.0)

@@ -10,6 +10,7 @@
     leader         the lock of the replica that runs idle pauses, reconcile's fixes and webhooks
     emergency      set while emergency-off is on (the admin key's id)
     replicas       sorted set: the replicas seen, scored by when they are gone if not seen again
+    job:ID         whose a RunPod job is ("KEY<tab>HOST"), for a replica asked about another's job
     keys, keys:version   the key store (the key file's JSON) and its version
     spend:day:T, spend:month:T   every replica's use per key (hashes of counters)
     bus            the channel: slot releases, events, key changes
@@ -34,6 +35,7 @@ import os
 import re
 import secrets
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -50,9 +52,11 @@ from gpumanager.fleet import Fleet, Lease
 from gpumanager.hosts import TRANSITIONS, Host, HostEvent, HostState
 from gpumanager.keys import KeyRecord, KeyStore, decode_keys, encode_keys
 from gpumanager.lifecycle import Lifecycle
+from gpumanager.sessions import Sessions
 
 EV, ST = HostEvent, HostState
 LOUD_EVERY = 10.0  # while Redis is unreachable, the error is logged again this often (seconds)
+JOB_SECONDS = 2 * 86400  # whose a RunPod job is, for the other replicas: kept this long
 SPEND_DAYS = 40  # the shared counters of a day (and of a month) outlive it this long
 
 _NOW = """
@@ -233,6 +237,22 @@ class RedisKeys:
             raise KeyStoreError(f"cannot reach the cluster's Redis ({_shown(self.url)}): {exc}") from None
 
 
+def shared_secret(url: str, name: str) -> bytes | None:
+    """The dashboard's session secret of the whole fleet (made by the first replica to ask), so a
+    login through one replica holds on all; None when Redis cannot be reached now."""
+    import redis
+
+    key = prefix(name) + "session_secret"
+    try:
+        with redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5) as client:
+            client.set(key, secrets.token_hex(32), nx=True)
+            found = client.get(key)
+    except redis.RedisError as exc:
+        logger.warning("the fleet's session secret is not in reach ({}): this replica uses its own", exc)
+        return None
+    return None if found is None else bytes(found)
+
+
 def redis_key_store(url: str, name: str) -> KeyStore:
     """The cluster's key store, for the CLI."""
     source = RedisKeys(url, name)
@@ -288,6 +308,7 @@ class RedisShared:
         self._told_at = -math.inf
         self._resync = anyio.Event()
         self._emergency_told = -math.inf
+        self.sessions: Sessions | None = None  # the dashboard's, told of logouts elsewhere
         budget.pending = {}
         fleet.shared = self
         fleet.billing.attributes = lambda: self.leader
@@ -356,6 +377,27 @@ class RedisShared:
     def protected(self, host: Host, protected: bool) -> None:
         self._send("hset", host, "protected", "1" if protected else "0")
 
+    def job_started(self, job_id: str, key: str, host: Host) -> None:
+        self._send("job", host, job_id, key)
+
+    def session_ended(self, nonce: str, expiry: float) -> None:
+        """A dashboard logout through this replica: every replica ends the session."""
+        self._outbox.append(("logout", (nonce, expiry)))
+        self._wake_outbox.set()
+
+    async def job_owner(self, job_id: str) -> tuple[str, str] | None:
+        if not self.connected:
+            return None
+        try:
+            found = await self.redis.get(f"{self.p}job:{job_id}")
+        except Exception as exc:
+            self._lost(exc)
+            return None
+        if found is None:
+            return None
+        key, _, host = found.decode().partition("\t")
+        return key, host
+
     # -- locks -------------------------------------------------------------------------------------
 
     async def _hold(self, key: str) -> bool:
@@ -413,6 +455,13 @@ class RedisShared:
                 elif op == "touch":
                     host, window, key = args
                     await self._touch(keys=[self._k("host", host)], args=[window, key], client=pipe)
+                elif op == "job":
+                    host, job_id, key = args
+                    pipe.set(f"{self.p}job:{job_id}", f"{key}\t{host.name}", ex=JOB_SECONDS)
+                elif op == "logout":
+                    nonce, expiry = args
+                    pipe.zadd(self.p + "sessions_ended", {nonce: expiry})
+                    pipe.publish(channel, _encode(Message("logout", self.replica, type=nonce, time=expiry)))
                 elif op == "hset":
                     host, field, value = args
                     pipe.hset(self._k("host", host), field, value)
@@ -494,6 +543,8 @@ class RedisShared:
                     await self._sync(keys=keys, args=[self.ttl_ms, *mine.get(host, [])], client=pipe)
                 pipe.get(self.p + "emergency")
                 pipe.get(self.p + "keys:version")
+                pipe.zremrangebyscore(self.p + "sessions_ended", "-inf", time.time())
+                pipe.zrange(self.p + "sessions_ended", 0, -1, withscores=True)
                 day_key, month_key = f"{self.p}spend:day:{day:.0f}", f"{self.p}spend:month:{month:.0f}"
                 for key, (tokens, micro) in pending.items():
                     if tokens:
@@ -523,6 +574,9 @@ class RedisShared:
         at += len(hosts)
         if anyio.current_time() - self._emergency_told > 2 * self.cluster.retry_seconds:
             self._mirror_emergency(replies[at] is not None)
+        if self.sessions is not None:
+            for nonce, expiry in replies[at + 3]:
+                self.sessions.ended(nonce.decode(), float(expiry))
         await self._read_keys(replies[at + 1])
         self.budget.shared_totals(periods, *_spend(replies[-2], replies[-1]))
 
@@ -618,7 +672,9 @@ class RedisShared:
             return
         if message.replica == self.replica:
             return
-        if message.kind == "slots":
+        if message.kind == "logout" and self.sessions is not None:
+            self.sessions.ended(message.type, message.time)
+        elif message.kind == "slots":
             host = self.fleet.hosts.get(message.host)
             if host is not None:
                 self._set_others(host, message.count)

@@ -95,6 +95,14 @@ class Shared(Protocol):
         """Why no host may be woken now ("" when they may)."""
         ...
 
+    def job_started(self, job_id: str, key: str, host: Host) -> None:
+        """A RunPod job of `key` was submitted through this replica: others may be asked about it."""
+        ...
+
+    async def job_owner(self, job_id: str) -> tuple[str, str] | None:
+        """(key, host name) of a job submitted through another replica, if one was."""
+        ...
+
 
 class Alone:
     """One process: every slot, wake and pause is this process's own."""
@@ -128,6 +136,12 @@ class Alone:
 
     def wakes_refused(self) -> str:
         return ""
+
+    def job_started(self, job_id: str, key: str, host: Host) -> None:
+        pass
+
+    async def job_owner(self, job_id: str) -> tuple[str, str] | None:
+        return None
 
 
 class _NoWaker:

@@ -16,7 +16,7 @@ from anyio.abc import TaskStatus
 from loguru import logger
 
 from gpumanager.budget import Budget
-from gpumanager.cluster import CachedKeys, RedisShared, prefix
+from gpumanager.cluster import CachedKeys, RedisShared, prefix, shared_secret
 from gpumanager.config import Config, redis_url
 from gpumanager.dashboard import DashboardParts
 from gpumanager.errors import KeyStoreError, NoCapacity
@@ -38,7 +38,7 @@ from gpumanager.proxy.jobs import REMEMBER_SECONDS, JobParts, Jobs
 from gpumanager.proxy.routes import ProxyParts
 from gpumanager.reconcile import Reconciler
 from gpumanager.recorder import NoopRecorder, Recorders, RequestRecord
-from gpumanager.sessions import Sessions, load_secret
+from gpumanager.sessions import SECRET_ENV, Sessions, load_secret
 from gpumanager.tasks import forever
 from gpumanager.webhooks import Webhooks
 
@@ -80,7 +80,11 @@ class Runtime:
         self.key_cache = CachedKeys(f"Redis ({prefix(config.cluster.name)}keys)") if self.redis_url else None
         self.keys = KeyStore(config.paths.api_keys_file, source=self.key_cache)
         state_dir = config.paths.state_dir
-        self.sessions = Sessions(load_secret(environ, state_dir), self.keys, state_dir=state_dir)  # the dashboard's
+        secret = None
+        if self.redis_url and not environ.get(SECRET_ENV):  # one secret for every replica
+            secret = shared_secret(self.redis_url, config.cluster.name)
+        secret = secret or load_secret(environ, state_dir)
+        self.sessions = Sessions(secret, self.keys, state_dir=state_dir)  # the dashboard's
         token = environ.get(UPSTREAM_TOKEN_ENV, "")
         self.upstream_auth = [(b"authorization", b"Bearer " + token.encode())] if token else []
         self.upstream = Upstream(read_timeout=config.timing.upstream_read_timeout_seconds)
@@ -130,6 +134,8 @@ class Runtime:
                 config, self.redis_url, self.fleet, self.lifecycle, self.events, self.budget, self.keys, self.key_cache
             )
             self.webhooks.sends = lambda: self.fleet.shared.leader  # the leader alone sends them
+            self.shared.sessions = self.sessions
+            self.sessions.on_end = self.shared.session_ended
         self.draining = False  # a shutdown has begun: new requests are refused with 503
 
     def _checkpoint(self) -> None:

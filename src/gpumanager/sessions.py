@@ -110,6 +110,8 @@ class Sessions:
         self._ended_path = Path(state_dir) / ENDED_FILE if state_dir is not None else None
         self._ended: dict[str, float] = self._load_ended()
         self._links: dict[str, tuple[str, float]] = {}  # one-time token -> (key id, expiry)
+        # Told of each logout (nonce, expiry): several replicas end the session on all of them.
+        self.on_end: Callable[[str, float], None] | None = None
 
     def issue(self, key_id: str) -> str:
         """A new session's cookie value for the key with this id."""
@@ -128,16 +130,22 @@ class Sessions:
         """Log out: the session ends here, whatever copies of the cookie exist."""
         payload = self._open(cookie)
         if payload is not None:
-            now = self.clock()
-            self._ended = {n: e for n, e in self._ended.items() if e > now}
-            self._ended[payload.n] = payload.e
-            if self._ended_path is not None:
-                try:
-                    _write_private(self._ended_path, _ended_encode(self._ended), replace=True)
-                except OSError as exc:
-                    logger.error(
-                        "cannot keep the ended session in {}: {} (it ends until a restart)", self._ended_path, exc
-                    )
+            self.ended(payload.n, payload.e)
+            if self.on_end is not None:
+                self.on_end(payload.n, payload.e)
+
+    def ended(self, nonce: str, expiry: float) -> None:
+        """The session with this nonce ended (here, or through another replica)."""
+        if nonce in self._ended:
+            return
+        now = self.clock()
+        self._ended = {n: e for n, e in self._ended.items() if e > now}
+        self._ended[nonce] = expiry
+        if self._ended_path is not None:
+            try:
+                _write_private(self._ended_path, _ended_encode(self._ended), replace=True)
+            except OSError as exc:
+                logger.error("cannot keep the ended session in {}: {} (it ends until a restart)", self._ended_path, exc)
 
     def _load_ended(self) -> dict[str, float]:
         if self._ended_path is None:

@@ -170,6 +170,16 @@ class Jobs:
             return None
         raise NotFound(f"job {job_id} not found on {host.name}")
 
+    async def find(self, job_id: str, who: Identity, host: Host) -> Job | None:
+        """As `owned`, and a job of `who` submitted through another replica is theirs too (watched
+        there: None here)."""
+        try:
+            return self.owned(job_id, who, host)
+        except NotFound:
+            if await self.fleet.shared.job_owner(job_id) == (who.id, host.name):
+                return None
+            raise
+
     def running(self, key: str) -> int:
         """The jobs of `key` queued or running."""
         return sum(1 for job in self.jobs.values() if job.key == key and job.active)
@@ -196,6 +206,7 @@ class Jobs:
         )
         lease.on_abort = self._aborted
         self.jobs[job.id] = job
+        self.fleet.shared.job_started(job.id, job.key, host)
         logger.bind(host=host.name).info("job {} on {} for key={}", clean(job.id, 80), host.name, job.key)
         self.recorder.job(job.record())
         self.observe(job, answer)
@@ -527,7 +538,7 @@ class JobRoute:
             return await _relay(send, response, host)
         if not JOB_ID.match(job_id):
             raise NotFound(f"job {clean(job_id, 100)} not found on {host.name}")
-        job = parts.jobs.owned(job_id, who, host)
+        job = await parts.jobs.find(job_id, who, host)
         if op == "retry":
             return await self._submit(scope, send, host, op, body, who, job_id=job_id, owner=job)
         response = await call(parts.client, host, METHODS[op], f"{op}/{quote(job_id, safe='')}", b"", CALL_SECONDS)
