@@ -19,7 +19,7 @@ RUN python -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN /opt/venv/bin/pip install --no-cache-dir .
+RUN /opt/venv/bin/pip install --no-cache-dir ".[cluster]"
 
 FROM python:3.11-slim
 ENV PATH=/opt/venv/bin:$PATH \

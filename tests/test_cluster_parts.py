@@ -87,8 +87,10 @@ def test_keys_in_redis_and_keys_import(tmp_path: Path, server: Redis) -> None:
     listed = cli("list-keys")
     assert listed.returncode == 0 and "cy@example.org" in listed.stdout and "Redis" not in listed.stderr
     assert cli("set-limits", record.id, "--dollars-per-day", "2").returncode == 0
+    store.reload()  # (a store reads Redis again on its own every half second)
     assert store.identity(record.id).limits.dollars_per_day == 2  # type: ignore[union-attr]
     assert cli("revoke-key", record.id).returncode == 0
+    store.reload()
     assert store.authenticate(key) is None
     raw = json.loads(redis.Redis.from_url(server.url).get(prefix("import-test") + "keys") or b"{}")
     assert all("key_hash" in r and "key" not in r for r in raw["keys"])  # hashes only, as in the file

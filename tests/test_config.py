@@ -26,6 +26,7 @@ def test_the_example_documents_every_key_and_loads() -> None:
         config.usage,
         config.budget,
         config.events,
+        config.cluster,
     ):
         for key in section.__struct_fields__:
             assert f"\n{key} = " in text or f"\n# {key} = " in text, f"{key} is not documented"

@@ -979,7 +979,7 @@ def test_dockerfile() -> None:
 
     # Installed from the source tree.
     assert any(
-        keyword == "RUN" and re.search(r"pip install --no-cache-dir (\S+ )*\.($|\s)", args)
+        keyword == "RUN" and re.search(r"pip install --no-cache-dir (\S+ )*\"?\.(\[[\w,]+\])?\"?($|\s)", args)
         for keyword, args in instructions
     )
     copied = [
