@@ -46,7 +46,7 @@ from loguru import logger
 
 from gpumanager.budget import Budget
 from gpumanager.config import Config
-from gpumanager.errors import ConfigError, Conflict, KeyStoreError
+from gpumanager.errors import ConfigError, Conflict, KeyStoreError, WakeFailed
 from gpumanager.events import Bus, Envelope
 from gpumanager.fleet import Fleet, Lease
 from gpumanager.hosts import TRANSITIONS, Host, HostEvent, HostState
@@ -166,7 +166,19 @@ def connect(url: str) -> Any:
             "config.toml", "cluster.redis_url", "needs the redis package: pip install 'gpumanager[cluster]'"
         ) from None
 
-    return redis.asyncio.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, health_check_interval=5)
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as Disconnected
+
+    # One more try on a fresh connection: after a restart of Redis the pool's connections are stale.
+    return redis.asyncio.Redis.from_url(
+        url,
+        socket_timeout=2,
+        socket_connect_timeout=2,
+        health_check_interval=5,
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[Disconnected],
+    )
 
 
 class CachedKeys:
@@ -360,7 +372,11 @@ class RedisShared:
         self._send("touch", host, int(window * 1000), key or "")
 
     async def claim_wake(self, host: Host) -> bool:
-        return await self._hold(self._k("wake", host))
+        try:
+            return await self._hold(self._k("wake", host))
+        except Exception as exc:
+            self._lost(exc)
+            raise WakeFailed(self.wakes_refused() or f"the replicas' Redis failed: {exc}") from None
 
     def wake_over(self, host: Host) -> None:
         self._let_go(self._k("wake", host))
@@ -526,6 +542,9 @@ class RedisShared:
     async def _round(self) -> None:
         """One reading of the shared state, with this replica's renewals and counters."""
         hosts = list(self.fleet.hosts.values())
+        # Jobs and admins' operations hold no slot: the host's shared deadline keeps it awake meanwhile.
+        holding = [h for h in hosts if any(not lease.counted for lease in self.fleet.leases_of(h))]
+        window = int(self.config.timing.reservation_minutes * 60_000)
         locks = list(self._locks.items())
         mine: dict[Host, list[str]] = {}
         for lease, member in self._members.items():
@@ -541,6 +560,9 @@ class RedisShared:
                 for host in hosts:
                     keys = [self._k("slots", host), self._k("host", host), self._k("drain", host)]
                     await self._sync(keys=keys, args=[self.ttl_ms, *mine.get(host, [])], client=pipe)
+                for host in holding:
+                    await self._touch(keys=[self._k("host", host)], args=[window, ""], client=pipe)
+                at_emergency = len(pipe)
                 pipe.get(self.p + "emergency")
                 pipe.get(self.p + "keys:version")
                 pipe.zremrangebyscore(self.p + "sessions_ended", "-inf", time.time())
@@ -571,7 +593,7 @@ class RedisShared:
         at += len(locks)
         for host, reply in zip(hosts, replies[at : at + len(hosts)], strict=True):
             self._mirror(host, reply)
-        at += len(hosts)
+        at = at_emergency
         if anyio.current_time() - self._emergency_told > 2 * self.cluster.retry_seconds:
             self._mirror_emergency(replies[at] is not None)
         if self.sessions is not None:
@@ -658,8 +680,8 @@ class RedisShared:
                     async for item in pubsub.listen():
                         if item.get("type") == "message":
                             self._heard(item["data"])
-            except Exception as exc:
-                self._lost(exc)
+            except Exception as exc:  # the rounds tell whether Redis is there: this only listens again
+                logger.debug("the replicas' channel dropped ({}); listening again", exc)
             await anyio.sleep(self.cluster.retry_seconds)
 
     def _heard(self, raw: bytes) -> None:

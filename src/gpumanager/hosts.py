@@ -72,6 +72,7 @@ TRANSITIONS: dict[tuple[HostState, HostEvent], HostState] = {
     (S.READY, E.CLOUD_PAUSED): S.PAUSED,  # paused from outside
     (S.PAUSING, E.CLOUD_PAUSED): S.PAUSED,
     (S.PAUSING, E.PAUSE): S.PAUSING,
+    (S.PAUSING, E.CLOUD_RUNNING): S.STARTING,  # another replica's pause that never happened (it died)
     (S.FAILED, E.PAUSE): S.FAILED,  # the pause attempt after a failed wake keeps the cooldown
     (S.FAILED, E.CLOUD_PAUSED): S.FAILED,
     (S.FAILED, E.CLOUD_RUNNING): S.FAILED,
@@ -174,3 +175,4 @@ class Wake:
     stopped_by: str = ""  # why it was stopped, if it was
     by: str | None = None  # the key whose request (or admin's resume) started it; None: found running
     admin: bool = False  # an admin's resume
+    followed: bool = False  # another replica made its resume call: it times the wake, not this one

@@ -168,10 +168,11 @@ class Lifecycle:
             answered = progress.answered if progress.answered is not None else now
             running = min(progress.running if progress.running is not None else answered, answered)
             # From the resume call: the end of a pause it waited for is no part of a cold start.
-            self.recorder.wake(host.name, "ready", now - asked)
-            self.recorder.wake_phase(host.name, "resume", running - asked)
-            self.recorder.wake_phase(host.name, "boot", answered - running)
-            self.recorder.wake_phase(host.name, "model", now - answered)
+            if not wake.followed:  # a wake another replica resumed is timed there, once
+                self.recorder.wake(host.name, "ready", now - asked)
+                self.recorder.wake_phase(host.name, "resume", running - asked)
+                self.recorder.wake_phase(host.name, "boot", answered - running)
+                self.recorder.wake_phase(host.name, "model", now - answered)
             host.ready_since, host.healthy, host.last_error = now, True, ""
             fallback = self.timing.fallback_reservation_minutes * 60
             host.idle_deadline = reserve(host.idle_deadline, now, fallback)
@@ -201,8 +202,7 @@ class Lifecycle:
             await host.pausing.wait()
         elif host.state is ST.PAUSING:  # paused through another replica: resumed once the cloud says paused
             logger.bind(host=host.name).info("{} is pausing; it is resumed once the pause is done", host.name)
-            await self._until_paused(host, ask_again=False)
-            host.apply(EV.CLOUD_PAUSED)
+            await self._after_pause_elsewhere(host)
         progress.asked = self.now()
         if host.state is ST.FAILED:  # only an admin's resume gets here: it ends the cooldown
             host.apply(EV.COOLDOWN_OVER)
@@ -224,6 +224,7 @@ class Lifecycle:
                 await self._resume_unless_started(host, provider)
         else:
             log.info("{} is being resumed through another replica", host.name)
+            wake.followed = True
             self.spawn(self._take_over, host, provider, wake)
 
     async def _resume_unless_started(self, host: Host, provider: Provider) -> None:
@@ -243,8 +244,28 @@ class Lifecycle:
             await anyio.sleep(self.config.cluster.retry_seconds)
             if host.wake is wake and not wake.done.is_set() and await self.fleet.shared.claim_wake(host):
                 logger.bind(host=host.name).warning("taking over the wake of {} from a replica gone", host.name)
+                wake.followed = False
                 await self._resume_unless_started(host, provider)
                 return
+
+    async def _after_pause_elsewhere(self, host: Host) -> None:
+        """Wait until the cloud says `host` is paused (then it is resumed), or runs (the replica
+        that was pausing it died before its pause call: it is ready again, with no resume)."""
+        provider = self.providers[host.provider]
+        while True:
+            try:
+                info = await provider.inspect(host.id)
+            except (ProviderTimeout, ProviderUnavailable) as exc:
+                logger.bind(host=host.name).warning("checking on {} failed: {}; asking again", host.name, exc)
+            else:
+                host.adopt(info)
+                if info.state is CloudState.PAUSED:
+                    host.apply(EV.CLOUD_PAUSED)
+                    return
+                if info.state is CloudState.RUNNING and not host.draining:
+                    host.apply(EV.CLOUD_RUNNING)
+                    return
+            await anyio.sleep(self._poll(host))
 
     def _wake_failed(self, host: Host, wake: Wake, error: str) -> None:
         wake.error = error
@@ -440,9 +461,8 @@ class Lifecycle:
             await anyio.sleep(delay)
             delay = min(delay * 2, 60.0)
 
-    async def _until_paused(self, host: Host, *, ask_again: bool = True) -> None:
-        """Poll until the cloud says paused; ask again if it still runs after `startup_timeout_seconds`
-        (unless not `ask_again`: another replica's pause, watched)."""
+    async def _until_paused(self, host: Host) -> None:
+        """Poll until the cloud says paused; ask again if it still runs after `startup_timeout_seconds`."""
         provider = self.providers[host.provider]
         patience = self.host_timing(host).startup_timeout_seconds
         asked = self.now()
@@ -452,7 +472,7 @@ class Lifecycle:
                 host.adopt(info)
                 if info.state is CloudState.PAUSED:
                     return
-                if ask_again and info.state is CloudState.RUNNING and self.now() - asked > patience:
+                if info.state is CloudState.RUNNING and self.now() - asked > patience:
                     logger.bind(host=host.name).error(
                         "{} still runs {:g}s after the pause; asking again", host.name, patience
                     )
@@ -528,7 +548,7 @@ class Lifecycle:
             host.state,
             always_on=host.always_on,
             protected=host.protected,
-            pausing=host.pausing is not None,
+            pausing=host.pausing is not None or host.draining,  # draining elsewhere: another replica pauses it
             leases=len(self.fleet.leases_of(host)) + host.others,
             deadline=host.idle_deadline,
         )

@@ -136,6 +136,14 @@ class Reconciler:
         elif info.state is CloudState.RESUMING and host.state in (ST.PAUSED, ST.UNKNOWN):
             host.apply(EV.RESUME)
             self.waker.start_wake(host)
+        elif host.state is ST.PAUSING and not host.draining:  # paused through a replica that died meanwhile
+            if info.state is CloudState.RUNNING:
+                log.warning("{} still runs: the replica pausing it is gone", host.name)
+                host.apply(EV.CLOUD_RUNNING)
+                self.waker.start_wake(host)
+            elif info.state is CloudState.PAUSED:
+                host.apply(EV.CLOUD_PAUSED)
+                self.fleet.dispatch()
         elif info.state is CloudState.PAUSED and host.state in (ST.READY, ST.STARTING, ST.UNKNOWN):
             if host.state is not ST.UNKNOWN:
                 log.warning("{} was paused outside gpumanager", host.name)
