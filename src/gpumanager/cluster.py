@@ -76,13 +76,14 @@ return {1, n + 1}
 """
 )
 # KEYS: slots. ARGV: member, channel, message (the count is appended). -> the count left
+# KEYS: slots. ARGV: channel, message (the count is appended), members... -> the count left
 RELEASE = (
     _NOW
     + """
-redis.call('ZREM', KEYS[1], ARGV[1])
+for i = 3, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local n = redis.call('ZCARD', KEYS[1])
-redis.call('PUBLISH', ARGV[2], ARGV[3] .. n .. '}')
+redis.call('PUBLISH', ARGV[1], ARGV[2] .. n .. '}')
 return n
 """
 )
@@ -132,9 +133,17 @@ return redis.call('ZCARD', KEYS[1])
 )
 
 
+class Relayed(msgspec.Struct, array_like=True):
+    """One event of a replica's bus, as its JSON."""
+
+    type: str
+    time: float
+    data: msgspec.Raw
+
+
 class Message(msgspec.Struct, omit_defaults=True):
-    """One message on the bus channel: `slots` (a release: `host`, `count`), `event` (`type`,
-    `time`, `data`), or `keys` (the key store changed)."""
+    """One message on the bus channel: `slots` (releases: `host`, the `count` left), `events`,
+    `keys` (the key store changed), or `logout` (`type`: the session's nonce, `time`: its expiry)."""
 
     kind: str
     replica: str = ""
@@ -142,11 +151,24 @@ class Message(msgspec.Struct, omit_defaults=True):
     count: int = 0
     type: str = ""
     time: float = 0.0
-    data: bytes = b""
+    events: list[Relayed] = []
 
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(Message).decode
+
+
+class _Take:
+    """One slot asked of Redis, and its answer: (1 taken, 0 full or -1 draining, the count)."""
+
+    __slots__ = ("abandoned", "done", "error", "host", "member", "reply")
+
+    def __init__(self, host: Host, member: str) -> None:
+        self.host, self.member = host, member
+        self.abandoned = False
+        self.done = anyio.Event()
+        self.reply: tuple[int, int] = (0, 0)
+        self.error: BaseException | None = None
 
 
 def prefix(name: str) -> str:
@@ -309,6 +331,8 @@ class RedisShared:
         self._unlock = self.redis.register_script(UNLOCK)
         self._seen = self.redis.register_script(SEEN)
         self._members: dict[Lease, str] = {}  # this replica's leases that hold a slot in Redis
+        self._takes: list[_Take] = []  # slots asked for, sent together by the taker
+        self._take_now = anyio.Event()
         self._serial = 0
         self._locks: dict[str, str] = {}  # lock key -> token, renewed every round while held
         self._outbox: list[tuple[str, tuple[Any, ...]]] = []  # sent in one pipeline by the sender
@@ -344,13 +368,18 @@ class RedisShared:
             return host.leases <= self._share(host)
         self._serial += 1
         member = f"{self.replica}:{self._serial}"
+        asked = _Take(host, member)
+        self._takes.append(asked)
+        self._take_now.set()
         try:
-            taken, count = await self._take(
-                keys=[self._k("slots", host), self._k("drain", host)], args=[member, host.slots, self.ttl_ms]
-            )
-        except Exception as exc:
-            self._lost(exc)
+            await asked.done.wait()
+        except BaseException:  # the request is gone: a slot taken meanwhile is given back
+            asked.abandoned = True
+            raise
+        if asked.error is not None:
+            self._lost(asked.error)
             return host.leases <= self._share(host)
+        taken, count = asked.reply
         if taken == 1 and lease.released:  # the request left while its slot was being taken
             self._send("release", host, member)
             return False
@@ -362,6 +391,32 @@ class RedisShared:
         if taken == -1 and host.pausing is None:
             host.draining = True  # another replica drains it for a pause
         return False
+
+    async def _taker(self) -> None:
+        """Send the takes asked meanwhile in one pipeline: under load, one round trip for many."""
+        while True:
+            await self._take_now.wait()
+            self._take_now = anyio.Event()
+            batch, self._takes = self._takes, []
+            if not batch:
+                continue
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for asked in batch:
+                        host = asked.host
+                        keys = [self._k("slots", host), self._k("drain", host)]
+                        await self._take(keys=keys, args=[asked.member, host.slots, self.ttl_ms], client=pipe)
+                    replies = await pipe.execute()
+            except Exception as exc:
+                for asked in batch:
+                    asked.error = exc
+            else:
+                for asked, reply in zip(batch, replies, strict=True):
+                    asked.reply = (int(reply[0]), int(reply[1]))
+                    if asked.abandoned and asked.reply[0] == 1:
+                        self._send("release", asked.host, asked.member)
+            for asked in batch:
+                asked.done.set()
 
     def released(self, lease: Lease) -> None:
         member = self._members.pop(lease, None)
@@ -457,20 +512,29 @@ class RedisShared:
                 self._lost(exc)
 
     async def _flush(self, batch: list[tuple[str, tuple[Any, ...]]]) -> None:
+        """One pipeline for what piled up: one release script and one touch per host, one message
+        for all the events."""
         channel = self.p + "bus"
+        released: dict[Host, list[str]] = {}
+        touched: dict[Host, tuple[int, str]] = {}
+        events: list[Relayed] = []
         async with self.redis.pipeline(transaction=False) as pipe:
             for op, args in batch:
                 if op == "release":
                     host, member = args
-                    # The script appends the count left and the closing brace.
-                    head = b'{"kind":"slots","replica":%s,"host":%s,"count":' % (
-                        msgspec.json.encode(self.replica),
-                        msgspec.json.encode(host.name),
-                    )
-                    await self._release(keys=[self._k("slots", host)], args=[member, channel, head], client=pipe)
+                    released.setdefault(host, []).append(member)
                 elif op == "touch":
                     host, window, key = args
-                    await self._touch(keys=[self._k("host", host)], args=[window, key], client=pipe)
+                    before = touched.get(host)
+                    touched[host] = (max(window, before[0]) if before else window, key or (before[1] if before else ""))
+                elif op == "event":
+                    (envelope,) = args
+                    events.append(Relayed(envelope.type, envelope.time, msgspec.Raw(envelope.data)))
+                    if envelope.type == "emergency":
+                        if msgspec.json.decode(envelope.data).get("on"):
+                            pipe.set(self.p + "emergency", "1")
+                        else:
+                            pipe.delete(self.p + "emergency")
                 elif op == "job":
                     host, job_id, key = args
                     pipe.set(f"{self.p}job:{job_id}", f"{key}\t{host.name}", ex=JOB_SECONDS)
@@ -484,16 +548,17 @@ class RedisShared:
                 elif op == "unlock":
                     key, token = args
                     await self._unlock(keys=[key], args=[token], client=pipe)
-                elif op == "event":
-                    (envelope,) = args
-                    message = Message("event", self.replica, type=envelope.type, time=envelope.time, data=envelope.data)
-                    pipe.publish(channel, _encode(message))
-                    if envelope.type == "emergency":
-                        on = msgspec.json.decode(envelope.data).get("on")
-                        if on:
-                            pipe.set(self.p + "emergency", "1")
-                        else:
-                            pipe.delete(self.p + "emergency")
+            for host, members in released.items():
+                # The script appends the count left and the closing brace.
+                head = b'{"kind":"slots","replica":%s,"host":%s,"count":' % (
+                    msgspec.json.encode(self.replica),
+                    msgspec.json.encode(host.name),
+                )
+                await self._release(keys=[self._k("slots", host)], args=[channel, head, *members], client=pipe)
+            for host, (window, key) in touched.items():
+                await self._touch(keys=[self._k("host", host)], args=[window, key], client=pipe)
+            if events:
+                pipe.publish(channel, _encode(Message("events", self.replica, events=events)))
             await pipe.execute()
 
     # -- running -----------------------------------------------------------------------------------
@@ -508,6 +573,7 @@ class RedisShared:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._sender)
+                tg.start_soon(self._taker)
                 tg.start_soon(self._listen)
                 tg.start_soon(self._rounds)
                 task_status.started()
@@ -700,8 +766,11 @@ class RedisShared:
             host = self.fleet.hosts.get(message.host)
             if host is not None:
                 self._set_others(host, message.count)
-        elif message.kind == "event" and self.bus.receive(message.type, message.time, message.data):
-            self._follow(message.type, message.data)
+        elif message.kind == "events":
+            for event in message.events:
+                data = bytes(event.data)
+                if self.bus.receive(event.type, event.time, data):
+                    self._follow(event.type, data)
 
     def _follow(self, type: str, data: bytes) -> None:
         """Do locally what another replica's event says happened to the fleet."""

@@ -386,6 +386,8 @@ class Lifecycle:
         requests it waits for. `Conflict` when the host is paused or pausing already, or is static."""
         if host.state in (ST.PAUSED, ST.PAUSING) or host.pausing is not None:
             raise Conflict(f"{host.name} is {host.state}: there is nothing to pause")
+        if host.draining:
+            raise Conflict(f"{host.name} is being paused through another replica")
         self.request_pause(host, reason, kind="admin", by=by)
         return len(self.fleet.leases_of(host))
 
