@@ -667,6 +667,7 @@ class RedisShared:
                 self.sessions.ended(nonce.decode(), float(expiry))
         await self._read_keys(replies[at + 1])
         self.budget.shared_totals(periods, *_spend(replies[-2], replies[-1]))
+        self.fleet.dispatch()  # waiters retry every round too: the channel drops messages while it reconnects
 
     def _mirror(self, host: Host, reply: list[Any]) -> None:
         count, now, deadline, reserved, protected, draining = reply
