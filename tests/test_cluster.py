@@ -26,6 +26,7 @@ from tests.harness import wait_until
 from tests.postgres import Postgres, running_postgres
 from tests.redis_server import Redis, running_redis
 from tests.replicas import Replica, Replicas, running_replicas
+from tests.test_webhooks import receiving, webhook
 
 MODEL = "llama3.2"
 PACE = 0.25  # seconds between one user's requests in the budget test
@@ -368,3 +369,41 @@ def test_a_dashboard_session_holds_on_every_replica_and_its_logout_too(
         out = httpx.post(f"{second.url}/dashboard/logout", headers={"origin": second.url}, cookies=cookies)
         assert out.status_code == 303
         wait_until(lambda: httpx.get(f"{first.url}/dashboard/api/state", cookies=cookies).status_code == 401, 1.0)
+
+
+def test_every_replica_sees_every_event_once_and_webhooks_go_out_once(
+    tmp_path: Path, redis: Redis, pg: Postgres
+) -> None:
+    with receiving() as receiver:
+        hook = webhook(receiver.hook_url("fleet"), events=["request", "wake_started", "host_state"])
+        with running_replicas(
+            tmp_path, [Machine("gpu-1")], redis.url, database(pg, tmp_path), extra=hook, reservation_seconds=30
+        ) as fleet:
+            for replica in fleet.replicas:  # the first wakes gpu-1; one request through each replica
+                assert generate(replica.url, fleet.key)
+
+            def posted(kind: str) -> list[dict[str, object]]:
+                return [p.json() for p in receiver.to("fleet") if p.json()["type"] == kind]
+
+            wait_until(lambda: len(posted("request")) == 3, timeout=5)
+            assert len(posted("wake_started")) == 1
+            states = [(e["old"], e["new"], e["reason"]) for e in posted("host_state")]
+            assert [(e["old"], e["new"]) for e in posted("host_state")] == [
+                ("unknown", "paused"),  # found by all three at start-up: one event
+                ("paused", "resuming"),
+                ("resuming", "starting"),
+                ("starting", "ready"),
+            ], states
+            for replica in fleet.replicas:  # each replica's bus: its own events and the others', once
+                answer = httpx.get(
+                    replica.url + "/events",
+                    params={"follow": "false", "type": "request,wake_started"},
+                    headers=fleet.headers(fleet.admin_key),
+                    timeout=10,
+                )
+                lines = answer.text.splitlines()
+                kinds = [
+                    line.split(": ", 1)[1] for line in lines if line.startswith("event: ") and "snapshot" not in line
+                ]
+                assert sorted(kinds) == ["request", "request", "request", "wake_started"], (replica.name, kinds)
+            assert len(posted("request")) == 3  # and never a second time, from another replica
