@@ -308,8 +308,21 @@ def test_redis_stopped_and_started_again(tmp_path: Path, pg: Postgres) -> None:
         redis.stop()
         wait_until(lambda: all(r.says("is unreachable") for r in fleet.replicas), timeout=5)
         paused_before = fleet.pauses("gpu-1")
-        for replica in fleet.replicas:  # the awake host serves, one slot per replica (3 slots / 3)
+        for replica in fleet.replicas:  # the awake host serves
             assert generate(replica.url, fleet.key)
+        sim = fleet.cloud.sims["gpu-1"]
+        fleet.call(sim.reset_stats)
+
+        async def three() -> list[str]:
+            return await asyncio.gather(*(stream(url, fleet.key, tokens=5) for _ in range(3)))
+
+        assert all(asyncio.run(three()))  # one replica, three at once: they take turns on its one slot
+        assert sim.max_in_flight == 1  # its share: 3 slots / 3 replicas seen
+        restarted = fleet.replicas[2]  # a replica (re)started while Redis is gone knows the keys and its share
+        restarted.stop()
+        restarted.start()
+        restarted.wait_ready()
+        assert generate(restarted.url, fleet.key)
         with pytest.raises(ollama.ResponseError) as refused:
             generate(url, fleet.key, "qwen2.5:7b")
         assert refused.value.status_code == 503 and "Redis" in str(refused.value)

@@ -37,6 +37,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -50,12 +51,13 @@ from gpumanager.errors import ConfigError, Conflict, KeyStoreError, WakeFailed
 from gpumanager.events import Bus, Envelope
 from gpumanager.fleet import Fleet, Lease
 from gpumanager.hosts import TRANSITIONS, Host, HostEvent, HostState
-from gpumanager.keys import KeyRecord, KeyStore, decode_keys, encode_keys
+from gpumanager.keys import KeyFileSource, KeyRecord, KeyStore, decode_keys, encode_keys
 from gpumanager.lifecycle import Lifecycle
 from gpumanager.sessions import Sessions
 
 EV, ST = HostEvent, HostState
 LOUD_EVERY = 10.0  # while Redis is unreachable, the error is logged again this often (seconds)
+REPLICAS_FILE = "replicas_seen"  # in the state folder: the replicas seen at the last contact with Redis
 JOB_SECONDS = 2 * 86400  # whose a RunPod job is, for the other replicas: kept this long
 SPEND_DAYS = 40  # the shared counters of a day (and of a month) outlive it this long
 
@@ -207,10 +209,26 @@ class CachedKeys:
     """The key store's `KeySource` inside a replica: the records as last read from Redis (by
     `RedisShared`, off the request path). The server never writes keys; the CLI writes Redis."""
 
-    def __init__(self, where: str) -> None:
+    def __init__(self, where: str, copy: str | None = None) -> None:
         self.where = where
         self.version: object | None = None
         self.records: list[KeyRecord] = []
+        # The last reading, kept in the state folder (hashes only, mode 0600): a replica that starts
+        # while Redis is unreachable still knows the keys.
+        self.copy = KeyFileSource(copy) if copy else None
+        if self.copy is not None and self.copy.stamp() is not None:
+            try:
+                self.records, self.version = self.copy.read(), "copy"
+            except KeyStoreError as exc:
+                logger.warning("{}; the keys come from Redis alone", exc)
+
+    def update(self, records: list[KeyRecord], version: object | None) -> None:
+        self.records, self.version = records, version
+        if self.copy is not None:
+            try:
+                self.copy.write(records, None)
+            except OSError as exc:
+                logger.warning("cannot keep a copy of the keys in {}: {}", self.copy.where, exc)
 
     def stamp(self) -> object | None:
         return self.version
@@ -339,7 +357,12 @@ class RedisShared:
         self._wake_outbox = anyio.Event()
         self.connected = True
         self.leading = False
-        self.replicas = 1  # seen at the last contact
+        # The replicas seen at the last contact, kept in the state folder: one that starts while
+        # Redis is unreachable takes only its share of each host too.
+        self._replicas_file = Path(config.paths.state_dir) / REPLICAS_FILE
+        self.replicas = 1
+        with contextlib.suppress(OSError, ValueError):
+            self.replicas = max(1, int(self._replicas_file.read_text()))
         self._lost_at = -math.inf  # when Redis was last found unreachable (monotonic)
         self._told_at = -math.inf
         self._resync = anyio.Event()
@@ -365,7 +388,7 @@ class RedisShared:
     async def take(self, lease: Lease) -> bool:
         host = lease.host
         if not self.connected:
-            return host.leases <= self._share(host)
+            return self._within_share(host)
         self._serial += 1
         member = f"{self.replica}:{self._serial}"
         asked = _Take(host, member)
@@ -378,7 +401,7 @@ class RedisShared:
             raise
         if asked.error is not None:
             self._lost(asked.error)
-            return host.leases <= self._share(host)
+            return self._within_share(host)
         taken, count = asked.reply
         if taken == 1 and lease.released:  # the request left while its slot was being taken
             self._send("release", host, member)
@@ -651,7 +674,7 @@ class RedisShared:
             raise
         self._back()
         self._set_leading(bool(replies[0]))
-        self.replicas = max(1, int(replies[1]))
+        self._seen_replicas(max(1, int(replies[1])))
         at = 2
         for key, ok in zip([k for k, _ in locks], replies[at : at + len(locks)], strict=True):
             if not ok and key in self._locks:  # it expired while this replica stalled: another may hold it
@@ -694,6 +717,15 @@ class RedisShared:
             if not others:
                 self.fleet.notify()
 
+    def _seen_replicas(self, count: int) -> None:
+        if count != self.replicas:
+            self.replicas = count
+            try:
+                self._replicas_file.parent.mkdir(parents=True, exist_ok=True)
+                self._replicas_file.write_text(f"{count}\n")
+            except OSError as exc:
+                logger.warning("cannot note the replicas seen in {}: {}", self._replicas_file, exc)
+
     def _set_leading(self, leading: bool) -> None:
         if leading != self.leading:
             self.leading = leading
@@ -702,6 +734,15 @@ class RedisShared:
 
     def _share(self, host: Host) -> int:
         return host.slots // self.replicas
+
+    def _within_share(self, host: Host) -> bool:
+        """Without Redis: whether this replica's leases of `host` stay within its share (the
+        others' part of the slots counted as taken, so admission sees it too)."""
+        share = self._share(host)
+        if host.others < host.slots - share:
+            host.others = host.slots - share
+            self.fleet.billing.settle(host)
+        return host.leases <= share
 
     # -- losing and finding Redis ------------------------------------------------------------------
 
@@ -824,11 +865,11 @@ class RedisShared:
             return
         data = await self.redis.get(self.p + "keys")
         try:
-            self.cache.records = [] if data is None else decode_keys(data, self.cache.where)
+            records = [] if data is None else decode_keys(data, self.cache.where)
         except KeyStoreError as exc:
             logger.error("{}; keeping the keys loaded before", exc)
             return
-        self.cache.version = stamp
+        self.cache.update(records, stamp)
         self.keys.reload()
 
     async def _seed_spend(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 import anyio
 from anyio.abc import TaskStatus
@@ -43,6 +44,7 @@ from gpumanager.tasks import forever
 from gpumanager.webhooks import Webhooks
 
 UPSTREAM_TOKEN_ENV = "GPUMANAGER_UPSTREAM_TOKEN"
+KEYS_COPY = "keys_from_redis.json"  # with several replicas: the keys as last read from Redis
 KEYS_RELOAD_SECONDS = 1.0  # key file changes (new, revoked, limits) become `key` events this soon
 
 
@@ -77,7 +79,11 @@ class Runtime:
         self.config = config
         self.redis_url = redis_url(config, environ)
         # Several replicas: the keys are Redis's (read by `cluster.RedisShared`), not the file's.
-        self.key_cache = CachedKeys(f"Redis ({prefix(config.cluster.name)}keys)") if self.redis_url else None
+        self.key_cache = (
+            CachedKeys(f"Redis ({prefix(config.cluster.name)}keys)", str(Path(config.paths.state_dir) / KEYS_COPY))
+            if self.redis_url
+            else None
+        )
         self.keys = KeyStore(config.paths.api_keys_file, source=self.key_cache)
         state_dir = config.paths.state_dir
         secret = None
