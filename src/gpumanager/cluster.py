@@ -181,15 +181,21 @@ def replica_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
 
 
-def connect(url: str) -> Any:
-    """An asyncio Redis client for `url`, with short timeouts: a replica must notice a lost Redis fast."""
+def _redis() -> Any:
+    """The `redis` package, or a `ConfigError` that says how to install it."""
     try:
+        import redis
         import redis.asyncio
     except ImportError:
         raise ConfigError(
             "config.toml", "cluster.redis_url", "needs the redis package: pip install 'gpumanager[cluster]'"
         ) from None
+    return redis
 
+
+def connect(url: str) -> Any:
+    """An asyncio Redis client for `url`, with short timeouts: a replica must notice a lost Redis fast."""
+    redis = _redis()
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
     from redis.exceptions import ConnectionError as Disconnected
@@ -261,7 +267,7 @@ class RedisKeys:
         self._call(lambda r: self._write(r, records, stamp))
 
     def _write(self, client: Any, records: list[KeyRecord], stamp: object | None) -> None:
-        import redis
+        redis = _redis()
 
         version = self.prefix + "keys:version"
         changed = KeyStoreError(f"the keys in {self.where} changed meanwhile; run the command again")
@@ -280,7 +286,7 @@ class RedisKeys:
                 raise changed from None
 
     def _call(self, fn: Callable[[Any], Any]) -> Any:
-        import redis
+        redis = _redis()
 
         try:
             with redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5) as client:
@@ -292,7 +298,7 @@ class RedisKeys:
 def shared_secret(url: str, name: str) -> bytes | None:
     """The dashboard's session secret of the whole fleet (made by the first replica to ask), so a
     login through one replica holds on all; None when Redis cannot be reached now."""
-    import redis
+    redis = _redis()
 
     key = prefix(name) + "session_secret"
     try:
