@@ -253,19 +253,24 @@ class Lifecycle:
         that was pausing it died before its pause call: it is ready again, with no resume)."""
         provider = self.providers[host.provider]
         while True:
-            try:
-                info = await provider.inspect(host.id)
-            except (ProviderTimeout, ProviderUnavailable) as exc:
-                logger.bind(host=host.name).warning("checking on {} failed: {}; asking again", host.name, exc)
-            else:
-                host.adopt(info)
-                if info.state is CloudState.PAUSED:
-                    host.apply(EV.CLOUD_PAUSED)
-                    return
-                if info.state is CloudState.RUNNING and not host.draining:
-                    host.apply(EV.CLOUD_RUNNING)
-                    return
+            info = await self._look(host, provider)
+            if info is not None and info.state is CloudState.PAUSED:
+                host.apply(EV.CLOUD_PAUSED)
+                return
+            if info is not None and info.state is CloudState.RUNNING and not host.draining:
+                host.apply(EV.CLOUD_RUNNING)
+                return
             await anyio.sleep(self._poll(host))
+
+    async def _look(self, host: Host, provider: Provider) -> HostInfo | None:
+        """What the cloud says of `host` now (taken in), or None after a blip (timeout, 5xx): ask again."""
+        try:
+            info = await provider.inspect(host.id)
+        except (ProviderTimeout, ProviderUnavailable) as exc:
+            logger.bind(host=host.name).warning("checking on {} failed: {}; asking again", host.name, exc)
+            return None
+        host.adopt(info)
+        return info
 
     def _wake_failed(self, host: Host, wake: Wake, error: str) -> None:
         wake.error = error
@@ -309,12 +314,8 @@ class Lifecycle:
         blip (timeout, 5xx) is asked about again, within the wake's deadline.
         """
         while True:
-            try:
-                info = await provider.inspect(host.id)
-            except (ProviderTimeout, ProviderUnavailable) as exc:
-                logger.bind(host=host.name).warning("checking on {} failed: {}; asking again", host.name, exc)
-            else:
-                host.adopt(info)
+            info = await self._look(host, provider)
+            if info is not None:
                 if info.address and info.state in (CloudState.RESUMING, CloudState.RUNNING):
                     progress.located(info)
                 if info.state is CloudState.RUNNING and info.address:
