@@ -59,10 +59,20 @@ class Replica:
                 start_new_session=True,
             )
 
-    def wait_ready(self) -> None:
+    def wait_ready(self, *, attempts: int = 3) -> None:
+        """Wait for /health; a port another test took meanwhile is traded for a new one (restarted)."""
         deadline = time.monotonic() + START_TIMEOUT
         while True:
-            assert self.proc is not None and self.proc.poll() is None, f"{self.name} exited:\n{self.tail()}"
+            assert self.proc is not None
+            if self.proc.poll() is not None and "Address already in use" in self.tail(500) and attempts > 1:
+                attempts -= 1
+                port = free_port_on(["127.0.0.1"])
+                text = self.config.read_text()
+                self.config.write_text(text.replace(f"port = {self.port}\n", f"port = {port}\n", 1))
+                self.port = port
+                self.start()
+                continue
+            assert self.proc.poll() is None, f"{self.name} exited:\n{self.tail()}"
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return

@@ -367,6 +367,7 @@ class RedisShared:
         # Redis is unreachable takes only its share of each host too.
         self._replicas_file = Path(config.paths.state_dir) / REPLICAS_FILE
         self.replicas = 1
+        self._told_replicas = False
         with contextlib.suppress(OSError, ValueError):
             self.replicas = max(1, int(self._replicas_file.read_text()))
         self._lost_at = -math.inf  # when Redis was last found unreachable (monotonic)
@@ -724,7 +725,9 @@ class RedisShared:
                 self.fleet.notify()
 
     def _seen_replicas(self, count: int) -> None:
-        if count != self.replicas:
+        if count != self.replicas or not self._told_replicas:
+            self._told_replicas = True
+            logger.info("replicas of this fleet seen: {}", count)
             self.replicas = count
             try:
                 self._replicas_file.parent.mkdir(parents=True, exist_ok=True)
