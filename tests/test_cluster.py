@@ -428,3 +428,31 @@ def test_every_replica_sees_every_event_once_and_webhooks_go_out_once(
                 ]
                 assert sorted(kinds) == ["request", "request", "request", "wake_started"], (replica.name, kinds)
             assert len(posted("request")) == 3  # and never a second time, from another replica
+
+
+def test_a_wake_whose_replica_dies_is_taken_over_without_a_second_resume(
+    tmp_path: Path, redis: Redis, pg: Postgres
+) -> None:
+    with running_replicas(
+        tmp_path, [Machine("gpu-1")], redis.url, database(pg, tmp_path), boot_seconds=4.0, lease_ttl=1.0
+    ) as fleet:
+        others: list[Replica] = []
+
+        async def drive() -> list[BaseException | str]:
+            first = asyncio.create_task(stream(fleet.replicas[0].url, fleet.key, tokens=3))
+            while fleet.resumes("gpu-1") < 1:  # one replica holds the wake and asked the cloud
+                await asyncio.sleep(0.02)
+            holder = next(r for r in fleet.replicas if r.says("resuming gpu-1"))  # whichever won the lock
+            others.extend(r for r in fleet.replicas if r is not holder)
+            waiting = [asyncio.create_task(stream(r.url, fleet.key, tokens=3)) for r in others]
+            await asyncio.sleep(0.3)
+            holder.kill()  # mid-wake: the host is still booting
+            served = await asyncio.gather(*waiting, return_exceptions=True)
+            await asyncio.gather(first, return_exceptions=True)
+            return served
+
+        served = asyncio.run(drive())
+        assert all(isinstance(s, str) and s for s in served), (served, fleet.logs())
+        assert any(r.says("taking over the wake of gpu-1") for r in others), fleet.logs()
+        assert any(r.says("no resume call") for r in others)  # the cloud said it was resuming already
+        assert fleet.resumes("gpu-1") == 1
