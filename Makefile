@@ -37,7 +37,9 @@ ifneq ($(SYSTEM_MISSING),)
 	else echo "note: the tests need $(SYSTEM_MISSING) (sudo apt-get install $(SYSTEM_MISSING))"; fi
 endif
 	$(MAKE) --no-print-directory lint
-	$(BIN)/pytest -q -n 2
+	$(BIN)/pytest -q -n 2 --ignore=tests/test_cluster.py
+	@# The replicas' suite runs three servers per test: alone, so its load times no other test.
+	$(BIN)/pytest -q -n 2 tests/test_cluster.py
 
 # Types, lint, formatting and the import layers of pyproject.toml: part of `make test`, run first.
 lint: $(STAMP)

@@ -227,8 +227,8 @@ def test_an_admin_pause_drains_open_streams_first(one_paused: tuple[Stack, Cloud
     stack, cloud = one_paused
     with httpx.Client(base_url=stack.url, headers=stack.headers(), timeout=30) as client:
         with client.stream(
-            "POST", "/api/generate", json={"model": "llama3.2", "prompt": "x", "options": {"num_predict": 100}}
-        ) as response:
+            "POST", "/api/generate", json={"model": "llama3.2", "prompt": "x", "options": {"num_predict": 400}}
+        ) as response:  # 2 s of stream: still open when the pause arrives on a busy machine
             lines = response.iter_lines()
             first = next(lines)
             pause = client.post("/gpu/gpu-1/pause", headers=stack.headers(stack.admin_key))
@@ -237,7 +237,7 @@ def test_an_admin_pause_drains_open_streams_first(one_paused: tuple[Stack, Cloud
             assert cloud.pauses("gpu-1") == 0  # not while the stream runs...
             rest += list(lines)
         text = "".join(line.split('"response":"')[1].split('"')[0] for line in [first, *rest][:-1])
-        assert text == expected_text(100) and '"done":true' in rest[-1]  # ...which ran to its end intact
+        assert text == expected_text(400) and '"done":true' in rest[-1]  # ...which ran to its end intact
         wait_until(lambda: cloud.pauses("gpu-1") == 1 and state(stack, "gpu-1") is HostState.PAUSED, timeout=5)
         again = client.post("/gpu/gpu-1/pause", headers=stack.headers(stack.admin_key))
         assert again.status_code == 409
