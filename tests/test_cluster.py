@@ -456,3 +456,32 @@ def test_a_wake_whose_replica_dies_is_taken_over_without_a_second_resume(
         assert any(r.says("taking over the wake of gpu-1") for r in others), fleet.logs()
         assert any(r.says("no resume call") for r in others)  # the cloud said it was resuming already
         assert fleet.resumes("gpu-1") == 1
+
+
+def test_a_job_whose_replica_dies_is_watched_to_its_end_by_the_leader(
+    tmp_path: Path, redis: Redis, pg: Postgres
+) -> None:
+    with running_replicas(
+        tmp_path, [], redis.url, database(pg, tmp_path), count=2, job_endpoint="gpu-jobs", boot_seconds=0.1
+    ) as fleet:
+        taker, other = fleet.replicas
+        submitted = httpx.post(
+            f"{taker.url}/v2/gpu-jobs/run", headers=fleet.headers(), json={"input": {"seconds": 3}}, timeout=30
+        )
+        assert submitted.status_code == 200, submitted.text
+        job_id = submitted.json()["id"]
+
+        def rows(sql: str) -> list[tuple[object, ...]]:
+            with psycopg.connect(pg.url_for(database_name(fleet))) as conn:
+                return conn.execute(sql, (job_id,)).fetchall()  # type: ignore[arg-type]
+
+        wait_until(lambda: rows("SELECT status FROM jobs WHERE id = %s") == [("IN_PROGRESS",)], timeout=5)
+        taker.kill()  # mid-job: nobody asks about it, and the replica that watched it is gone
+        wait_until(lambda: rows("SELECT status FROM jobs WHERE id = %s") == [("COMPLETED",)], timeout=15)
+        assert other.says("watching 1 RunPod jobs")
+        key_id = fleet.keys().authenticate(fleet.key).id  # type: ignore[union-attr]
+        with psycopg.connect(pg.url_for(database_name(fleet))) as conn:
+            found = conn.execute(
+                "SELECT count(*) FROM requests WHERE key_id = %s AND route = '/v2/run' AND status = 200", (key_id,)
+            ).fetchone()
+        assert found == (1,)  # its end is recorded once, by the replica that adopted it

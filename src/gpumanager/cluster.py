@@ -11,6 +11,7 @@
     emergency      set while emergency-off is on (the admin key's id)
     replicas       sorted set: the replicas seen, scored by when they are gone if not seen again
     job:ID         whose a RunPod job is ("KEY<tab>HOST"), for a replica asked about another's job
+    watch:ID       the lock of the replica that watches a running RunPod job (the leader adopts orphans)
     keys, keys:version   the key store (the key file's JSON) and its version
     spend:day:T, spend:month:T   every replica's use per key (hashes of counters)
     bus            the channel: slot releases, events, key changes
@@ -480,6 +481,18 @@ class RedisShared:
 
     def job_started(self, job_id: str, key: str, host: Host) -> None:
         self._send("job", host, job_id, key)
+        self._locks[f"{self.p}watch:{job_id}"] = f"{self.replica}:{secrets.token_hex(4)}"
+        self._resync.set()  # the lock is taken by a round at once, before the job reaches the ledger
+
+    async def adopt_job(self, job_id: str) -> bool:
+        try:
+            return await self._hold(f"{self.p}watch:{job_id}")
+        except Exception as exc:
+            self._lost(exc)
+            return False
+
+    def job_ended(self, job_id: str) -> None:
+        self._let_go(f"{self.p}watch:{job_id}")
 
     def session_ended(self, nonce: str, expiry: float) -> None:
         """A dashboard logout through this replica: every replica ends the session."""

@@ -103,6 +103,12 @@ class Shared(Protocol):
         """(key, host name) of a job submitted through another replica, if one was."""
         ...
 
+    async def adopt_job(self, job_id: str) -> bool:
+        """Whether this replica may watch a running job of the ledger (no other replica watches it)."""
+        ...
+
+    def job_ended(self, job_id: str) -> None: ...
+
 
 class Alone:
     """One process: every slot, wake and pause is this process's own."""
@@ -142,6 +148,12 @@ class Alone:
 
     async def job_owner(self, job_id: str) -> tuple[str, str] | None:
         return None
+
+    async def adopt_job(self, job_id: str) -> bool:
+        return True
+
+    def job_ended(self, job_id: str) -> None:
+        pass
 
 
 class _NoWaker:

@@ -224,7 +224,8 @@ class Runtime:
         )
 
     async def _adopt_jobs(self) -> None:
-        """The RunPod jobs of the ledger: their owners, and those still running are watched again."""
+        """The RunPod jobs of the ledger: their owners, and those still running are watched again
+        (with several replicas, those no other replica watches)."""
         if not any(host.jobs_url for host in self.fleet.hosts.values()):
             return
         try:
@@ -233,7 +234,15 @@ class Runtime:
         except LedgerError as exc:
             logger.warning("RunPod jobs of before the restart are not known: {}", exc)
             return
-        self.jobs.adopt(records)
+        shared, known = self.fleet.shared, self.jobs.jobs
+        self.jobs.adopt([r for r in records if r.id not in known and (r.ended or await shared.adopt_job(r.id))])
+
+    async def _adopt_orphans(self) -> None:
+        """With several replicas: the leader watches the running jobs of a replica that is gone."""
+        while True:
+            await anyio.sleep(max(self.config.cluster.lease_ttl_seconds, self.config.timing.job_poll_seconds))
+            if self.fleet.shared.leader:
+                await self._adopt_jobs()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Start the providers' services and the lifecycle, discover and probe every host, start the
@@ -253,6 +262,8 @@ class Runtime:
             tg.start_soon(self.reconciler.run)
             await self._adopt_jobs()
             tg.start_soon(forever, self.jobs.run)
+            if self.shared is not None:
+                tg.start_soon(forever, self._adopt_orphans)
             tg.start_soon(self.gpus.run)  # restarts itself if it fails
             if self.config.budget.daily_dollars is not None or self.config.budget.monthly_dollars is not None:
                 tg.start_soon(forever, functools.partial(self.budget.run, self.lifecycle))

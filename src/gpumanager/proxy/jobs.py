@@ -230,6 +230,7 @@ class Jobs:
 
     def _finish(self, job: Job) -> None:
         job.ended = self.wall()
+        self.fleet.shared.job_ended(job.id)
         lease = job.lease
         if lease is not None:
             lease.on_abort = None
