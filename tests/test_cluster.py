@@ -143,7 +143,7 @@ def test_fifty_requests_during_one_wake_make_one_resume(tmp_path: Path, redis: R
 def test_a_host_streaming_through_one_replica_is_not_paused_by_the_leader(
     tmp_path: Path, redis: Redis, pg: Postgres
 ) -> None:
-    machine = Machine("gpu-1", slots=2, running=True, token_delay=0.1)
+    machine = Machine("gpu-1", slots=2, token_delay=0.1)  # paused: the stream wakes it
     with running_replicas(tmp_path, [machine], redis.url, database(pg, tmp_path), reservation_seconds=0.6) as fleet:
         boss = leader(fleet)
         other = next(r for r in fleet.replicas if r is not boss)
@@ -151,6 +151,7 @@ def test_a_host_streaming_through_one_replica_is_not_paused_by_the_leader(
         text = asyncio.run(stream(other.url, fleet.key, tokens=40))  # 4 s: more than six windows
         took = time.monotonic() - started
         assert took > 3.5 and len(text.split()) == 40
+        assert fleet.resumes("gpu-1") == 1
         assert fleet.pauses("gpu-1") == 0, fleet.logs()  # never while it streamed
         wait_until(lambda: fleet.pauses("gpu-1") == 1, timeout=5)  # once it ended and its window passed
         assert boss.says("pausing gpu-1 (idle")
@@ -159,7 +160,7 @@ def test_a_host_streaming_through_one_replica_is_not_paused_by_the_leader(
 def test_the_leader_killed_mid_stream(tmp_path: Path, redis: Redis, pg: Postgres) -> None:
     """Its streams end; its leases expire within lease_ttl_seconds; the requests waiting on the other
     replicas are served; another replica leads and pauses the host after its window."""
-    machine = Machine("gpu-1", slots=2, running=True, token_delay=0.2)
+    machine = Machine("gpu-1", slots=2, token_delay=0.2)  # paused: the leader's streams wake it
     reservation, ttl = 1.0, 2.0
     with running_replicas(
         tmp_path, [machine], redis.url, database(pg, tmp_path), reservation_seconds=reservation, lease_ttl=ttl

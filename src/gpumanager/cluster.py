@@ -468,10 +468,17 @@ class RedisShared:
         self._let_go(self._k("wake", host))
 
     async def drain(self, host: Host) -> None:
+        """Mark `host` drained (no replica's take passes the mark), then count its leases: a slot
+        taken elsewhere just before the mark is seen now, not a round later."""
         try:
             await self._hold(self._k("drain", host))
+            mine = [member for lease, member in self._members.items() if lease.host is host]
+            keys = [self._k("slots", host), self._k("host", host), self._k("drain", host)]
+            reply = await self._sync(keys=keys, args=[self.ttl_ms, *mine])
         except Exception as exc:
             self._lost(exc)
+            return
+        self._set_others(host, int(reply[0]))
 
     def drained(self, host: Host) -> None:
         self._let_go(self._k("drain", host))
