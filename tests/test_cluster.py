@@ -274,7 +274,7 @@ def test_a_daily_budget_holds_across_replicas(tmp_path: Path, redis: Redis, pg: 
             time.sleep(PACE)  # a user's pace: a few requests a second, spread over the replicas
         assert statuses[-1] == 429, statuses
         served = statuses.count(200)
-        assert 3 <= served < 39
+        assert 1 <= served < 39  # how many depends on how long each takes at $1 a second
         for replica in fleet.replicas:  # refused by every replica, not just the one that saw it
             wait_until(lambda r=replica: float(usage(r)["dollars_today"]) >= 1.0, timeout=1)  # type: ignore[arg-type]
             answer = httpx.post(
