@@ -290,7 +290,7 @@ class Budget(NoopRecorder):
         spend.tokens_day += tokens
         spend.micro_day += record.cost_micro
         spend.micro_month += record.cost_micro
-        self._add_pending(record.key, tokens, record.cost_micro)
+        self.add_pending(record.key, tokens, record.cost_micro)
         self._announce(record.key, spend)
 
     def interval(self, record: IntervalRecord) -> None:
@@ -300,12 +300,13 @@ class Budget(NoopRecorder):
         spend = self._of(record.key)
         spend.micro_day += record.added_micro
         spend.micro_month += record.added_micro
-        self._add_pending(record.key, 0, record.added_micro)
+        self.add_pending(record.key, 0, record.added_micro)
         self._announce(record.key, spend)
 
     # -- several replicas --------------------------------------------------------------------------
 
-    def _add_pending(self, key: str, tokens: int, micro: int) -> None:
+    def add_pending(self, key: str, tokens: int, micro: int) -> None:
+        """Use not yet in the shared counters (a round that failed gives its share back here)."""
         if self.pending is not None:
             added = self.pending.setdefault(key, [0, 0])
             added[0] += tokens

@@ -416,9 +416,9 @@ class RedisShared:
             return False
         if taken == 1:
             self._members[lease] = member
-            self._set_others(host, int(count))
+            self._set_others(host, count)
             return True
-        self._set_others(host, int(count))
+        self._set_others(host, count)
         if taken == -1 and host.pausing is None:
             host.draining = True  # another replica drains it for a pause
         return False
@@ -697,7 +697,7 @@ class RedisShared:
                 replies = await pipe.execute()
         except Exception:
             for key, (tokens, micro) in pending.items():  # counted again at the next round
-                self.budget._add_pending(key, tokens, micro)
+                self.budget.add_pending(key, tokens, micro)
             raise
         self._back()
         self._set_leading(bool(replies[0]))
